@@ -1,0 +1,295 @@
+"""The `bertforge` command.
+
+Flags for config values are generated from the config dataclasses (their help text is
+the field's), so the CLI, config.yaml and the Python API cannot drift apart. Values are
+layered: defaults < --preset < --config FILE.yaml < flags. Bad input of any kind ends in
+one line on stderr and exit status 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from bertforge.config import (PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, build,
+                              preset, read_yaml)
+from bertforge.errors import BertforgeError, Interrupted
+
+# Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
+MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings"]
+DATA_FLAGS = ["seq_len", "valid_fraction", "mask_rate", "mask_token_ratio", "random_token_ratio"]
+TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '30m', '1h30m', '1.5h' -> seconds."""
+    text = str(text).strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or "".join(f"{n}{u}" for n, u in parts) != text.replace(" ", ""):
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (e.g. 90s, 30m, 1h30m)")
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+
+
+def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
+                section: str) -> None:
+    by_name = {f.name: f for f in dataclasses.fields(kind)}
+    group = parser.add_argument_group(f"{section} options")
+    for name in names:
+        f = by_name[name]
+        base = f.type.replace(" | None", "")
+        typ = {"int": int, "float": float, "str": str}[base]
+        if name == "time_budget":
+            typ = parse_duration
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}", type=typ,
+                           default=argparse.SUPPRESS, metavar=base.upper(),
+                           help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config values the user typed, by section."""
+    out: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    for key, value in vars(args).items():
+        if "." in key:
+            section, name = key.split(".", 1)
+            out[section][name] = value
+    if getattr(args, "dropout", None) is not None:
+        out["model"]["hidden_dropout_prob"] = args.dropout
+        out["model"]["attention_probs_dropout_prob"] = args.dropout
+    if getattr(args, "vocab_size", None) is not None:
+        out["model"]["vocab_size"] = args.vocab_size
+    return out
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+    """defaults < preset < --config file < flags."""
+    raw: dict[str, dict[str, Any]] = {"model": dataclasses.asdict(preset(args.preset)),
+                                      "data": {}, "train": {}}
+    if args.config:
+        loaded = read_yaml(Path(args.config))
+        RunConfig.from_dict(copy.deepcopy(loaded), where=args.config)  # validates keys, types
+        for section, values in loaded.items():
+            raw[section].update(values or {})
+    given = _given(args)
+    for section, values in given.items():
+        raw[section].update(values)
+    cfg = RunConfig(model=build(ModelConfig, raw["model"], "model"),
+                    data=build(DataConfig, raw["data"], "data"),
+                    train=build(TrainConfig, raw["train"], "train"))
+    return cfg, given
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    from bertforge.data.corpus import resolve_corpus
+    from bertforge.tokenizer import train_tokenizer
+
+    files = [str(p) for p in resolve_corpus(args.corpus)]
+    out = train_tokenizer(files, Path(args.out), vocab_size=args.vocab_size,
+                          lowercase=not args.cased, min_frequency=args.min_frequency,
+                          show_progress=not args.quiet)
+    print(out)
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from bertforge.data.corpus import resolve_corpus
+    from bertforge.data.prepare import prepare
+
+    if args.seq_len < 8:
+        raise BertforgeError(f"--seq-len {args.seq_len}: must be >= 8")
+    files = [str(p) for p in resolve_corpus(args.corpus)]
+    prepare(files, Path(args.tokenizer), Path(args.out), seq_len=args.seq_len,
+            valid_fraction=args.valid_fraction, show_progress=not args.quiet)
+    print(args.out)
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from bertforge.pretrain import run_pretrain
+
+    if not args.data and not args.corpus and not args.resume:
+        raise BertforgeError("give --corpus FILES... or --data DATA_DIR")
+    cfg, given = resolve_config(args)
+    result = run_pretrain(Path(args.out), cfg, data_dir=Path(args.data) if args.data else None,
+                          corpus=args.corpus, resume=args.resume, lowercase=not args.cased,
+                          given=given, show_progress=not args.quiet)
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from bertforge import rundir
+    from bertforge.data.loader import ShardedSequences
+    from bertforge.data.masking import Masker
+    from bertforge.evaluate import mlm_metrics, unigram_baseline
+    from bertforge.runtime import autocast, configure_threads, resolve_device, resolve_precision
+
+    configure_threads()
+    model, cfg, _ = rundir.load_run_model(Path(args.run_dir),
+                                          Path(args.checkpoint) if args.checkpoint else None)
+    data_dir = Path(args.data or cfg.data.path or Path(args.run_dir) / rundir.DATA)
+    valid = ShardedSequences(data_dir, args.split)
+    manifest = valid.manifest
+    if int(manifest["vocab_size"]) != cfg.model.vocab_size:
+        raise BertforgeError(f"{data_dir} was built with a different tokenizer "
+                             f"(vocab {manifest['vocab_size']} vs {cfg.model.vocab_size})")
+    if len(valid) == 0:
+        raise BertforgeError(f"{data_dir} has no {args.split} sequences to evaluate on")
+    masker = Masker(cfg.model.vocab_size, manifest["special_token_ids"], cfg.data.mask_rate,
+                    cfg.data.mask_token_ratio, cfg.data.random_token_ratio)
+    device = resolve_device(args.device)
+    dtype = resolve_precision(args.precision, device)
+    model.to(device)
+    with torch.no_grad(), autocast(device, dtype):
+        result = mlm_metrics(model, valid, masker, device, 64, args.max_sequences)
+    result["unigram_baseline_loss"] = unigram_baseline(ShardedSequences(data_dir, "train"),
+                                                       valid, masker, args.max_sequences)
+    result["split"] = args.split
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bertforge import rundir
+    from bertforge.hf import export_model
+
+    model, _, tok_dir = rundir.load_run_model(Path(args.run_dir))
+    export_model(model, Path(args.out), tokenizer_dir=tok_dir)
+    print(args.out)
+    return 0
+
+
+def cmd_fill_mask(args: argparse.Namespace) -> int:
+    import torch
+
+    from bertforge.rundir import load_any_model
+    from bertforge.tokenizer import load_tokenizer
+
+    model, tok_dir = load_any_model(Path(args.model))
+    tok = load_tokenizer(tok_dir)
+    enc = tok.encode(args.text)
+    ids = torch.tensor([enc.ids])
+    mask_id = tok.token_to_id("[MASK]")
+    positions = (ids[0] == mask_id).nonzero().flatten()
+    if len(positions) == 0:
+        raise BertforgeError("the text has no [MASK] token to fill")
+    with torch.no_grad():
+        logits, _ = model(ids, token_type_ids=torch.tensor([enc.type_ids]),
+                          masked_positions=positions)
+    probs = logits.float().softmax(-1)
+    results = []
+    for pos, p in zip(positions.tolist(), probs):
+        top = p.topk(args.top_k)
+        choices = [{"token": tok.id_to_token(i), "score": round(s, 4)}
+                   for s, i in zip(top.values.tolist(), top.indices.tolist())]
+        results.append({"position": pos, "predictions": choices})
+        if not args.json:
+            print(f"[MASK] at {pos}: " + ", ".join(f"{c['token']} ({c['score']:.3f})"
+                                                    for c in choices))
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="bertforge", description="Pretrain BERT models from scratch on your own "
+                "text, evaluate them and export them to Hugging Face.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on a corpus")
+    s.add_argument("corpus", nargs="+", help="files, directories or globs")
+    s.add_argument("--out", required=True, help="directory to write the tokenizer to")
+    s.add_argument("--vocab-size", type=int, default=30522)
+    s.add_argument("--min-frequency", type=int, default=2, help="rarest pair to merge")
+    s.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_tokenizer)
+
+    s = sub.add_parser("prepare", help="tokenize a corpus into token shards")
+    s.add_argument("corpus", nargs="+", help="files, directories or globs")
+    s.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    s.add_argument("--out", required=True, help="data directory to write")
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--valid-fraction", type=float, default=0.01,
+                   help="fraction of documents held out (default: 0.01)")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(func=cmd_prepare)
+
+    s = sub.add_parser("pretrain", help="pretrain a BERT (MLM) model",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    src = s.add_argument_group("data")
+    src.add_argument("--corpus", nargs="+", help="raw text: tokenizer and shards are built in "
+                     "RUN_DIR unless already there")
+    src.add_argument("--data", help="a directory written by `bertforge prepare`")
+    s.add_argument("--out", required=True, help="run directory")
+    s.add_argument("--preset", default="mini", help=f"model size: {', '.join(PRESETS)}")
+    s.add_argument("--config", help="YAML file with model/data/train sections")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--dropout", type=float, help="set both dropout probabilities")
+    s.add_argument("--vocab-size", type=int, help="tokenizer vocabulary with --corpus "
+                   "(default 30522)")
+    s.add_argument("--cased", action="store_true", help="cased tokenizer with --corpus")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_fields(s, ModelConfig, MODEL_FLAGS, "model")
+    _add_fields(s, DataConfig, DATA_FLAGS, "data")
+    _add_fields(s, TrainConfig, TRAIN_FLAGS, "train")
+    s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("evaluate", help="held-out MLM loss, accuracy and perplexity (JSON)")
+    s.add_argument("run_dir")
+    s.add_argument("--data", help="data directory (default: RUN_DIR/data)")
+    s.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
+    s.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
+    s.add_argument("--max-sequences", type=int, default=0, help="0: all")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("export", help="write a Hugging Face model directory")
+    s.add_argument("run_dir")
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("fill-mask", help="predict the [MASK] tokens of a text")
+    s.add_argument("model", help="run directory or Hugging Face directory")
+    s.add_argument("text")
+    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_fill_mask)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BertforgeError as e:
+        print(f"bertforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bertforge: interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as e:
+        print(f"bertforge: {e}; checkpoint saved, continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Configuration: one small dataclass per concern, plus the named model presets.
+
+`ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json
+from the Hugging Face world maps onto it one to one. Every config is validated on
+construction; a bad value raises `BertforgeError` naming the field. The resolved
+configs of a run are written to RUN_DIR/config.yaml and forced on resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bertforge.errors import BertforgeError
+
+
+def _help(text: str, **kw: Any) -> Any:
+    """A dataclass field whose help text the CLI shows."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    """The BERT architecture (field names as in transformers.BertConfig)."""
+
+    vocab_size: int = _help("Vocabulary size (the tokenizer's).", default=30522)
+    hidden_size: int = _help("Width of the encoder.", default=768)
+    num_hidden_layers: int = _help("Number of encoder layers.", default=12)
+    num_attention_heads: int = _help("Attention heads per layer.", default=12)
+    intermediate_size: int = _help("Width of the feed-forward layer.", default=3072)
+    hidden_act: str = _help("Feed-forward activation (only 'gelu').", default="gelu")
+    hidden_dropout_prob: float = _help("Dropout on embeddings and sublayer outputs.", default=0.1)
+    attention_probs_dropout_prob: float = _help("Dropout on attention probabilities.", default=0.1)
+    max_position_embeddings: int = _help("Longest sequence the model can take.", default=512)
+    type_vocab_size: int = _help("Number of segment (token type) ids.", default=2)
+    initializer_range: float = _help("Std of the normal weight initialisation.", default=0.02)
+    layer_norm_eps: float = _help("LayerNorm epsilon.", default=1e-12)
+    pad_token_id: int = _help("Id of [PAD].", default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+        _check(self, "hidden_size", self.hidden_size % self.num_attention_heads == 0,
+               f"({self.hidden_size}) must be divisible by num_attention_heads "
+               f"({self.num_attention_heads})")
+        _check(self, "hidden_act", self.hidden_act == "gelu", "must be 'gelu'")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            _check(self, name, 0.0 <= getattr(self, name) < 1.0, "must be in [0, 1)")
+        _check(self, "initializer_range", self.initializer_range > 0, "must be > 0")
+        _check(self, "layer_norm_eps", self.layer_norm_eps > 0, "must be > 0")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up to a multiple of 64 for fast matmuls; never exported."""
+        return -(-self.vocab_size // 64) * 64
+
+
+# layers, hidden, heads (Turc et al. 2019 sizes); intermediate is 4 x hidden.
+PRESETS: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The ModelConfig of a named size preset, with field overrides."""
+    if name not in PRESETS:
+        raise BertforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    layers, hidden, heads = PRESETS[name]
+    values = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                  intermediate_size=4 * hidden)
+    values.update(overrides)
+    return ModelConfig(**values)
+
+
+@dataclass
+class DataConfig:
+    """Where sequences come from, how they are built and how they are masked."""
+
+    path: str | None = _help("The prepared data directory the run reads.", default=None)
+    seq_len: int = _help("Tokens per sequence, [CLS] and [SEP] included.", default=128)
+    valid_fraction: float = _help("Fraction of documents held out for evaluation.", default=0.01)
+    mask_rate: float = _help("Fraction of tokens selected for MLM prediction.", default=0.15)
+    mask_token_ratio: float = _help("Of the selected tokens, the fraction replaced by [MASK].",
+                                    default=0.8)
+    random_token_ratio: float = _help("Of the selected tokens, the fraction replaced by a "
+                                      "random token (the rest stay unchanged).", default=0.1)
+
+    def __post_init__(self) -> None:
+        _check(self, "seq_len", self.seq_len >= 8, "must be >= 8")
+        _check(self, "valid_fraction", 0.0 <= self.valid_fraction < 1.0, "must be in [0, 1)")
+        _check(self, "mask_rate", 0.0 < self.mask_rate <= 1.0, "must be in (0, 1]")
+        _check(self, "mask_token_ratio", 0.0 <= self.mask_token_ratio <= 1.0, "must be in [0, 1]")
+        _check(self, "random_token_ratio",
+               0.0 <= self.random_token_ratio <= 1.0 - self.mask_token_ratio,
+               "must be in [0, 1 - mask_token_ratio]")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run's schedule of evaluation, logging and checkpoints."""
+
+    batch_size: int = _help("Sequences per optimizer step (the global batch).", default=256)
+    micro_batch_size: int = _help("Sequences per forward/backward; the batch is accumulated "
+                                  "from micro-batches.", default=32)
+    lr: float = _help("Peak learning rate.", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm).", default=0.01)
+    adam_beta1: float = _help("Adam beta1.", default=0.9)
+    adam_beta2: float = _help("Adam beta2.", default=0.999)
+    adam_eps: float = _help("Adam epsilon.", default=1e-6)
+    warmup: float = _help("Linear warmup: a number of steps if >= 1, else a fraction of the run.",
+                          default=0.06)
+    schedule: str = _help("Learning-rate decay after warmup: 'linear', 'cosine' or 'constant'.",
+                          default="linear")
+    max_steps: int | None = _help("Optimizer steps to run.", default=None)
+    time_budget: float | None = _help("Wall-clock budget in seconds; the schedule reaches zero "
+                                      "at the deadline.", default=None)
+    grad_clip: float = _help("Clip the gradient norm to this (0 disables).", default=1.0)
+    seed: int = _help("Seed for initialisation, data order and masks.", default=0)
+    eval_every: int = _help("Evaluate on held-out data every N steps (0: only at the end).",
+                            default=0)
+    eval_sequences: int = _help("Held-out sequences per evaluation (0: all).", default=2048)
+    checkpoint_every: int = _help("Save a checkpoint every N steps (0: only at the end).",
+                                  default=0)
+    keep_last: int = _help("Checkpoints to keep.", default=3)
+    log_every: int = _help("Write a train metrics line every N steps.", default=10)
+    precision: str = _help("'auto' (bf16 where the hardware supports it), 'bf16' or 'fp32'.",
+                           default="auto")
+    device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'.", default="auto")
+
+    def __post_init__(self) -> None:
+        _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+        _check(self, "micro_batch_size", self.micro_batch_size >= 1, "must be >= 1")
+        _check(self, "lr", self.lr > 0, "must be > 0")
+        _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
+        _check(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
+        _check(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)")
+        _check(self, "adam_eps", self.adam_eps > 0, "must be > 0")
+        _check(self, "warmup", self.warmup >= 0, "must be >= 0")
+        _check(self, "schedule", self.schedule in ("linear", "cosine", "constant"),
+               "must be 'linear', 'cosine' or 'constant'")
+        _check(self, "max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1")
+        _check(self, "time_budget", self.time_budget is None or self.time_budget > 0, "must be > 0")
+        _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
+        _check(self, "seed", self.seed >= 0, "must be >= 0")
+        for name in ("eval_every", "eval_sequences", "checkpoint_every", "log_every"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "keep_last", self.keep_last >= 1, "must be >= 1")
+        _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
+               "must be 'auto', 'bf16' or 'fp32'")
+
+    @property
+    def accumulation_steps(self) -> int:
+        return -(-self.batch_size // self.micro_batch_size)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run was started with: what RUN_DIR/config.yaml holds."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        if not isinstance(raw, dict):
+            raise BertforgeError(f"{where}: expected a mapping with sections "
+                                 f"{', '.join(sections)}")
+        unknown = set(raw) - set(sections)
+        if unknown:
+            raise BertforgeError(f"{where}: unknown section {sorted(unknown)[0]!r} "
+                                 f"(expected {', '.join(sections)})")
+        built = {name: build(kind, dict(raw.get(name) or {}), f"{where}: {name}")
+                 for name, kind in sections.items()}
+        return cls(**built)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        return cls.from_dict(read_yaml(path), where=str(path))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file as a mapping; BertforgeError if missing or malformed."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise BertforgeError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise BertforgeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return raw or {}
+
+
+def build(kind: type, values: dict[str, Any], where: str) -> Any:
+    """Build dataclass `kind` from a mapping, type-checking each value."""
+    if not isinstance(values, dict):
+        raise BertforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in fields(kind)}
+    for key, value in values.items():
+        if key not in known:
+            raise BertforgeError(f"{where}: unknown key {key!r}")
+        values[key] = _coerce(value, known[key].type, f"{where}.{key}")
+    return kind(**values)
+
+
+def _coerce(value: Any, annotation: str, where: str) -> Any:
+    """Accept a YAML value for a field annotated `annotation` (a string under PEP 563)."""
+    optional = "None" in annotation
+    base = annotation.replace(" | None", "").strip()
+    if value is None:
+        if optional:
+            return None
+        raise BertforgeError(f"{where}: must not be empty")
+    if base == "bool":
+        ok = isinstance(value, bool)
+    elif base == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base == "float":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif base == "str":
+        ok = isinstance(value, str)
+    else:
+        ok = True
+    if not ok:
+        raise BertforgeError(f"{where}: expected {base}, got {value!r}")
+    return value
+
+
+def _check(obj: Any, name: str, ok: bool, message: str) -> None:
+    if not ok:
+        raise BertforgeError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r}: {message}")

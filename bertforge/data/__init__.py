@@ -1,0 +1,1 @@
+"""Corpus reading, token shards, masking and batching."""

@@ -1,0 +1,367 @@
+"""Tokenize a corpus once into fixed-length token shards plus a manifest.
+
+Layout of a data directory::
+
+    manifest.json                 what is here and how it was made (written last)
+    tokenizer/                    a copy of the tokenizer, so the directory stands alone
+    train-00000.bin ...           raw C-order arrays (sequences, seq_len), uint16 or uint32
+    valid-00000.bin ...
+
+Notable choices:
+
+- The validation split is chosen per document from a hash of its text, so it does not
+  depend on file order or batch sizes, and exact duplicates never straddle the splits.
+- Each split is one token stream, documents joined by [SEP], cut into sequences
+  ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
+  no padding except in the last sequence of a split). A body never starts with the
+  joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
+- Text that spells a special token ("[MASK]") is tokenized as plain text, so special
+  ids in the shards only ever come from packing.
+- Memory stays flat: documents stream in batches, the Rust tokenizer encodes a batch
+  on all cores, sequences go to disk as they are cut.
+- Everything is written into a hidden sibling directory that is renamed into place at
+  the end, so a killed run never leaves a manifest that points at partial shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from bertforge.data.corpus import CorpusStats, iter_documents, resolve_corpus
+from bertforge.errors import BertforgeError
+from bertforge.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_token_ids,
+                                 tokenizer_hash)
+
+log = logging.getLogger(__name__)
+
+FORMAT = "bertforge-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "valid")
+MIN_SEQ_LEN = 8
+_HASH_BUCKETS = 10_000
+# A batch is handed to the tokenizer when it reaches either bound: large enough to keep
+# every core busy, small enough that its Encoding objects stay near 100 MB.
+_BATCH_CHARS = 2_000_000
+_BATCH_DOCUMENTS = 8192
+
+
+def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
+            seq_len: int = 128, valid_fraction: float = 0.01, shard_sequences: int = 65536,
+            show_progress: bool = True) -> dict[str, Any]:
+    """Tokenize `corpus` (files, directories, globs) into shards in `out_dir`.
+
+    Returns the manifest (also written to out_dir/manifest.json).
+    """
+    if seq_len < MIN_SEQ_LEN:
+        raise BertforgeError(f"seq_len {seq_len} is too short (minimum {MIN_SEQ_LEN})")
+    if not 0.0 <= valid_fraction < 1.0:
+        raise BertforgeError(f"valid_fraction {valid_fraction} must be in [0, 1)")
+    if shard_sequences < 1:
+        raise BertforgeError(f"shard_sequences {shard_sequences} must be >= 1")
+    start = time.perf_counter()
+    tok = load_tokenizer(tokenizer_dir)
+    tok.encode_special_tokens = True  # "[MASK]" in the text is text, not a mask
+    specials = special_token_ids(tok)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+    files = resolve_corpus(corpus)
+    out = Path(out_dir).resolve()  # a real name for the sibling temp dir, even for "."
+    _check_out_dir(out)
+
+    tmp = _sibling(out, "partial")
+    tmp.mkdir()  # not mkdtemp: that makes it private (0700), and it becomes `out`
+    try:
+        stats = CorpusStats()
+        packers = {s: _Packer(_ShardWriter(tmp, s, seq_len, dtype, shard_sequences), specials)
+                   for s in SPLITS}
+        bar = tqdm(total=_total_bytes(files), unit="B", unit_scale=True, desc="prepare",
+                   disable=not show_progress, file=sys.stderr)
+        # Each split's latest document is held back until the end (see _settle).
+        pending: dict[str, list[int] | None] = {s: None for s in SPLITS}
+        seen = 0
+        for batch in _batches(iter_documents(files, stats)):
+            to_valid = [_is_valid(doc, valid_fraction) for doc in batch]
+            encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
+            routed: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
+            for enc, valid in zip(encodings, to_valid):
+                routed["valid" if valid else "train"].append(enc.ids)
+            for split, docs in routed.items():
+                if docs:
+                    if pending[split] is not None:
+                        docs.insert(0, pending[split])
+                    pending[split] = docs.pop()
+                packers[split].add(docs)
+            bar.update(stats.bytes - seen)
+            seen = stats.bytes
+        bar.close()
+
+        if stats.documents == 0:
+            found = f" ({stats.problems()})" if stats.problems() else ""
+            raise BertforgeError(f"corpus has no documents: {' '.join(map(str, corpus))}{found}")
+        _settle(pending, packers, valid_fraction)
+        if valid_fraction > 0 and packers["valid"].documents == 0:
+            log.warning("corpus has a single document: the validation split is empty")
+
+        _copy_tokenizer(Path(tokenizer_dir), tmp / "tokenizer")
+        manifest = {
+            "format": FORMAT,
+            "version": VERSION,
+            "seq_len": seq_len,
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "tokenizer_hash": tokenizer_hash(tmp / "tokenizer"),
+            "special_token_ids": specials,
+            "valid_fraction": valid_fraction,
+            "corpus_files": [str(p) for p in files],
+            "corpus_stats": stats.as_dict(),
+            "splits": {s: packers[s].finish() for s in SPLITS},
+            "elapsed_s": None,
+        }
+        elapsed = time.perf_counter() - start
+        manifest["elapsed_s"] = round(elapsed, 3)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if show_progress:
+        _summary(manifest, stats, elapsed, out)
+    return manifest
+
+
+def _settle(pending: dict[str, list[int] | None], packers: dict[str, _Packer],
+            valid_fraction: float) -> None:
+    """Place each split's held-back last document, fixing up what hashing alone gets wrong
+    on tiny corpora: train must never be empty, and valid should not be when asked for."""
+    count = {s: packers[s].documents + (pending[s] is not None) for s in SPLITS}
+    if count["train"] == 0:
+        pending["train"], pending["valid"] = pending["valid"], None
+    elif count["valid"] == 0 and valid_fraction > 0 and count["train"] > 1:
+        pending["valid"], pending["train"] = pending["train"], None
+    for split in SPLITS:
+        if pending[split] is not None:
+            packers[split].add([pending[split]])  # type: ignore[list-item]
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to replace a directory that is not an earlier data directory."""
+    if out.exists() and not out.is_dir():
+        raise BertforgeError(f"output path exists and is not a directory: {out}")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BertforgeError(f"output directory is not empty and holds no {MANIFEST}: {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BertforgeError(f"cannot create {out.parent}: {e.strerror or e}") from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    old = _sibling(out, "old") if out.exists() else None
+    if old is not None:
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(out: Path, kind: str) -> Path:
+    """A fresh hidden path next to `out`, on the same filesystem so renames are atomic."""
+    return out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}"
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    src = src if src.is_dir() else src.parent
+    dst.mkdir()
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _total_bytes(files: list[Path]) -> int | None:
+    """On-disk size of the corpus, for the progress bar; unknown when gzipped."""
+    if any(p.name.endswith(".gz") for p in files):
+        return None
+    return sum(p.stat().st_size for p in files)
+
+
+def _is_valid(doc: str, valid_fraction: float) -> bool:
+    digest = hashlib.sha1(doc.encode("utf-8")).digest()
+    return int.from_bytes(digest, "big") % _HASH_BUCKETS < valid_fraction * _HASH_BUCKETS
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+class _Packer:
+    """Cuts one split's token stream into [CLS] body [SEP] sequences as it grows."""
+
+    def __init__(self, writer: _ShardWriter, specials: dict[str, int]) -> None:
+        self.writer = writer
+        self.cls, self.sep, self.pad = specials["cls"], specials["sep"], specials["pad"]
+        self.body = writer.seq_len - 2
+        self.buf = np.empty(0, dtype=writer.dtype)  # stream tokens not yet in a sequence
+        self.documents = 0
+        self.tokens = 0
+        self.started = False  # whether the stream has a document yet (then [SEP] joins)
+
+    def add(self, docs: list[list[int]]) -> None:
+        """Append documents (lists of token ids) to the stream; write every full sequence."""
+        self.documents += len(docs)
+        parts: list[Any] = []
+        for ids in docs:
+            if not ids:  # nothing survived normalisation; joining it would double a [SEP]
+                continue
+            if self.started:
+                parts.append((self.sep,))
+            parts.append(ids)
+            self.started = True
+            self.tokens += len(ids)
+        if not parts:
+            return
+        count = sum(len(p) for p in parts)
+        new = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.buf.dtype, count=count)
+        self.buf = np.concatenate([self.buf, new])
+        self._cut()
+
+    def _cut(self) -> None:
+        buf, body, sep = self.buf, self.body, self.sep
+        rows = np.empty((len(buf) // body, self.writer.seq_len), dtype=buf.dtype)  # (N, T)
+        pos = n = 0
+        while True:
+            if pos < len(buf) and buf[pos] == sep:
+                pos += 1  # never open a body with the joining [SEP]
+            if len(buf) - pos < body:
+                break
+            rows[n, 1:-1] = buf[pos:pos + body]
+            pos += body
+            n += 1
+        rows[:n, 0], rows[:n, -1] = self.cls, self.sep
+        self.writer.write(rows[:n])
+        self.buf = buf[pos:].copy()  # copy: do not pin the whole batch in memory
+
+    def finish(self) -> dict[str, Any]:
+        """Write the last, padded sequence; the split's manifest entry."""
+        if len(self.buf):
+            row = np.full((1, self.writer.seq_len), self.pad, dtype=self.buf.dtype)
+            row[0, 0] = self.cls
+            row[0, 1:1 + len(self.buf)] = self.buf
+            row[0, 1 + len(self.buf)] = self.sep
+            self.writer.write(row)
+            self.buf = self.buf[:0]
+        shards = self.writer.close()
+        return {"documents": self.documents, "tokens": self.tokens,
+                "sequences": sum(s["sequences"] for s in shards), "shards": shards}
+
+
+class _ShardWriter:
+    """Appends sequences to split-00000.bin, split-00001.bin, ... of at most `limit` rows."""
+
+    def __init__(self, directory: Path, split: str, seq_len: int, dtype: np.dtype,
+                 limit: int) -> None:
+        self.directory, self.split, self.seq_len, self.dtype = directory, split, seq_len, dtype
+        self.limit = limit
+        self.shards: list[dict[str, Any]] = []
+        self.file: BinaryIO | None = None
+
+    def write(self, rows: np.ndarray) -> None:  # rows: (N, seq_len)
+        while len(rows):
+            if self.file is None or self.shards[-1]["sequences"] == self.limit:
+                self._next_shard()
+            take = min(len(rows), self.limit - self.shards[-1]["sequences"])
+            self.file.write(np.ascontiguousarray(rows[:take]).tobytes())  # type: ignore[union-attr]
+            self.shards[-1]["sequences"] += take
+            rows = rows[take:]
+
+    def _next_shard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        self.file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "sequences": 0})
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        return self.shards
+
+
+def _summary(manifest: dict[str, Any], stats: CorpusStats, elapsed: float, out: Path) -> None:
+    train, valid = manifest["splits"]["train"], manifest["splits"]["valid"]
+    mb = stats.bytes / 1e6
+    print(f"prepare: {stats.documents:,} documents ({train['documents']:,} train, "
+          f"{valid['documents']:,} valid), {train['tokens'] + valid['tokens']:,} tokens, "
+          f"{train['sequences']:,} + {valid['sequences']:,} sequences of {manifest['seq_len']} "
+          f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
+    if stats.problems():
+        print(f"corpus: {stats.problems()}", file=sys.stderr)
+
+
+def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a data directory made by `prepare`, checked."""
+    path = Path(data_dir) / MANIFEST
+    if not Path(data_dir).is_dir():
+        raise BertforgeError(f"data directory not found: {data_dir}")
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BertforgeError(f"not a bertforge data directory (no {MANIFEST}): "
+                             f"{data_dir}") from None
+    except ValueError as e:
+        raise BertforgeError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BertforgeError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise BertforgeError(f"{path}: manifest version {manifest.get('version')!r} is not "
+                             f"supported (this bertforge reads version {VERSION})")
+    missing = [k for k in ("seq_len", "dtype", "vocab_size", "special_token_ids", "splits")
+               if k not in manifest]
+    if missing:
+        raise BertforgeError(f"{path}: manifest lacks {', '.join(missing)}")
+    return manifest
+
+
+def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
+    """Read-only memmaps, one per shard, each of shape (sequences, seq_len)."""
+    manifest = load_manifest(data_dir)
+    if split not in manifest["splits"]:
+        raise BertforgeError(f"{data_dir}: no split {split!r} "
+                             f"(has {', '.join(manifest['splits'])})")
+    seq_len, dtype = manifest["seq_len"], np.dtype(manifest["dtype"])
+    maps = []
+    for shard in manifest["splits"][split]["shards"]:
+        path = Path(data_dir) / shard["file"]
+        n = shard["sequences"]
+        expected = n * seq_len * dtype.itemsize
+        size = path.stat().st_size if path.is_file() else None
+        if size != expected:
+            found = "missing" if size is None else f"{size} bytes, expected {expected}"
+            raise BertforgeError(f"shard {path} is {found}; run prepare again")
+        maps.append(np.memmap(path, dtype=dtype, mode="r", shape=(n, seq_len)))
+    return maps

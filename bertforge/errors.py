@@ -1,0 +1,13 @@
+"""User-facing errors: the CLI prints their message as one line and exits 2."""
+
+
+class BertforgeError(Exception):
+    """A problem with the user's input (files, config values, run directories)."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM/SIGINT after saving a checkpoint; exit 128 + signum."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by signal {signum} at step {step}")
+        self.signum, self.step = signum, step

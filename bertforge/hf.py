@@ -1,0 +1,303 @@
+"""Export to and import from Hugging Face BERT directories.
+
+One explicit key map (`KEY_MAP`, bertforge name -> transformers name) drives both
+directions; `to_hf_state_dict` and `from_hf_state_dict` are its two readings and the
+exact reverse of each other. Three things are not one-to-one renames:
+
+- bertforge's fused `qkv` projection is transformers' `query`, `key` and `value`
+  concatenated along the output dimension (`FUSED_QKV`);
+- bertforge pads the vocabulary to a multiple of 64 (`VOCAB_PADDED`): the padding rows
+  are dropped on export and re-added as zeros on import;
+- the MLM decoder is tied to the word embeddings. transformers (4.x and 5.x) writes
+  neither `cls.predictions.decoder.weight` nor `.decoder.bias` to model.safetensors and
+  ties them itself on load, so neither do we; older checkpoints that carry them are
+  accepted if they really are tied.
+
+An exported directory loads with `transformers.BertForPreTraining`, `BertForMaskedLM`
+and `AutoModel`, and gives the same logits as bertforge's model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bertforge.config import ModelConfig
+from bertforge.errors import BertforgeError
+from bertforge.model import BertForPreTraining
+
+log = logging.getLogger("bertforge")
+
+# bertforge key -> transformers BertForPreTraining key; "{i}" is the layer index.
+KEY_MAP: dict[str, str] = {
+    "bert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
+    "bert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
+    "bert.embeddings.token_type_embeddings.weight":
+        "bert.embeddings.token_type_embeddings.weight",
+    "bert.embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.weight",
+    "bert.embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.bias",
+    "bert.layers.{i}.attention.out.weight": "bert.encoder.layer.{i}.attention.output.dense.weight",
+    "bert.layers.{i}.attention.out.bias": "bert.encoder.layer.{i}.attention.output.dense.bias",
+    "bert.layers.{i}.attention_norm.weight":
+        "bert.encoder.layer.{i}.attention.output.LayerNorm.weight",
+    "bert.layers.{i}.attention_norm.bias": "bert.encoder.layer.{i}.attention.output.LayerNorm.bias",
+    "bert.layers.{i}.ffn_in.weight": "bert.encoder.layer.{i}.intermediate.dense.weight",
+    "bert.layers.{i}.ffn_in.bias": "bert.encoder.layer.{i}.intermediate.dense.bias",
+    "bert.layers.{i}.ffn_out.weight": "bert.encoder.layer.{i}.output.dense.weight",
+    "bert.layers.{i}.ffn_out.bias": "bert.encoder.layer.{i}.output.dense.bias",
+    "bert.layers.{i}.ffn_norm.weight": "bert.encoder.layer.{i}.output.LayerNorm.weight",
+    "bert.layers.{i}.ffn_norm.bias": "bert.encoder.layer.{i}.output.LayerNorm.bias",
+    "bert.pooler.dense.weight": "bert.pooler.dense.weight",
+    "bert.pooler.dense.bias": "bert.pooler.dense.bias",
+    "mlm.dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm.dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm.LayerNorm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm.LayerNorm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "mlm.bias": "cls.predictions.bias",
+    "seq_relationship.weight": "cls.seq_relationship.weight",
+    "seq_relationship.bias": "cls.seq_relationship.bias",
+}
+
+# bertforge fused key -> the transformers keys it concatenates (dim 0, in this order).
+FUSED_QKV: dict[str, tuple[str, str, str]] = {
+    f"bert.layers.{{i}}.attention.qkv.{p}": tuple(
+        f"bert.encoder.layer.{{i}}.attention.self.{name}.{p}" for name in ("query", "key", "value"))
+    for p in ("weight", "bias")
+}
+
+# bertforge keys whose first dimension is padded_vocab_size (vocab_size in transformers).
+VOCAB_PADDED = ("bert.embeddings.word_embeddings.weight", "mlm.bias")
+
+# transformers keys that carry nothing of their own: buffers, and the tied decoder.
+_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+         "cls.predictions.decoder.bias": "cls.predictions.bias"}
+_BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+# Prefixes of a bare BertModel / AutoModel checkpoint, which lacks the "bert." prefix.
+_BARE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
+
+
+def _layer_keys(config: ModelConfig) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
+    """KEY_MAP and FUSED_QKV with "{i}" expanded for every layer."""
+    renames, fused = {}, {}
+    for i in range(config.num_hidden_layers):
+        for bf, hf in KEY_MAP.items():
+            renames[bf.format(i=i)] = hf.format(i=i)
+        for bf, hfs in FUSED_QKV.items():
+            fused[bf.format(i=i)] = tuple(k.format(i=i) for k in hfs)
+    return renames, fused
+
+
+def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
+                     config: ModelConfig) -> dict[str, torch.Tensor]:
+    """bertforge BertForPreTraining state_dict -> transformers BertForPreTraining keys."""
+    renames, fused = _layer_keys(config)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in bf_state_dict.items():
+        if key in fused:
+            for hf_key, part in zip(fused[key], tensor.chunk(3, dim=0)):
+                out[hf_key] = part
+        elif key in renames:
+            if key in VOCAB_PADDED:
+                tensor = tensor[:config.vocab_size]  # (vocab_size, ...): padding dropped
+            out[renames[key]] = tensor
+        else:
+            raise BertforgeError(f"cannot export: unknown bertforge weight {key!r}")
+    return out
+
+
+def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
+                       config: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers BERT state_dict -> bertforge keys (the reverse of to_hf_state_dict).
+
+    Accepts BertForPreTraining / BertForMaskedLM keys ("bert.", "cls.") and bare
+    BertModel keys; the result then lacks the head weights it had no source for.
+    Weights of other heads (e.g. a sequence classifier) are logged and skipped.
+    """
+    hf = {_normalise_key(k): v for k, v in hf_state_dict.items()}
+    renames, fused = _layer_keys(config)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for bf_key, hf_keys in fused.items():
+        present = [k for k in hf_keys if k in hf]
+        if present and len(present) < 3:
+            raise BertforgeError(f"checkpoint has {present[0]!r} but not all of query/key/value")
+        if present:
+            out[bf_key] = torch.cat([hf[k] for k in hf_keys], dim=0)  # (3H, ...)
+            used.update(hf_keys)
+    for bf_key, hf_key in renames.items():
+        if hf_key not in hf:
+            continue
+        tensor = hf[hf_key]
+        if bf_key in VOCAB_PADDED:
+            tensor = _pad_vocab(tensor, config)
+        out[bf_key] = tensor
+        used.add(hf_key)
+    for hf_key, tied_to in _TIED.items():
+        if hf_key in hf:
+            if tied_to in hf and not torch.equal(hf[hf_key], hf[tied_to]):
+                raise BertforgeError(f"checkpoint's {hf_key} is not tied to {tied_to}; "
+                                     "bertforge always ties the MLM decoder")
+            used.add(hf_key)
+    used.update(k for k in _BUFFERS if k in hf)
+    skipped = sorted(set(hf) - used)
+    if skipped:
+        log.warning("ignoring %d checkpoint weight(s) bertforge has no place for: %s",
+                    len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+    return out
+
+
+def _normalise_key(key: str) -> str:
+    """Bare BertModel keys get the "bert." prefix; TF-era LayerNorm gamma/beta are renamed."""
+    if key.startswith(_BARE_PREFIXES):
+        key = "bert." + key
+    if key.endswith(".gamma"):
+        key = key[:-len("gamma")] + "weight"
+    elif key.endswith(".beta"):
+        key = key[:-len("beta")] + "bias"
+    return key
+
+
+def _pad_vocab(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    if tensor.shape[0] != config.vocab_size:
+        raise BertforgeError(f"checkpoint has a vocabulary of {tensor.shape[0]} rows but "
+                             f"config.json says vocab_size={config.vocab_size}")
+    padding = tensor.new_zeros((config.padded_vocab_size - config.vocab_size, *tensor.shape[1:]))
+    return torch.cat([tensor, padding], dim=0)  # (padded_vocab_size, ...)
+
+
+# ---------------------------------------------------------------------------- config.json
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+_FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range",
+                 "layer_norm_eps")
+
+
+def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The config.json of an exported model."""
+    return {
+        "architectures": ["BertForPreTraining"],
+        "model_type": "bert",
+        **{name: getattr(config, name) for name in _MODEL_FIELDS},
+        # Read by transformers 4.x (5.x knows only absolute positions); states our choice.
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "use_cache": False,
+        "classifier_dropout": None,
+        "dtype": "float32",
+    }
+
+
+def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a Hugging Face BERT config.json; refuses what bertforge cannot run."""
+    model_type = raw.get("model_type", "bert")
+    if model_type != "bert":
+        raise BertforgeError(f"config.json: model_type {model_type!r} is not supported "
+                             "(only 'bert')")
+    refusals = {
+        "hidden_act": ("gelu", "activation {!r} is not supported (only 'gelu')"),
+        "position_embedding_type": ("absolute",
+                                    "position_embedding_type {!r} is not supported "
+                                    "(only 'absolute')"),
+        "is_decoder": (False, "is_decoder={!r}: bertforge builds encoders only"),
+        "add_cross_attention": (False, "add_cross_attention={!r} is not supported"),
+    }
+    for key, (allowed, message) in refusals.items():
+        if raw.get(key, allowed) != allowed:
+            raise BertforgeError("config.json: " + message.format(raw[key]))
+    values = {name: raw[name] for name in _MODEL_FIELDS
+              if raw.get(name) is not None}
+    for name in _FLOAT_FIELDS:
+        if name in values:
+            values[name] = float(values[name])
+    try:
+        return ModelConfig(**values)
+    except TypeError as e:  # a value of the wrong type, e.g. a string for a size
+        raise BertforgeError(f"config.json: {e}") from None
+
+
+# ------------------------------------------------------------------------------ directories
+
+def export_model(model: BertForPreTraining, out_dir: str | Path,
+                 tokenizer_dir: str | Path | None = None) -> Path:
+    """Write a Hugging Face directory: config.json, model.safetensors (fp32) and the tokenizer."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    weights = to_hf_state_dict(model.state_dict(), config)
+    # safetensors wants contiguous, unshared CPU tensors; qkv chunks are views of one tensor.
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
+               for k, v in weights.items()}
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(model_config_to_hf(config), indent=2) + "\n")
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not tokenizer_dir.is_dir():
+            raise BertforgeError(f"tokenizer directory not found: {tokenizer_dir}")
+        for path in sorted(tokenizer_dir.iterdir()):
+            if path.is_file():
+                shutil.copy2(path, out / path.name)
+    return out
+
+
+def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
+    """A BertForPreTraining (and its ModelConfig) from a Hugging Face BERT directory.
+
+    Weights are read from model.safetensors (or a sharded model.safetensors.index.json),
+    else from pytorch_model.bin (weights_only). Head weights the checkpoint lacks (a bare
+    BertModel / AutoModel checkpoint has no MLM or NSP head) are freshly initialised and
+    logged. with_info=True also returns {"initialised": [bertforge keys]}.
+    """
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
+    config = model_config_from_hf(raw)
+    hf_state = _load_weights(hf_dir)
+    state = from_hf_state_dict(hf_state, config)
+
+    model = BertForPreTraining(config)  # randomly initialised; the checkpoint overwrites it
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise BertforgeError(f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(expected[key].shape)}")
+    missing = [k for k in expected if k not in state]
+    if any(k.startswith("bert.layers.") or k.startswith("bert.embeddings.") for k in missing):
+        raise BertforgeError(f"{hf_dir}: checkpoint lacks encoder weights, e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False)
+    if missing:
+        log.warning("%s: initialised %d weight(s) the checkpoint does not have: %s",
+                    hf_dir, len(missing), ", ".join(missing))
+    if with_info:
+        return model, config, {"initialised": missing}
+    return model, config
+
+
+def _load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    single = hf_dir / "model.safetensors"
+    index = hf_dir / "model.safetensors.index.json"
+    pickled = hf_dir / "pytorch_model.bin"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(hf_dir / shard)))
+        return state
+    if pickled.is_file():
+        return torch.load(pickled, map_location="cpu", weights_only=True)
+    raise BertforgeError(f"{hf_dir}: no weights (model.safetensors or pytorch_model.bin)")

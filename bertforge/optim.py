@@ -1,0 +1,66 @@
+"""AdamW with BERT's parameter groups, and learning-rate schedules.
+
+Schedules are functions of run *progress* in [0, 1], not of the step alone: progress is
+step / max_steps, elapsed / time_budget, or the larger of the two when both are set. A
+time-budgeted run therefore reaches a learning rate of zero exactly at its deadline
+(as Cramming does), whatever speed the hardware turns out to have.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from bertforge.config import TrainConfig
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases and LayerNorm weights (as BERT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {}
+    # The fused kernel is one pass over all parameters; fall back to foreach elsewhere.
+    if "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        kwargs["fused"] = True
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_eps, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_eps, foreach=True)
+
+
+def progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """How far through the run we are, in [0, 1]."""
+    parts = []
+    if cfg.max_steps:
+        parts.append(step / cfg.max_steps)
+    if cfg.time_budget:
+        parts.append(elapsed / cfg.time_budget)
+    return min(1.0, max(parts)) if parts else 0.0
+
+
+def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    """Linear warmup, then linear or cosine decay to zero at the end of the run."""
+    p = progress(cfg, step, elapsed)
+    if cfg.warmup >= 1:  # warmup given in steps
+        warm = min(1.0, (step + 1) / cfg.warmup)
+        w = cfg.warmup / cfg.max_steps if cfg.max_steps else 0.0
+    else:  # warmup given as a fraction of the run
+        w = cfg.warmup
+        warm = min(1.0, p / w) if w > 0 else 1.0
+        if step == 0 and w > 0:
+            warm = max(warm, 1e-3)  # the very first update should not be exactly zero
+    if warm < 1.0 or cfg.schedule == "constant":
+        return cfg.lr * warm
+    rest = max(0.0, (p - w) / (1.0 - w)) if w < 1 else 1.0
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * rest))
+    return cfg.lr * (1.0 - rest)

@@ -1,0 +1,190 @@
+"""Train and load BERT WordPiece tokenizers (the `tokenizers` library, Rust).
+
+The tokenizer is built exactly like Google's BERT / transformers' BertTokenizer:
+BertNormalizer (clean text, split CJK characters, optional lowercasing with accent
+stripping), BertPreTokenizer, WordPiece with "##" continuations, and the
+``[CLS] A [SEP] (B [SEP])`` template. The five special tokens always take ids 0-4
+([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4), so code and configs can rely on them.
+
+A tokenizer directory holds tokenizer.json (what bertforge loads), plus vocab.txt,
+tokenizer_config.json and special_tokens_map.json, so `transformers.AutoTokenizer`
+loads the same directory offline and encodes identically.
+
+Training is not bit-for-bit reproducible: the Rust trainer breaks ties between equally
+frequent merges in hash-map order, so two runs on one corpus can differ in a few
+tokens and in id order (huggingface/tokenizers#1794). Train once and reuse the
+directory; data prepared with it records `tokenizer_hash` to catch mix-ups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+from tokenizers.trainers import WordPieceTrainer
+
+from bertforge.data.corpus import CorpusStats, iter_documents, resolve_corpus
+from bertforge.errors import BertforgeError
+
+# Order fixes the ids: the trainer assigns special tokens ids 0.. in list order.
+SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
+                  "mask": "[MASK]"}
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+MODEL_MAX_LENGTH = 512
+# Characters kept in the initial alphabet (transformers' BertWordPieceTokenizer default):
+# a Unicode-rich corpus would otherwise spend thousands of ids on one-off symbols.
+LIMIT_ALPHABET = 1000
+_BATCH_DOCUMENTS = 1000  # documents handed to the Rust trainer per Python call
+
+
+def build_tokenizer(lowercase: bool = True) -> Tokenizer:
+    """An untrained BERT WordPiece pipeline (empty vocabulary)."""
+    tok = Tokenizer(WordPiece(unk_token=SPECIAL_TOKENS["unk"], continuing_subword_prefix="##",
+                              max_input_chars_per_word=100))
+    # strip_accents=None follows `lowercase`, as in the original BERT.
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                strip_accents=None, lowercase=lowercase)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _set_template(tok: Tokenizer) -> None:
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+
+
+def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: int = 30522,
+                    lowercase: bool = True, min_frequency: int = 2,
+                    show_progress: bool = True) -> Path:
+    """Train a WordPiece tokenizer on the documents of `corpus`; write it to `out_dir`.
+
+    `corpus` holds files, directories or globs. The documents stream from disk into the
+    trainer in batches, so memory grows with the number of distinct words, not with
+    the corpus size. Returns `out_dir`.
+    """
+    if vocab_size < len(SPECIAL_TOKENS) + 1:
+        raise BertforgeError(f"vocab size {vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
+    if min_frequency < 0:
+        raise BertforgeError(f"min frequency {min_frequency} must be >= 0")
+    files = resolve_corpus(corpus)
+    stats = CorpusStats()
+    docs = iter_documents(files, stats)
+    first = next(docs, None)
+    if first is None:
+        found = f" ({stats.problems()})" if stats.problems() else ""
+        raise BertforgeError(f"corpus has no documents: {' '.join(map(str, corpus))}{found}")
+
+    start = time.perf_counter()
+    tok = build_tokenizer(lowercase)
+    trainer = WordPieceTrainer(
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+        special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
+        continuing_subword_prefix="##",
+    )
+    tok.train_from_iterator(_batches(itertools.chain([first], docs)), trainer=trainer)
+    _set_template(tok)
+    ids = special_token_ids(tok)
+    if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
+        raise AssertionError(f"special tokens got ids {ids}")  # a tokenizers change broke this
+
+    out = save_tokenizer(tok, out_dir, lowercase)
+    if show_progress:
+        elapsed = time.perf_counter() - start
+        print(f"tokenizer: vocab {tok.get_vocab_size()} from {stats.documents:,} documents "
+              f"({stats.bytes / 1e6:.1f} MB) in {elapsed:.1f}s "
+              f"({stats.bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
+        if stats.problems():
+            print(f"corpus: {stats.problems()}", file=sys.stderr)
+    return out
+
+
+def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
+    while batch := list(itertools.islice(docs, _BATCH_DOCUMENTS)):
+        yield batch
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) -> Path:
+    """Write the four tokenizer files; tokenizer.json goes last, so its presence means done."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BertforgeError(f"cannot create tokenizer directory {out}: "
+                             f"{e.strerror or e}") from None
+    vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
+    if [i for _, i in vocab] != list(range(len(vocab))):
+        raise AssertionError("vocabulary ids are not contiguous")
+    special_map = {f"{name}_token": token for name, token in SPECIAL_TOKENS.items()}
+    # transformers rebuilds a BertTokenizer from the vocabulary and these options, so
+    # they must say what our normalizer does.
+    config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": lowercase,
+        "strip_accents": None,
+        "tokenize_chinese_chars": True,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "clean_up_tokenization_spaces": True,
+        **special_map,
+    }
+    _write_atomic(out / "vocab.txt", "".join(f"{t}\n" for t, _ in vocab))
+    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    _write_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    _write_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer saved in `tokenizer_dir` (a directory or its tokenizer.json)."""
+    path = _tokenizer_file(tokenizer_dir)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        first_line = (str(e).splitlines() or ["unreadable"])[0]
+        raise BertforgeError(f"{path}: not a valid tokenizer file ({first_line})") from None
+    special_token_ids(tok)  # fail early if it is not a BERT tokenizer
+    return tok
+
+
+def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
+    """A short fingerprint of tokenizer.json, to tell data made by different tokenizers apart."""
+    return hashlib.sha256(_tokenizer_file(tokenizer_dir).read_bytes()).hexdigest()[:16]
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """{"pad", "unk", "cls", "sep", "mask"} -> id."""
+    ids = {name: tok.token_to_id(token) for name, token in SPECIAL_TOKENS.items()}
+    missing = [SPECIAL_TOKENS[name] for name, i in ids.items() if i is None]
+    if missing:
+        raise BertforgeError(f"tokenizer lacks special tokens {', '.join(missing)}")
+    return ids  # type: ignore[return-value]
+
+
+def _tokenizer_file(tokenizer_dir: str | os.PathLike) -> Path:
+    path = Path(tokenizer_dir)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        where = "tokenizer directory" if not Path(tokenizer_dir).exists() else "tokenizer file"
+        raise BertforgeError(f"{where} not found: {path}")
+    return path

@@ -1,0 +1,66 @@
+"""Shared fixtures: a small generated corpus, a tokenizer trained on it, prepared shards.
+
+Everything is built in the test session from a few KB of text, so the suite needs no
+downloads. Tests that want the real Wikipedia sample use `shared_corpus` and skip when
+it is absent.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+SHARED_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
+                 / "enwiki-2015-wikiextractor-sample")
+
+NOUNS = "cat dog bird horse king queen river city garden teacher doctor ship".split()
+ADJS = "small large red green old young quiet bright happy dark".split()
+VERBS = "sees follows finds likes meets paints helps watches".split()
+
+
+def make_document(rng: random.Random, sentences: int = 6) -> str:
+    out = []
+    for _ in range(sentences):
+        out.append(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+                   f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} near the {rng.choice(NOUNS)}.")
+    return " ".join(out)
+
+
+def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n\n".join(make_document(rng) for _ in range(documents)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
+    from bertforge.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer([str(corpus_file)], out, vocab_size=200, show_progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
+    from bertforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "data"
+    prepare([str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.05,
+            show_progress=False)
+    return out
+
+
+@pytest.fixture
+def shared_corpus() -> Path:
+    if not SHARED_CORPUS.is_dir():
+        pytest.skip(f"the shared Wikipedia sample is not present ({SHARED_CORPUS.name} "
+                    "beside this repository); this test needs real text")
+    return SHARED_CORPUS
