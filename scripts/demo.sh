@@ -27,13 +27,16 @@ echo "bertforge demo: corpus $CORPUS, budget $BUDGET, output $OUT"
 stage "1/6 tokenizer: WordPiece, 30522 tokens, lowercase"
 timed "$bf" tokenizer "$CORPUS" --out "$OUT/tokenizer" --vocab-size 30522
 
-stage "2/6 prepare: token shards of 128 tokens, 1% of documents held out"
-timed "$bf" prepare "$CORPUS" --tokenizer "$OUT/tokenizer" --out "$OUT/data" --seq-len 128
+stage "2/6 prepare: token shards of 128 tokens, 2% of documents held out"
+timed "$bf" prepare "$CORPUS" --tokenizer "$OUT/tokenizer" --out "$OUT/data" --seq-len 128 \
+    --valid-fraction 0.02
 
+# A short budget favours many small steps, a high learning rate and no dropout; the
+# schedule decays to zero exactly at the deadline.
 stage "3/6 pretrain: preset mini for $BUDGET"
 timed "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini \
-    --time-budget "$BUDGET" --batch-size 128 --micro-batch-size 128 --lr 1e-3 --warmup 0.05 \
-    --adam-beta2 0.98 --eval-every 200 --checkpoint-every 500 --log-every 10
+    --time-budget "$BUDGET" --batch-size 64 --micro-batch-size 32 --lr 1e-3 --warmup 0.05 \
+    --adam-beta2 0.98 --dropout 0 --eval-every 100 --checkpoint-every 500 --log-every 10
 
 stage "4/6 evaluate on the held-out split"
 timed "$bf" evaluate "$OUT/run" | tee "$OUT/eval.json"
