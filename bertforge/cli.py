@@ -54,9 +54,10 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
         typ = {"int": int, "float": float, "str": str}[base]
         if name == "time_budget":
             typ = parse_duration
-        default = f.default if f.default is not dataclasses.MISSING else None
+        default = "from --preset" if section == "model" else f.default
         group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}", type=typ,
-                           default=argparse.SUPPRESS, metavar=base.upper(),
+                           default=argparse.SUPPRESS,
+                           metavar="DURATION" if name == "time_budget" else base.upper(),
                            help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
@@ -162,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                        valid, masker, args.max_sequences)
     result["split"] = args.split
     print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -231,19 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_prepare)
 
-    s = sub.add_parser("pretrain", help="pretrain a BERT (MLM) model",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = sub.add_parser("pretrain", help="pretrain a BERT (MLM) model")
     src = s.add_argument_group("data")
     src.add_argument("--corpus", nargs="+", help="raw text: tokenizer and shards are built in "
                      "RUN_DIR unless already there")
     src.add_argument("--data", help="a directory written by `bertforge prepare`")
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--preset", default="mini", help=f"model size: {', '.join(PRESETS)}")
+    s.add_argument("--preset", default="mini",
+                   help=f"model size: {', '.join(PRESETS)} (default: mini)")
     s.add_argument("--config", help="YAML file with model/data/train sections")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--dropout", type=float, help="set both dropout probabilities")
     s.add_argument("--vocab-size", type=int, help="tokenizer vocabulary with --corpus "
-                   "(default 30522)")
+                   "(default: 30522)")
     s.add_argument("--cased", action="store_true", help="cased tokenizer with --corpus")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     _add_fields(s, ModelConfig, MODEL_FLAGS, "model")
@@ -259,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-sequences", type=int, default=0, help="0: all")
     s.add_argument("--device", default="auto")
     s.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--out", help="also write the JSON object to this file")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("export", help="write a Hugging Face model directory")

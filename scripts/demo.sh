@@ -39,7 +39,7 @@ timed "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini \
     --adam-beta2 0.98 --dropout 0 --eval-every 100 --checkpoint-every 500 --log-every 10
 
 stage "4/6 evaluate on the held-out split"
-timed "$bf" evaluate "$OUT/run" | tee "$OUT/eval.json"
+timed "$bf" evaluate "$OUT/run" --out "$OUT/eval.json"
 "$BIN/python" - "$OUT/eval.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
