@@ -1,10 +1,12 @@
 """Atomic checkpoints: safetensors weights, optimizer state, JSON run state.
 
 A checkpoint is written into a temporary directory, every file fsynced, then renamed
-into place; `checkpoints/latest` is replaced (also atomically) only after that. Each
-file's sha256 is recorded in state.json and verified on load, so a truncated or
-corrupted checkpoint is detected and the previous good one used instead. Nothing
-pickled is ever loaded without `weights_only=True`.
+into place; `checkpoints/latest` is replaced (also atomically) only after that, and
+older checkpoints are pruned only after that. Each file's sha256, and one of state.json's
+own content, is recorded in state.json and verified on load, so a truncated or corrupted
+checkpoint is detected and the previous good one used instead. A resume takes the newest
+checkpoint that verifies (`latest` names it too, unless a kill fell between the rename
+and the update of `latest`). Nothing pickled is ever loaded without `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,6 +26,23 @@ from safetensors.torch import load_file, save_file
 from bertforge.errors import BertforgeError
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
+_PREFIX = "step-"
+
+
+def _name(step: int) -> str:
+    return f"{_PREFIX}{step:06d}"
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory named step-NNNNNN; None for anything else."""
+    digits = path.name[len(_PREFIX):]
+    return int(digits) if path.name.startswith(_PREFIX) and digits.isdigit() else None
+
+
+def _checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint directory, oldest first (by number, not by name)."""
+    found = [(step_of(p), p) for p in ckpt_dir.glob(f"{_PREFIX}*") if p.is_dir()]
+    return sorted((s, p) for s, p in found if s is not None)
 
 
 def _sha256(path: Path) -> str:
@@ -39,6 +59,21 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _state_digest(state: dict[str, Any]) -> str:
+    """sha256 of state.json's content (without its own digest), canonically serialised."""
+    rest = {k: v for k, v in state.items() if k != "state_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Write checkpoint `path`'s state.json (atomically), sealed with its own sha256.
+
+    `state["checksums"]` must already hold the sha256 of each file it names.
+    """
+    state = dict(state, state_sha256=_state_digest(state))
+    _write_text_atomic(path / STATE_FILE, json.dumps(state, indent=1))
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -66,14 +101,19 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
                     keep_last: int = 3) -> Path:
-    """Write checkpoints/step-NNNNNN atomically and point `latest` at it."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    name = f"step-{step:06d}"
+    """Write checkpoints/step-NNNNNN atomically, point `latest` at it, prune old ones.
+
+    On any OSError (a full disk, say) nothing that was complete before is touched: the
+    partial checkpoint is removed and BertforgeError raised.
+    """
+    name = _name(step)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_dir.glob(f".{_PREFIX}*.tmp"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
         save_file(model_state(model), str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
         if optimizer is not None:
@@ -81,26 +121,31 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module,
             files.append(OPTIMIZER_FILE)
         for f in files:
             _fsync(tmp / f)
-        state = dict(state, step=step, checksums={f: _sha256(tmp / f) for f in files})
-        _write_text_atomic(tmp / STATE_FILE, json.dumps(state, indent=1))
-        if final.exists():  # a checkpoint of this step from an earlier attempt
+        write_state(tmp, dict(state, step=step,
+                              checksums={f: _sha256(tmp / f) for f in files}))
+        if final.exists():  # this step from an abandoned attempt (newer than the resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(ckpt_dir)
+        _write_text_atomic(ckpt_dir / "latest", name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BertforgeError(f"could not write checkpoint {final}: {e.strerror or e}; "
                              f"the previous checkpoint is untouched") from None
-    _write_text_atomic(ckpt_dir / "latest", name + "\n")
-    _prune(ckpt_dir, keep_last, keep=name)
+    _prune(ckpt_dir, keep_last, step)
     return final
 
 
-def _prune(ckpt_dir: Path, keep_last: int, keep: str) -> None:
-    complete = sorted(p.name for p in ckpt_dir.glob("step-*") if (p / STATE_FILE).exists())
-    for old in complete[:-keep_last]:
-        if old != keep:
-            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+def _prune(ckpt_dir: Path, keep_last: int, step: int) -> None:
+    """Keep the newest `keep_last` complete checkpoints up to `step` (the one just written).
+
+    Newer ones belong to an attempt that was abandoned (a resume fell back past them);
+    they are left alone, and overwritten as the run reaches their steps again.
+    """
+    done = [p for s, p in _checkpoints(ckpt_dir) if s <= step and (p / STATE_FILE).exists()]
+    for old in done[:-keep_last]:
+        if step_of(old) != step:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def verify(path: Path) -> dict[str, Any]:
@@ -108,35 +153,58 @@ def verify(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
-        raise BertforgeError(f"{path / STATE_FILE}: missing or unreadable") from None
-    for f, digest in state.get("checksums", {}).items():
-        if not (path / f).exists() or _sha256(path / f) != digest:
+        raise BertforgeError(f"{path / STATE_FILE}: missing or unreadable "
+                             f"(truncated or corrupted)") from None
+    checksums = state.get("checksums") if isinstance(state, dict) else None
+    sealed = state.get("state_sha256") if isinstance(state, dict) else None
+    # (checkpoints written before state.json was sealed have no state_sha256)
+    if (not isinstance(checksums, dict) or MODEL_FILE not in checksums
+            or (sealed is not None and sealed != _state_digest(state))):
+        raise BertforgeError(f"{path / STATE_FILE}: checksum mismatch (corrupted)")
+    for f, digest in checksums.items():
+        if not (path / f).is_file():
+            raise BertforgeError(f"{path / f}: missing")
+        if _sha256(path / f) != digest:
             raise BertforgeError(f"{path / f}: checksum mismatch (truncated or corrupted)")
     return state
 
 
+def any_checkpoint(ckpt_dir: Path) -> bool:
+    """Whether `ckpt_dir` holds any checkpoint directory, complete or not."""
+    return ckpt_dir.is_dir() and bool(_checkpoints(ckpt_dir))
+
+
 def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies, falling back past corrupted ones."""
+    """The newest checkpoint that verifies, falling back past corrupted ones.
+
+    Only complete checkpoints are candidates (a partial one is a hidden .tmp directory),
+    so this is `latest` unless that one is corrupted or a kill came just after a rename.
+    """
     if not ckpt_dir.is_dir():
         return None
-    names = sorted((p.name for p in ckpt_dir.glob("step-*") if p.is_dir()), reverse=True)
-    latest = ckpt_dir / "latest"
-    if latest.exists():  # prefer what `latest` names, then anything older
-        named = latest.read_text().strip()
-        if named in names:
-            names.remove(named)
-            names.insert(0, named)
-    for name in names:
+    for _, path in reversed(_checkpoints(ckpt_dir)):
         try:
-            return ckpt_dir / name, verify(ckpt_dir / name)
+            return path, verify(path)
         except BertforgeError as e:
             print(f"warning: skipping checkpoint: {e}", file=sys.stderr)
     return None
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / MODEL_FILE))
+    try:
+        return load_file(str(path / MODEL_FILE))
+    except Exception as e:  # safetensors raises its own error types
+        raise BertforgeError(f"{path / MODEL_FILE}: cannot be read ({e})") from None
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:
-    return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    """The optimizer state; refused (BertforgeError) if unpickling needs anything but
+    tensors and plain containers, which is how a planted file would run code."""
+    try:
+        return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
+        text = str(e).strip()
+        why = re.search(r"Unsupported global: GLOBAL \S+", text)
+        reason = why.group(0) if why else (text.splitlines() or [type(e).__name__])[0]
+        raise BertforgeError(f"{path / OPTIMIZER_FILE}: refused to load, it is not plain tensor "
+                             f"data ({reason})") from None

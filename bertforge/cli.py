@@ -26,6 +26,8 @@ MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "inter
                "max_position_embeddings"]
 DATA_FLAGS = ["seq_len", "valid_fraction", "mask_rate", "mask_token_ratio", "random_token_ratio"]
 TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
+# The ModelConfig fields a preset sets.
+PRESET_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,17 +79,26 @@ def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
-    """defaults < preset < --config file < flags."""
-    raw: dict[str, dict[str, Any]] = {"model": dataclasses.asdict(preset(args.preset)),
+    """defaults < preset < --config file < flags.
+
+    Also returns the values the user chose (a typed --preset's sizes, the config file's
+    values, the flags): what a resume checks against the run's saved config.
+    """
+    raw: dict[str, dict[str, Any]] = {"model": dataclasses.asdict(preset(args.preset or "mini")),
                                       "data": {}, "train": {}}
+    given: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
+    if args.preset:  # typed, not the default
+        given["model"].update({k: raw["model"][k] for k in PRESET_FIELDS})
     if args.config:
         loaded = read_yaml(Path(args.config))
-        RunConfig.from_dict(copy.deepcopy(loaded), where=args.config)  # validates keys, types
+        checked = RunConfig.from_dict(copy.deepcopy(loaded), where=args.config)  # keys, types
         for section, values in loaded.items():
-            raw[section].update(values or {})
-    given = _given(args)
-    for section, values in given.items():
+            typed = {k: getattr(getattr(checked, section), k) for k in (values or {})}
+            raw[section].update(typed)
+            given[section].update(typed)
+    for section, values in _given(args).items():
         raw[section].update(values)
+        given[section].update(values)
     cfg = RunConfig(model=build(ModelConfig, raw["model"], "model"),
                     data=build(DataConfig, raw["data"], "data"),
                     train=build(TrainConfig, raw["train"], "train"))
@@ -210,6 +221,23 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bertforge.bench import run_bench
+
+    overrides: dict[str, Any] = {"vocab_size": args.vocab_size,
+                                 "max_position_embeddings": max(512, args.seq_len)}
+    if args.dropout is not None:
+        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    cfg = preset(args.preset, **overrides)
+    log = (lambda _: None) if args.json else print
+    result = run_bench(cfg, args.batch_size, args.seq_len, vs_hf=args.vs_hf, steps=args.steps,
+                       warmup=args.warmup, device_name=args.device,
+                       compile_model=args.compile, log=log)
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bertforge", description="Pretrain BERT models from scratch on your own "
                 "text, evaluate them and export them to Hugging Face.")
@@ -240,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "RUN_DIR unless already there")
     src.add_argument("--data", help="a directory written by `bertforge prepare`")
     s.add_argument("--out", required=True, help="run directory")
-    s.add_argument("--preset", default="mini",
+    s.add_argument("--preset", default=None,
                    help=f"model size: {', '.join(PRESETS)} (default: mini)")
     s.add_argument("--config", help="YAML file with model/data/train sections")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -276,6 +304,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=5)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_fill_mask)
+    s = sub.add_parser("bench", help="training tokens/s, MFU and peak memory, optionally "
+                       "against transformers")
+    s.add_argument("--preset", default="mini", help="model size (default: mini)")
+    s.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
+    s.add_argument("--vocab-size", type=int, default=30522, help="(default: 30522)")
+    s.add_argument("--dropout", type=float, help="dropout for both models (default: the "
+                   "preset's 0.1)")
+    s.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    s.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    s.add_argument("--vs-hf", action="store_true",
+                   help="also time transformers' BertForMaskedLM (its best setting)")
+    s.add_argument("--compile", action="store_true", help="torch.compile bertforge's model")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(func=cmd_bench)
     return p
 
 

@@ -9,6 +9,8 @@ configs of a run are written to RUN_DIR/config.yaml and forced on resume.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,9 @@ class DataConfig:
                                     default=0.8)
     random_token_ratio: float = _help("Of the selected tokens, the fraction replaced by a "
                                       "random token (the rest stay unchanged).", default=0.1)
+    tokenizer_hash: str | None = _help("Fingerprint of the tokenizer the data was made with; "
+                                       "recorded by the run and checked on resume.",
+                                       default=None)
 
     def __post_init__(self) -> None:
         _check(self, "seq_len", self.seq_len >= 8, "must be >= 8")
@@ -136,6 +141,9 @@ class TrainConfig:
     precision: str = _help("'auto' (bf16 where the hardware supports it), 'bf16' or 'fp32'.",
                            default="auto")
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'.", default="auto")
+    on_nan: str = _help("On a non-finite loss or gradient: 'stop' (no checkpoint after the "
+                        "last good step) or 'skip' (drop that update, count it in metrics).",
+                        default="stop")
 
     def __post_init__(self) -> None:
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
@@ -157,6 +165,7 @@ class TrainConfig:
         _check(self, "keep_last", self.keep_last >= 1, "must be >= 1")
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
                "must be 'auto', 'bf16' or 'fp32'")
+        _check(self, "on_nan", self.on_nan in ("stop", "skip"), "must be 'stop' or 'skip'")
 
     @property
     def accumulation_steps(self) -> int:
@@ -189,7 +198,10 @@ class RunConfig:
         return cls(**built)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically: a run killed mid-write must still be resumable."""
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
@@ -219,6 +231,9 @@ def build(kind: type, values: dict[str, Any], where: str) -> Any:
     return kind(**values)
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, annotation: str, where: str) -> Any:
     """Accept a YAML value for a field annotated `annotation` (a string under PEP 563)."""
     optional = "None" in annotation
@@ -232,6 +247,8 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
     elif base == "int":
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif base == "float":
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif base == "str":

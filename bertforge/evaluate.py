@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bertforge.data.loader import ShardedSequences, eval_batches
 from bertforge.data.masking import Masker
+from bertforge.losses import cross_entropy_sum
 
 EVAL_MASK_SEED = 20181011  # the day BERT appeared on arXiv
 
@@ -29,8 +29,7 @@ def mlm_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Mas
         logits, _ = model(batch.input_ids, token_type_ids=batch.token_type_ids,
                           attention_mask=batch.attention_mask,
                           masked_positions=batch.masked_positions)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, batch.targets, reduction="sum").item()
+        loss_sum += cross_entropy_sum(logits, batch.targets).item()
         correct += (logits.argmax(-1) == batch.targets).sum().item()
         count += batch.targets.numel()
     if count == 0:

@@ -7,6 +7,7 @@ a second call, or a resume, skips them.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -14,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from bertforge import rundir
 from bertforge.config import RunConfig
@@ -22,13 +22,14 @@ from bertforge.data.loader import PretrainBatches, ShardedSequences
 from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.errors import BertforgeError
 from bertforge.evaluate import mlm_metrics
+from bertforge.losses import cross_entropy_sum
 from bertforge.runtime import configure_threads, resolve_device, resolve_precision
 from bertforge.train import fit
 
 # Train-config fields a resume may change; everything else is forced from config.yaml.
 RESUMABLE_OVERRIDES = {("train", k) for k in ("max_steps", "time_budget", "eval_every",
                                               "checkpoint_every", "log_every", "keep_last",
-                                              "device")} | {("data", "path")}
+                                              "device", "on_nan")} | {("data", "path")}
 
 
 class MLMTask:
@@ -62,7 +63,7 @@ class MLMTask:
         logits, _ = model(micro.input_ids, token_type_ids=micro.token_type_ids,
                           attention_mask=micro.attention_mask,
                           masked_positions=micro.masked_positions)  # (N, V)
-        loss = F.cross_entropy(logits.float(), micro.targets, reduction="sum")
+        loss = cross_entropy_sum(logits, micro.targets)
         correct = (logits.detach().argmax(-1) == micro.targets).sum()
         return loss, {"mlm_accuracy": correct}
 
@@ -98,17 +99,35 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     return data_dir
 
 
-def check_data(data_dir: Path, cfg: RunConfig) -> dict[str, Any]:
+def check_data(data_dir: Path, cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """The data directory's manifest, refused if it does not fit the run's config; with
+    `run_dir` (a resume), also if it was made with another tokenizer than the run's."""
     from bertforge.data.prepare import load_manifest
+    from bertforge.tokenizer import tokenizer_hash
 
     manifest = load_manifest(data_dir)
     if int(manifest["seq_len"]) != cfg.data.seq_len:
-        raise BertforgeError(f"{data_dir} was prepared with seq_len {manifest['seq_len']}, "
-                             f"but the run asks for seq_len {cfg.data.seq_len}")
-    if cfg.data.seq_len > cfg.model.max_position_embeddings:
-        raise BertforgeError(f"seq_len {cfg.data.seq_len} exceeds the model's "
-                             f"max_position_embeddings {cfg.model.max_position_embeddings}")
+        raise BertforgeError(f"data.seq_len: {data_dir} was prepared with seq_len "
+                             f"{manifest['seq_len']}, but the run has seq_len {cfg.data.seq_len}")
+    check_lengths(cfg)
+    expected = cfg.data.tokenizer_hash
+    if run_dir is not None and expected is None and (run_dir / rundir.TOKENIZER).is_dir():
+        expected = tokenizer_hash(run_dir / rundir.TOKENIZER)  # a run that recorded none
+    found = manifest.get("tokenizer_hash") or tokenizer_hash(Path(data_dir) / "tokenizer")
+    if expected and found != expected:
+        raise BertforgeError(f"data.tokenizer_hash: {data_dir} was made with tokenizer "
+                             f"{found}, but the run uses tokenizer {expected}")
+    if run_dir is not None and int(manifest["vocab_size"]) != cfg.model.vocab_size:
+        raise BertforgeError(f"model.vocab_size: {data_dir} has a vocabulary of "
+                             f"{manifest['vocab_size']}, but the run has {cfg.model.vocab_size}")
+    manifest["tokenizer_hash"] = found
     return manifest
+
+
+def check_lengths(cfg: RunConfig) -> None:
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        raise BertforgeError(f"data.seq_len {cfg.data.seq_len} exceeds "
+                             f"model.max_position_embeddings {cfg.model.max_position_embeddings}")
 
 
 def resolve_resume(run_dir: Path, cfg: RunConfig, given: dict[str, dict[str, Any]]) -> RunConfig:
@@ -145,6 +164,7 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
     elif (run_dir / rundir.CHECKPOINTS).exists():
         raise BertforgeError(f"{run_dir} already holds a run; pass --resume to continue it "
                              f"or choose another --out")
+    check_lengths(cfg)  # before any work: building the data can take a while
     run_dir.mkdir(parents=True, exist_ok=True)
     if corpus:
         data_dir = build_data(run_dir, corpus, cfg.model.vocab_size, lowercase, cfg,
@@ -152,12 +172,16 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
     elif data_dir is None:
         data_dir = Path(cfg.data.path) if cfg.data.path else run_dir / rundir.DATA
     cfg.data.path = str(Path(data_dir).resolve())
-    manifest = check_data(Path(data_dir), cfg)
+    manifest = check_data(Path(data_dir), cfg, run_dir if resume else None)
     tok_dir = run_dir / rundir.TOKENIZER
-    if not tok_dir.exists():
-        shutil.copytree(Path(data_dir) / "tokenizer", tok_dir)
+    if not tok_dir.exists():  # copied whole or not at all
+        tmp = run_dir / f".{rundir.TOKENIZER}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(Path(data_dir) / "tokenizer", tmp)
+        os.replace(tmp, tok_dir)
     cfg.model.vocab_size = int(manifest["vocab_size"])
     cfg.model.pad_token_id = int(manifest["special_token_ids"]["pad"])
+    cfg.data.tokenizer_hash = manifest["tokenizer_hash"]  # checked on every resume
     cfg.save(run_dir / rundir.CONFIG)
 
     threads = configure_threads()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -90,7 +91,9 @@ class MetricsLog:
                         kept.append(line)
                 except ValueError:  # a line cut short by a kill
                     continue
-        path.write_text("".join(k + "\n" for k in kept))
+        tmp = path.with_name(f".{path.name}.tmp")  # a kill mid-rewrite must not lose history
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -178,26 +181,32 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
     optimizer = build_optimizer(model, cfg)
     ckpt_dir = run_dir / "checkpoints"
-    step, tokens, elapsed_before = 0, 0, 0.0
-    if resume:
-        found = ckpt.find_latest(ckpt_dir)
-        if found is None:
-            raise BertforgeError(f"--resume: no complete checkpoint in {ckpt_dir}")
+    step, tokens, elapsed_before, skipped = 0, 0, 0.0, 0
+    found = ckpt.find_latest(ckpt_dir) if resume else None
+    if resume and found is None:
+        if ckpt.any_checkpoint(ckpt_dir):  # all damaged: starting over would overwrite them
+            raise BertforgeError(f"--resume: no checkpoint in {ckpt_dir} verifies (see the "
+                                 f"warnings above); move them away to start over")
+        if is_main:  # killed before its first checkpoint was complete
+            print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0",
+                  file=sys.stderr)
+    if found is not None:
         path, state = found
         load_model_weights(model, ckpt.load_weights(path))
         optimizer.load_state_dict(ckpt.load_optimizer_state(path))
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
+        skipped = state.get("skipped_steps", 0)
         _set_rng_state(state["rng"])
         if is_main:
             print(f"resuming from {path.name} (step {step}, {tokens:,} tokens)", file=sys.stderr)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", step if resume else None, enabled=is_main)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", step if found else None, enabled=is_main)
     bar = Progress(cfg, step, show_progress and is_main)
 
     def save() -> Path | None:
         if not is_main:
             return None
         state = {"tokens": tokens, "elapsed_s": elapsed, "epoch": task.epoch_at(step),
-                 "rng": _rng_state()}
+                 "skipped_steps": skipped, "rng": _rng_state()}
         path = ckpt.save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg.keep_last)
         if on_checkpoint:
             on_checkpoint(path)
@@ -220,7 +229,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     start = time.monotonic()
     elapsed = elapsed_before
     window_tokens, window_start = 0, start
-    last_saved = step if resume else -1
+    last_saved = step if found else -1
     final_eval: dict[str, Any] = {}
     with _SignalFlag() as stop:
         while True:
@@ -243,12 +252,27 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
                 for k, v in more.items():
                     extra[k] = extra.get(k, 0.0) + float(v)
             loss = loss.item() / max(total, 1)
-            if not math.isfinite(loss):
-                raise BertforgeError(f"non-finite loss ({loss}) at step {step + 1}; stopping "
-                                     f"without a checkpoint (lower --lr or check the data)")
             grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else float("nan"))
-            optimizer.step()
+                         if cfg.grad_clip > 0 and math.isfinite(loss) else float("nan"))
+            # A non-finite gradient norm with a finite loss would still poison the weights.
+            finite = math.isfinite(loss) and (cfg.grad_clip == 0 or math.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+            else:
+                what = (f"loss ({loss})" if not math.isfinite(loss)
+                        else f"gradient norm ({grad_norm})")
+                if cfg.on_nan == "stop":
+                    kept = f"step {last_saved}" if last_saved > 0 else "none"
+                    raise BertforgeError(
+                        f"non-finite {what} at step {step + 1}; stopped without saving it "
+                        f"(last checkpoint: {kept}); lower --lr, check the data, or pass "
+                        f"--on-nan skip")
+                skipped += 1
+                note = f"step {step + 1}: non-finite {what}; update skipped ({skipped} so far)"
+                if bar.enabled:
+                    bar.write(note)
+                elif is_main:
+                    print(note, file=sys.stderr, flush=True)
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += task.tokens_per_step
@@ -256,9 +280,12 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             now = time.monotonic()
             elapsed = elapsed_before + now - start
             tps = window_tokens / max(now - window_start, 1e-9)
-            if step % cfg.log_every == 0 or step == 1:
-                metrics.write({"kind": "train", "step": step, "loss": loss, "lr": lr,
-                               "grad_norm": grad_norm, "tokens": tokens,
+            if step % cfg.log_every == 0 or step == 1 or not finite:
+                metrics.write({"kind": "train", "step": step,
+                               "loss": loss if finite else None, "lr": lr,
+                               "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+                               **({} if finite else {"skipped": True}),
+                               "skipped_steps": skipped, "tokens": tokens,
                                "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
                                "epoch": round(task.epoch_at(step), 4),
                                **{k: v / max(total, 1) for k, v in extra.items()}})

@@ -1,0 +1,235 @@
+"""`bertforge bench`: training throughput, MFU and peak memory, against transformers.
+
+Every figure is a full training step (forward, backward, optimizer) on the same config,
+batch and masked tokens, timed in one process, so ratios compare like with like.
+transformers' BertForMaskedLM is timed in each of eager/sdpa attention x fp32/bf16 and
+its best setting is reported.
+
+Model FLOPs utilisation counts *useful* FLOPs: the work a dense-math BERT needs for the
+tokens that carry a loss, whatever an implementation spends on top (padding, the MLM
+decoder at unmasked positions). Per token, with L layers, hidden H, feed-forward I,
+sequence length T, vocab V and masking rate r, a forward pass costs
+
+    L * (2 * (4 * H**2 + 2 * H * I)  +  4 * T * H)  +  r * (2 * H**2 + 2 * H * V)
+         (QKV, out, FFN matmuls)        (QK^T, PV)     (MLM transform + decoder)
+
+and a training step three times that (backward = 2x forward). MFU divides the achieved
+useful FLOP/s by the peak bf16 matmul FLOP/s this command measures on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bertforge.config import ModelConfig, TrainConfig
+from bertforge.data.masking import MaskedBatch, Masker
+from bertforge.losses import cross_entropy_sum
+from bertforge.optim import build_optimizer
+from bertforge.runtime import autocast, configure_threads, resolve_device
+
+SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, mask_rate: float = 0.15) -> float:
+    """Useful training FLOPs per token (see the module docstring)."""
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    layer = 2 * (4 * h * h + 2 * h * i) + 4 * seq_len * h
+    head = mask_rate * (2 * h * h + 2 * h * v)
+    return 3 * (cfg.num_hidden_layers * layer + head)
+
+
+def synthetic_batch(cfg: ModelConfig, batch_size: int, seq_len: int, seed: int = 0,
+                    mask_rate: float = 0.15) -> MaskedBatch:
+    """Random tokens shaped like packed pretraining data, masked as training masks them."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(len(SPECIAL_IDS), cfg.vocab_size, size=(batch_size, seq_len))
+    tokens[:, 0], tokens[:, -1] = SPECIAL_IDS["cls"], SPECIAL_IDS["sep"]
+    masker = Masker(cfg.vocab_size, SPECIAL_IDS, mask_rate=mask_rate)
+    return masker(tokens, np.arange(batch_size), seed, 0)
+
+
+class _PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or the process's peak RSS on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self) -> _PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):  # Linux: "5" resets the peak RSS (VmHWM)
+                Path("/proc/self/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+            return
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak = int(line.split()[1]) * 1024
+
+
+def _time_steps(step: Callable[[], None], steps: int, warmup: int,
+                device: torch.device) -> float:
+    """Median seconds per step after `warmup` untimed steps."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+                n: int = 2048, repeats: int = 10) -> float:
+    """Best achieved FLOP/s of an n x n x n matmul: the machine's practical peak."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+@dataclass
+class Measurement:
+    name: str
+    seconds_per_step: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seconds_per_step": round(self.seconds_per_step, 4),
+                "tokens_per_s": round(self.tokens_per_s, 1),
+                "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1)}
+
+
+def bench_bertforge(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
+                    dtype: torch.dtype | None, steps: int, warmup: int,
+                    compile_model: bool = False) -> Measurement:
+    from bertforge.model import BertForPreTraining
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(cfg).to(device).train()
+    forward = torch.compile(model) if compile_model else model
+    optimizer = build_optimizer(model, TrainConfig())
+    batch = batch.to(device)
+    count = batch.targets.numel()
+
+    def step() -> None:
+        with autocast(device, dtype):
+            logits, _ = forward(batch.input_ids, masked_positions=batch.masked_positions)
+        loss = cross_entropy_sum(logits, batch.targets) / count
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with _PeakMemory(device) as mem:
+        seconds = _time_steps(step, steps, warmup + (2 if compile_model else 0), device)
+    tokens = batch.input_ids.numel()
+    precision = "bf16" if dtype else "fp32"
+    return Measurement(f"bertforge ({precision}{', compiled' if compile_model else ''})",
+                       seconds, tokens / seconds, mem.peak)
+
+
+def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
+                       attn: str, dtype: torch.dtype | None, steps: int,
+                       warmup: int) -> Measurement:
+    """transformers' BertForMaskedLM trained as run_mlm trains it (labels -100 elsewhere)."""
+    import transformers
+
+    from bertforge.hf import model_config_to_hf
+
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in model_config_to_hf(cfg).items()
+                                        if k not in ("architectures", "model_type")})
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM._from_config(hf_cfg, attn_implementation=attn)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    ids = batch.input_ids.to(device)
+    labels = torch.full_like(ids, -100)
+    labels.view(-1)[batch.masked_positions.to(device)] = batch.targets.to(device)
+
+    def step() -> None:
+        with autocast(device, dtype):
+            loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with _PeakMemory(device) as mem:
+        seconds = _time_steps(step, steps, warmup, device)
+    precision = "bf16" if dtype else "fp32"
+    return Measurement(f"transformers ({attn}, {precision})", seconds,
+                       ids.numel() / seconds, mem.peak)
+
+
+def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
+              steps: int = 10, warmup: int = 3, device_name: str = "auto",
+              compile_model: bool = False, log: Callable[[str], None] = print
+              ) -> dict[str, Any]:
+    from bertforge.runtime import resolve_precision
+
+    threads = configure_threads()
+    device = resolve_device(device_name)
+    bf16 = resolve_precision("auto", device)
+    batch = synthetic_batch(cfg, batch_size, seq_len)
+    peak = matmul_peak(device, bf16 or torch.float32)
+    flops = flops_per_token(cfg, seq_len)
+    log(f"{device.type}, {threads} threads; measured {'bf16' if bf16 else 'fp32'} matmul "
+        f"peak {peak / 1e9:,.0f} GFLOP/s; {flops / 1e6:,.1f} MFLOP per token (training)")
+
+    def report(m: Measurement) -> dict[str, Any]:
+        row = m.as_dict()
+        row["mfu"] = round(m.tokens_per_s * flops / peak, 4)
+        log(f"  {m.name:32s} {m.tokens_per_s:10,.0f} tok/s  {m.seconds_per_step * 1e3:8.1f} "
+            f"ms/step  MFU {100 * row['mfu']:5.1f}%  peak mem {row['peak_memory_mb']:,.0f} MB")
+        return row
+
+    ours = [report(bench_bertforge(cfg, batch, device, bf16, steps, warmup, compile_model))]
+    if bf16 is not None:  # the fp32 path, for reference
+        ours.append(report(bench_bertforge(cfg, batch, device, None, steps, warmup)))
+    result: dict[str, Any] = {
+        "device": device.type, "threads": threads, "batch_size": batch_size,
+        "seq_len": seq_len, "model": cfg.__dict__, "peak_flops": peak,
+        "flops_per_token": flops, "bertforge": ours}
+    best_ours = max(ours, key=lambda r: r["tokens_per_s"])
+    result["best"] = best_ours
+    if vs_hf:
+        hf = []
+        for attn in ("eager", "sdpa"):
+            for dtype in ([bf16] if bf16 else []) + [None]:
+                hf.append(report(bench_transformers(cfg, batch, device, attn, dtype,
+                                                    steps, warmup)))
+        best_hf = max(hf, key=lambda r: r["tokens_per_s"])
+        result["transformers"] = hf
+        result["best_transformers"] = best_hf
+        result["speedup"] = round(best_ours["tokens_per_s"] / best_hf["tokens_per_s"], 2)
+        log(f"bertforge {best_ours['tokens_per_s']:,.0f} tok/s vs transformers' best "
+            f"({best_hf['name']}) {best_hf['tokens_per_s']:,.0f} tok/s: "
+            f"{result['speedup']:.2f}x")
+    return result
