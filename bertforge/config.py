@@ -127,7 +127,8 @@ class TrainConfig:
     schedule: str = _help("Learning-rate decay after warmup: 'linear', 'cosine' or 'constant'.",
                           default="linear")
     max_steps: int | None = _help("Optimizer steps to run.", default=None)
-    time_budget: float | None = _help("Wall-clock budget (seconds, or 90s/30m/2h); the "
+    time_budget: float | None = _help("Training-time budget (seconds, or 90s/30m/2h; evaluation "
+                                      "and checkpoints are off the clock); the "
                                       "schedule reaches zero at the deadline.", default=None)
     grad_clip: float = _help("Clip the gradient norm to this (0 disables).", default=1.0)
     seed: int = _help("Seed for initialisation, data order and masks.", default=0)

@@ -227,13 +227,25 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
 
     model.train()
     start = time.monotonic()
+    paused = 0.0  # evaluation and checkpoint time: not training time, not in the budget
     elapsed = elapsed_before
     window_tokens, window_start = 0, start
+
+    def off_clock(work: Callable[[], Any]) -> Any:
+        nonlocal paused, window_tokens, window_start
+        t0 = time.monotonic()
+        try:
+            return work()
+        finally:
+            now = time.monotonic()
+            paused += now - t0
+            window_tokens, window_start = 0, now  # tokens/s measures training alone
+
     last_saved = step if found else -1
     final_eval: dict[str, Any] = {}
     with _SignalFlag() as stop:
         while True:
-            elapsed = elapsed_before + time.monotonic() - start
+            elapsed = elapsed_before + time.monotonic() - start - paused
             if (cfg.max_steps and step >= cfg.max_steps) or \
                     (cfg.time_budget and elapsed >= cfg.time_budget):
                 break
@@ -278,7 +290,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             tokens += task.tokens_per_step
             window_tokens += task.tokens_per_step
             now = time.monotonic()
-            elapsed = elapsed_before + now - start
+            elapsed = elapsed_before + now - start - paused
             tps = window_tokens / max(now - window_start, 1e-9)
             if step % cfg.log_every == 0 or step == 1 or not finite:
                 metrics.write({"kind": "train", "step": step,
@@ -292,9 +304,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
                 window_tokens, window_start = 0, now
             bar.update(step, elapsed, loss, tps)
             if cfg.eval_every and step % cfg.eval_every == 0:
-                final_eval = run_eval()
+                final_eval = off_clock(run_eval)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                save()
+                off_clock(save)
                 last_saved = step
             if stop.signum is not None:
                 if last_saved != step:
