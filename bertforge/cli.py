@@ -320,6 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)
+
+    from bertforge.cli_downstream import add_commands  # finetune, predict, glue, report
+    add_commands(sub, _add_fields)
     return p
 
 

@@ -14,7 +14,9 @@ exact reverse of each other. Three things are not one-to-one renames:
   accepted if they really are tied.
 
 An exported directory loads with `transformers.BertForPreTraining`, `BertForMaskedLM`
-and `AutoModel`, and gives the same logits as bertforge's model.
+and `AutoModel`, and gives the same logits as bertforge's model. A fine-tuned
+BertForSequenceClassification exports through the same map plus `CLASSIFIER_KEY_MAP`,
+with num_labels, id2label/label2id and problem_type in config.json.
 """
 
 from __future__ import annotations
@@ -65,6 +67,11 @@ KEY_MAP: dict[str, str] = {
     "seq_relationship.bias": "cls.seq_relationship.bias",
 }
 
+# bertforge BertForSequenceClassification's head -> transformers' (the encoder, pooler
+# included, goes through KEY_MAP). Read on import only when asked (`classifier=True`).
+CLASSIFIER_KEY_MAP: dict[str, str] = {"classifier.weight": "classifier.weight",
+                                      "classifier.bias": "classifier.bias"}
+
 # bertforge fused key -> the transformers keys it concatenates (dim 0, in this order).
 FUSED_QKV: dict[str, tuple[str, str, str]] = {
     f"bert.layers.{{i}}.attention.qkv.{p}": tuple(
@@ -96,7 +103,8 @@ def _layer_keys(config: ModelConfig) -> tuple[dict[str, str], dict[str, tuple[st
 
 def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
                      config: ModelConfig) -> dict[str, torch.Tensor]:
-    """bertforge BertForPreTraining state_dict -> transformers BertForPreTraining keys."""
+    """bertforge BertForPreTraining (or BertForSequenceClassification) state_dict ->
+    transformers keys of the same class."""
     renames, fused = _layer_keys(config)
     out: dict[str, torch.Tensor] = {}
     for key, tensor in bf_state_dict.items():
@@ -107,18 +115,21 @@ def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
             if key in VOCAB_PADDED:
                 tensor = tensor[:config.vocab_size]  # (vocab_size, ...): padding dropped
             out[renames[key]] = tensor
+        elif key in CLASSIFIER_KEY_MAP:
+            out[CLASSIFIER_KEY_MAP[key]] = tensor
         else:
             raise BertforgeError(f"cannot export: unknown bertforge weight {key!r}")
     return out
 
 
 def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
-                       config: ModelConfig) -> dict[str, torch.Tensor]:
+                       config: ModelConfig, classifier: bool = False) -> dict[str, torch.Tensor]:
     """transformers BERT state_dict -> bertforge keys (the reverse of to_hf_state_dict).
 
     Accepts BertForPreTraining / BertForMaskedLM keys ("bert.", "cls.") and bare
     BertModel keys; the result then lacks the head weights it had no source for.
-    Weights of other heads (e.g. a sequence classifier) are logged and skipped.
+    Weights of other heads (e.g. a sequence classifier, unless `classifier`) are logged
+    and skipped.
     """
     hf = {_normalise_key(k): v for k, v in hf_state_dict.items()}
     renames, fused = _layer_keys(config)
@@ -139,6 +150,10 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
             tensor = _pad_vocab(tensor, config)
         out[bf_key] = tensor
         used.add(hf_key)
+    for bf_key, hf_key in (CLASSIFIER_KEY_MAP.items() if classifier else ()):
+        if hf_key in hf:
+            out[bf_key] = hf[hf_key]
+            used.add(hf_key)
     for hf_key, tied_to in _TIED.items():
         if hf_key in hf:
             if tied_to in hf and not torch.equal(hf[hf_key], hf[tied_to]):
@@ -226,9 +241,14 @@ def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
 
 # ------------------------------------------------------------------------------ directories
 
-def export_model(model: BertForPreTraining, out_dir: str | Path,
-                 tokenizer_dir: str | Path | None = None) -> Path:
-    """Write a Hugging Face directory: config.json, model.safetensors (fp32) and the tokenizer."""
+def export_model(model: torch.nn.Module, out_dir: str | Path,
+                 tokenizer_dir: str | Path | None = None,
+                 extra_config: dict[str, Any] | None = None) -> Path:
+    """Write a Hugging Face directory: config.json, model.safetensors (fp32) and the tokenizer.
+
+    `model` is a BertForPreTraining, or a BertForSequenceClassification with
+    `extra_config=classifier_config_to_hf(...)`; extra_config entries go into config.json.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -237,7 +257,8 @@ def export_model(model: BertForPreTraining, out_dir: str | Path,
     weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in weights.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(model_config_to_hf(config), indent=2) + "\n")
+    raw = {**model_config_to_hf(config), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         if not tokenizer_dir.is_dir():
@@ -284,6 +305,46 @@ def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
     if with_info:
         return model, config, {"initialised": missing}
     return model, config
+
+
+def classifier_config_to_hf(labels: list[str] | None) -> dict[str, Any]:
+    """config.json entries of a sequence classifier; labels None means regression."""
+    names = labels if labels is not None else ["LABEL_0"]
+    return {"architectures": ["BertForSequenceClassification"],
+            "id2label": {str(i): name for i, name in enumerate(names)},
+            "label2id": {name: i for i, name in enumerate(names)},
+            "problem_type": ("regression" if labels is None
+                             else "single_label_classification")}
+
+
+def import_classifier(hf_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(bertforge BertForSequenceClassification, raw config.json) from a Hugging Face
+    BertForSequenceClassification directory, such as `bertforge finetune` exports."""
+    from bertforge.model import BertForSequenceClassification
+
+    hf_dir = Path(hf_dir)
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
+    config = model_config_from_hf(raw)
+    state = from_hf_state_dict(_load_weights(hf_dir), config, classifier=True)
+    if "classifier.weight" not in state:
+        raise BertforgeError(f"{hf_dir}: not a sequence classifier (no classifier weights)")
+    model = BertForSequenceClassification(config, state["classifier.weight"].shape[0])
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise BertforgeError(f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
+                                 f"config.json implies {tuple(expected[key].shape)}")
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise BertforgeError(f"{hf_dir}: checkpoint lacks weights, e.g. {missing[0]}")
+    model.load_state_dict(state)
+    return model.eval(), raw
 
 
 def _load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:

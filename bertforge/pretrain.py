@@ -197,4 +197,17 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume,
                  show_progress=show_progress)
     export_model(model.cpu(), run_dir / rundir.HF, tokenizer_dir=tok_dir)
+    write_run_report(run_dir)
     return result
+
+
+def write_run_report(run_dir: Path) -> None:
+    """Plots and report.md in RUN_DIR/report; a missing matplotlib only warns."""
+    from bertforge.report import write_report
+
+    try:
+        out = write_report(run_dir)
+    except BertforgeError as e:
+        print(f"report: skipped ({e})", file=sys.stderr)
+    else:
+        print(f"report: {out}", file=sys.stderr)

@@ -1,0 +1,151 @@
+"""The downstream commands: finetune, predict, glue and report.
+
+`add_commands` adds them to the `bertforge` parser (bertforge.cli). Fine-tuning flags
+are generated from `FinetuneConfig`'s fields, as pretraining's are from TrainConfig's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bertforge.errors import BertforgeError
+from bertforge.finetune_config import FinetuneConfig
+
+
+def _finetune_config(args: argparse.Namespace) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """The config, and the values the user typed (what --resume checks)."""
+    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("finetune.")}
+    return FinetuneConfig(**given), given
+
+
+def _task_data(args: argparse.Namespace) -> Any:
+    from bertforge.data.labelled import load_own_task
+    from bertforge.glue import load_glue_task
+
+    if args.train or args.validation:
+        if not (args.train and args.validation):
+            raise BertforgeError("give both --train FILE and --validation FILE")
+        data = load_own_task(Path(args.train), Path(args.validation), args.text_column,
+                             args.label_column, args.text_pair_column, args.regression)
+        if args.task:
+            data.name = args.task
+        return data
+    if not (args.task and args.data_dir):
+        raise BertforgeError("give --task NAME --data-dir DIR (a GLUE task) or --train FILE "
+                             "--validation FILE (your own data)")
+    if args.regression:
+        raise BertforgeError("--regression is for --train/--validation files; GLUE tasks "
+                             "know their kind")
+    return load_glue_task(args.task, Path(args.data_dir))
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from bertforge.finetune import run_finetune
+
+    cfg, given = _finetune_config(args)
+    data = _task_data(args)
+    summary = run_finetune(Path(args.model), data, Path(args.out), cfg,
+                           from_scratch=args.from_scratch, resume=args.resume, given=given,
+                           show_progress=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("task", "score", "best_epoch", "best",
+                                              "train_time_s", "wall_time_s", "export")}))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from bertforge.data.labelled import read_inputs
+    from bertforge.finetune import predict
+
+    texts, pairs = read_inputs(Path(args.input), args.text_column, args.text_pair_column)
+    results = predict(Path(args.model_dir), texts, pairs, batch_size=args.batch_size,
+                      max_length=args.max_length, device=args.device)
+    lines = "".join(json.dumps(r) + "\n" for r in results)
+    if args.output:
+        Path(args.output).write_text(lines)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+def cmd_glue(args: argparse.Namespace) -> int:
+    from bertforge.glue import markdown_table, run_glue
+
+    cfg, _ = _finetune_config(args)
+    out = Path(args.out) if args.out else Path(str(Path(args.model)).rstrip("/") + "-glue")
+    report = run_glue(Path(args.model), Path(args.data_dir), out, args.tasks, cfg,
+                      from_scratch=args.from_scratch, show_progress=not args.quiet)
+    if args.results:
+        Path(args.results).write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report) if args.json else markdown_table(report))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from bertforge.report import write_report
+
+    print(write_report(Path(args.run_dir), Path(args.out) if args.out else None))
+    return 0
+
+
+def add_commands(sub: Any, add_fields: Any) -> None:
+    """Add the downstream subcommands; add_fields is bertforge.cli's flag generator."""
+    config_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+
+    s = sub.add_parser("finetune", help="fine-tune on a GLUE task or your own labelled data")
+    s.add_argument("model", help="a bertforge run directory or a Hugging Face BERT directory")
+    s.add_argument("--out", required=True, help="output directory (the export goes to OUT/hf)")
+    glue = s.add_argument_group("a GLUE task")
+    glue.add_argument("--task", help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte or wnli "
+                      "(with --train: a name for your task)")
+    glue.add_argument("--data-dir", help="the task's directory (train.tsv, dev.tsv), or the "
+                      "GLUE directory holding it")
+    own = s.add_argument_group("your own data (CSV, TSV with a header row, or JSONL)")
+    own.add_argument("--train", help="training file")
+    own.add_argument("--validation", help="validation file (selects the best epoch)")
+    own.add_argument("--text-column", default="text", help="(default: text)")
+    own.add_argument("--text-pair-column", help="second text, for sentence-pair tasks")
+    own.add_argument("--label-column", default="label", help="(default: label)")
+    own.add_argument("--regression", action="store_true",
+                     help="numeric labels, squared-error loss (default: class labels)")
+    s.add_argument("--from-scratch", action="store_true", help="the same architecture, "
+                   "randomly initialised: the baseline that shows what pretraining bought")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    add_fields(s, FinetuneConfig, config_fields, "finetune")
+    s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("predict", help="labels and probabilities (JSONL) from a fine-tuned "
+                       "model")
+    s.add_argument("model_dir", help="a `bertforge finetune` output directory or its hf/")
+    s.add_argument("--input", required=True, help="CSV, TSV or JSONL file, or .txt with one "
+                   "text a line ('-': stdin)")
+    s.add_argument("--output", help="JSONL file to write (default: stdout)")
+    s.add_argument("--text-column", default="text", help="(default: text)")
+    s.add_argument("--text-pair-column", help="second text, for sentence-pair tasks")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--max-length", type=int, default=0,
+                   help="truncate to N tokens (default: the fine-tuning run's)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("glue", help="fine-tune on several GLUE tasks; a table of scores")
+    s.add_argument("model", help="a bertforge run directory or a Hugging Face BERT directory")
+    s.add_argument("--data-dir", required=True, help="the GLUE directory (CoLA/, SST-2/, ...)")
+    s.add_argument("--tasks", nargs="+", help="default: every task present in --data-dir")
+    s.add_argument("--out", help="where each task's run goes (default: MODEL-glue)")
+    s.add_argument("--from-scratch", action="store_true", help="randomly initialised baseline")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--results", help="also write the results as JSON to this file")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    add_fields(s, FinetuneConfig, config_fields, "finetune")
+    s.set_defaults(func=cmd_glue)
+
+    s = sub.add_parser("report", help="plots (PNG) and report.md of a run's metrics")
+    s.add_argument("run_dir", help="a pretraining run or a fine-tuning output directory")
+    s.add_argument("--out", help="default: RUN_DIR/report")
+    s.set_defaults(func=cmd_report)

@@ -1,0 +1,268 @@
+"""Labelled examples for fine-tuning: reading CSV, TSV and JSONL files, and label spaces.
+
+Every problem in a file (a missing column, a row with the wrong number of fields, an
+unknown label, no examples at all) raises BertforgeError naming the file and the line,
+before any model is loaded. TSV files are read without quoting, as GLUE's are (their
+sentences hold stray quote characters); CSV files use standard CSV quoting.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bertforge.errors import BertforgeError
+
+# The field-count check below must not trip over long CSV fields.
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass
+class Examples:
+    """One split: texts (and second texts for pair tasks) with their targets."""
+
+    path: Path
+    texts: list[str]
+    pairs: list[str] | None
+    y: np.ndarray  # (N,) int64 class ids, or float32 targets for regression
+    lines: list[int] = field(default_factory=list)  # the file line of each example
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def head(self, n: int) -> Examples:
+        """The first n examples (all when n is 0)."""
+        if not n or n >= len(self):
+            return self
+        return Examples(self.path, self.texts[:n], self.pairs[:n] if self.pairs else None,
+                        self.y[:n], self.lines[:n])
+
+
+@dataclass
+class TaskData:
+    """A fine-tuning task: its splits, label names and the metrics it is judged by."""
+
+    name: str
+    train: Examples
+    validation: dict[str, Examples]  # {"": dev} or e.g. {"matched": ..., "mismatched": ...}
+    labels: list[str] | None  # class names in id order; None for regression
+    metrics: tuple[str, ...]  # computed on every validation split (bertforge.metrics names)
+    score: tuple[str, ...]  # averaged (over them and over the splits) into the headline score
+
+    @property
+    def regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+
+def rows_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of each non-blank line, split on tabs, no quoting."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    yield number, line.split("\t")
+    except FileNotFoundError:
+        raise BertforgeError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise BertforgeError(f"{path} is a directory, not a file") from None
+
+
+def _rows_csv(path: Path) -> Iterator[tuple[int, list[str]]]:
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+            reader = csv.reader(f)
+            try:
+                for row in reader:
+                    if any(cell.strip() for cell in row):
+                        yield reader.line_num, row
+            except csv.Error as e:
+                raise BertforgeError(f"{path}, line {reader.line_num}: bad CSV ({e})") from None
+    except FileNotFoundError:
+        raise BertforgeError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise BertforgeError(f"{path} is a directory, not a file") from None
+
+
+def read_records(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any]]]:
+    """(line number, [value of each column]) of each example in a CSV, TSV or JSONL file.
+
+    CSV and TSV files need a header row naming the columns; every row must have as many
+    fields as the header. A JSONL line is an object holding every column.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _read_jsonl(path, columns)
+        return
+    if suffix not in (".csv", ".tsv"):
+        raise BertforgeError(f"{path}: unknown format {suffix!r} (use .csv, .tsv or .jsonl)")
+    rows = rows_tsv(path) if suffix == ".tsv" else _rows_csv(path)
+    first = next(rows, None)
+    if first is None:
+        raise BertforgeError(f"{path}: empty file (no header, no examples)")
+    header = [h.strip() for h in first[1]]
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise BertforgeError(f"{path}, line {first[0]}: no column {missing[0]!r} in the header "
+                             f"(columns: {', '.join(header)})")
+    index = [header.index(c) for c in columns]
+    for number, row in rows:
+        if len(row) != len(header):
+            raise BertforgeError(f"{path}, line {number}: {len(row)} fields, but the header "
+                                 f"has {len(header)}")
+        yield number, [row[i] for i in index]
+
+
+def _read_jsonl(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any]]]:
+    try:
+        f = open(path, encoding="utf-8-sig", errors="replace")
+    except FileNotFoundError:
+        raise BertforgeError(f"file not found: {path}") from None
+    with f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise BertforgeError(f"{path}, line {number}: not valid JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise BertforgeError(f"{path}, line {number}: expected a JSON object")
+            missing = [c for c in columns if c not in record]
+            if missing:
+                raise BertforgeError(f"{path}, line {number}: no field {missing[0]!r} "
+                                     f"(fields: {', '.join(record)})")
+            yield number, [record[c] for c in columns]
+
+
+def _text(value: Any, path: Path, number: int, column: str) -> str:
+    if not isinstance(value, str):
+        raise BertforgeError(f"{path}, line {number}: {column!r} is {value!r}, not a text")
+    return value.strip()
+
+
+def _label_text(value: Any, path: Path, number: int) -> str:
+    """A class label as a string: JSON numbers 0 and 0.0 both become '0'."""
+    if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        raise BertforgeError(f"{path}, line {number}: label {value!r} is not a class name")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    if not text:
+        raise BertforgeError(f"{path}, line {number}: empty label")
+    return text
+
+
+def _sort_labels(names: set[str]) -> list[str]:
+    """Numeric labels in numeric order ('2' before '10'), others alphabetically."""
+    try:
+        return sorted(names, key=lambda s: (float(s), s))
+    except ValueError:
+        return sorted(names)
+
+
+def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
+                  path: Path) -> np.ndarray:
+    """Class ids (int64) for classification, float32 targets for regression (classes None)."""
+    if classes is None:
+        out = np.empty(len(raw), dtype=np.float32)
+        for i, (value, number) in enumerate(zip(raw, lines)):
+            try:
+                out[i] = float(value)
+            except (TypeError, ValueError):
+                raise BertforgeError(f"{path}, line {number}: label {value!r} is not a number "
+                                     f"(a regression task)") from None
+            if not np.isfinite(out[i]):
+                raise BertforgeError(f"{path}, line {number}: label {value!r} is not finite")
+        return out
+    ids = {name: i for i, name in enumerate(classes)}
+    out = np.empty(len(raw), dtype=np.int64)
+    for i, (value, number) in enumerate(zip(raw, lines)):
+        if value not in ids:
+            raise BertforgeError(f"{path}, line {number}: unknown label {value!r} (expected one "
+                                 f"of {', '.join(classes)})")
+        out[i] = ids[value]
+    return out
+
+
+def _read_split(path: Path, text: str, pair: str | None, label: str, regression: bool
+                ) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
+    columns = [text, label] + ([pair] if pair else [])
+    texts, pairs, labels, lines = [], [] if pair else None, [], []
+    for number, values in read_records(path, columns):
+        texts.append(_text(values[0], path, number, text))
+        if pairs is not None:
+            pairs.append(_text(values[2], path, number, pair))
+        labels.append(values[1] if regression else _label_text(values[1], path, number))
+        lines.append(number)
+    if not texts:
+        raise BertforgeError(f"{path}: no examples (only a header)")
+    return texts, pairs, labels, lines
+
+
+def load_own_task(train: Path, validation: Path, text_column: str, label_column: str,
+                  pair_column: str | None = None, regression: bool = False) -> TaskData:
+    """A task from the user's own files; class names are the training set's labels."""
+    train, validation = Path(train), Path(validation)
+    parts = {p: _read_split(p, text_column, pair_column, label_column, regression)
+             for p in (train, validation)}
+    classes = None if regression else _sort_labels(set(parts[train][2]))
+    if classes is not None and len(classes) < 2:
+        raise BertforgeError(f"{train}: every example has the label {classes[0]!r}; a "
+                             f"classifier needs at least two classes (or pass --regression)")
+    splits = {p: Examples(p, texts, pairs, encode_labels(labels, lines, classes, p), lines)
+              for p, (texts, pairs, labels, lines) in parts.items()}
+    if regression:
+        metrics, score = ("pearson", "spearman", "mse"), ("pearson", "spearman")
+    elif len(classes) == 2:
+        metrics, score = ("accuracy", "f1", "matthews"), ("accuracy",)
+    else:
+        metrics, score = ("accuracy", "matthews"), ("accuracy",)
+    return TaskData(name=train.stem, train=splits[train], validation={"": splits[validation]},
+                    labels=classes, metrics=metrics, score=score)
+
+
+def read_inputs(path: Path, text_column: str, pair_column: str | None = None
+                ) -> tuple[list[str], list[str] | None]:
+    """Texts to predict on: CSV, TSV or JSONL columns, or a .txt file with one text a line."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt" or str(path) == "-":
+        if pair_column:
+            raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
+                                 f"JSONL for text pairs")
+        lines = sys.stdin.read().splitlines() if str(path) == "-" else \
+            [row[0] for _, row in _rows_lines(path)]
+        texts = [t.strip() for t in lines if t.strip()]
+        if not texts:
+            raise BertforgeError(f"{path}: no texts")
+        return texts, None
+    texts, pairs = [], [] if pair_column else None
+    for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
+                                                               else [])):
+        texts.append(_text(values[0], path, number, text_column))
+        if pairs is not None:
+            pairs.append(_text(values[1], path, number, pair_column))
+    if not texts:
+        raise BertforgeError(f"{path}: no examples")
+    return texts, pairs
+
+
+def _rows_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                yield number, [line.rstrip("\r\n")]
+    except FileNotFoundError:
+        raise BertforgeError(f"file not found: {path}") from None
