@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,11 +32,10 @@ import torch
 
 from bertforge.cli import parse_duration
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
-from bertforge.data.loader import ShardedSequences
+from bertforge.data.loader import ShardedSequences, eval_batches
 from bertforge.data.masking import Masker
 from bertforge.data.prepare import prepare
 from bertforge.evaluate import EVAL_MASK_SEED, unigram_baseline
-from bertforge.data.loader import eval_batches
 from bertforge.losses import cross_entropy_sum
 from bertforge.pretrain import run_pretrain
 from bertforge.runtime import configure_threads, resolve_precision
@@ -144,7 +144,6 @@ def run_transformers(data_dir: Path, tok_dir: Path, budget: float, eval_every: f
 def run_bertforge(data_dir: Path, budget: float, eval_every_steps: int, out: Path) -> list[dict]:
     run = out / "bertforge-run"
     if run.exists():
-        import shutil
         shutil.rmtree(run)
     cfg = RunConfig(
         model=preset("mini", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),

@@ -269,6 +269,17 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     return out
 
 
+def read_hf_config(hf_dir: Path) -> dict[str, Any]:
+    """config.json of a Hugging Face model directory; BertforgeError if absent or malformed."""
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
+
+
 def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
     """A BertForPreTraining (and its ModelConfig) from a Hugging Face BERT directory.
 
@@ -278,13 +289,7 @@ def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
     logged. with_info=True also returns {"initialised": [bertforge keys]}.
     """
     hf_dir = Path(hf_dir)
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
+    raw = read_hf_config(hf_dir)
     config = model_config_from_hf(raw)
     hf_state = _load_weights(hf_dir)
     state = from_hf_state_dict(hf_state, config)
@@ -323,13 +328,7 @@ def import_classifier(hf_dir: str | Path) -> tuple[torch.nn.Module, dict[str, An
     from bertforge.model import BertForSequenceClassification
 
     hf_dir = Path(hf_dir)
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
+    raw = read_hf_config(hf_dir)
     config = model_config_from_hf(raw)
     state = from_hf_state_dict(_load_weights(hf_dir), config, classifier=True)
     if "classifier.weight" not in state:

@@ -34,6 +34,18 @@ def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
     return path
 
 
+def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
+    """Run `bertforge ARGV...` in-process: (exit status, stdout, stderr)."""
+    from bertforge.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")

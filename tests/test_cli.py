@@ -8,16 +8,10 @@ import sys
 
 import pytest
 
-from bertforge.cli import main, parse_duration
+from bertforge.cli import parse_duration
+from conftest import run_cli
 
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(err: str) -> str:

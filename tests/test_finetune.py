@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from bertforge.cli import main
 from bertforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from bertforge.data.labelled import TaskData, load_own_task
 from bertforge.errors import BertforgeError
@@ -19,6 +18,7 @@ from bertforge.finetune import ClassificationTask, Encoded, predict, run_finetun
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.glue import load_glue_task, markdown_table, present_tasks
 from bertforge.metrics import accuracy, f1, matthews, mse, pearson, rank, spearman
+from conftest import run_cli
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 
@@ -413,13 +413,6 @@ def test_classifier_export_matches_transformers(tmp_path, labels):
 
 # ----------------------------------------------------------------------------------- CLI
 
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_own_data_finetune_and_predict(capsys, tmp_path, tiny_run):

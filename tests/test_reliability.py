@@ -30,6 +30,7 @@ from bertforge.cli import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
 from bertforge.pretrain import MLMTask
+from conftest import run_cli
 
 STEPS = 20
 
@@ -78,13 +79,6 @@ def reference(tmp_path_factory, data_dir) -> Path:
     return run
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(err: str) -> str:
