@@ -341,7 +341,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
           f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
           f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads", file=sys.stderr)
     result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
-                 show_progress=show_progress)
+                 show_progress=show_progress, name=f"finetune {data.name}")
 
     best = json.loads((out / BEST / "state.json").read_text())
     load_model_weights(model, load_file(str(out / BEST / best["weights"])))

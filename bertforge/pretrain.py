@@ -194,7 +194,7 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
           f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} tokens, "
           f"batch {cfg.train.batch_size} (micro {cfg.train.micro_batch_size}), "
           f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads", file=sys.stderr)
-    result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume,
+    result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress)
     export_model(model.cpu(), run_dir / rundir.HF, tokenizer_dir=tok_dir)
     write_run_report(run_dir)

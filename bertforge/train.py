@@ -104,15 +104,15 @@ class MetricsLog:
 class Progress:
     """A tqdm bar on a terminal; plain periodic lines otherwise (logs, CI)."""
 
-    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool):
-        self.cfg, self.enabled = cfg, enabled
+    def __init__(self, cfg: TrainConfig, start_step: int, enabled: bool, name: str):
+        self.cfg, self.enabled, self.name = cfg, enabled, name
         self.bar = None
         self.last_print = 0.0
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
             total = cfg.max_steps if cfg.max_steps else None
             self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
-                            desc="pretrain", file=sys.stderr)
+                            desc=name, file=sys.stderr)
 
     def update(self, step: int, elapsed: float, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
@@ -125,7 +125,8 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
         elif time.monotonic() - self.last_print > 30 or step == 1:
             self.last_print = time.monotonic()
-            print(f"step {step} | {100 * p:.0f}% | {text}", file=sys.stderr, flush=True)
+            print(f"{self.name}: step {step} | {100 * p:.0f}% | {text}", file=sys.stderr,
+                  flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -175,8 +176,12 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor])
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         device: torch.device, dtype: torch.dtype | None, resume: bool = False,
         show_progress: bool = True, is_main: bool = True,
-        on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
-    """Train `model` on `task` until max_steps or the time budget; returns the final metrics."""
+        on_checkpoint: Callable[[Path], None] | None = None,
+        name: str = "train") -> dict[str, Any]:
+    """Train `model` on `task` until max_steps or the time budget; returns the final metrics.
+
+    `name` labels the progress output ("pretrain", "finetune sst2", ...).
+    """
     if not cfg.max_steps and not cfg.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
     optimizer = build_optimizer(model, cfg)
@@ -200,7 +205,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         if is_main:
             print(f"resuming from {path.name} (step {step}, {tokens:,} tokens)", file=sys.stderr)
     metrics = MetricsLog(run_dir / "metrics.jsonl", step if found else None, enabled=is_main)
-    bar = Progress(cfg, step, show_progress and is_main)
+    bar = Progress(cfg, step, show_progress and is_main, name)
 
     def save() -> Path | None:
         if not is_main:
