@@ -92,7 +92,7 @@ class Masker:
         inputs = np.where(to_mask, self.special_ids["mask"], tokens)
         inputs = np.where(to_random, random_ids, inputs)
         flat = np.flatnonzero(selected)
-        padded = not maskable.all() and (tokens == pad).any()
+        padded = bool((tokens == pad).any())  # packed sequences have none: keep SDPA mask-free
         return MaskedBatch(
             input_ids=torch.from_numpy(inputs),
             masked_positions=torch.from_numpy(flat),
