@@ -24,7 +24,8 @@ from bertforge.errors import BertforgeError, Interrupted
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
 MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "max_position_embeddings"]
-DATA_FLAGS = ["seq_len", "valid_fraction", "mask_rate", "mask_token_ratio", "random_token_ratio"]
+DATA_FLAGS = ["seq_len", "valid_fraction", "mask_rate", "mask_token_ratio", "random_token_ratio",
+              "masking", "span_p", "span_max", "objective", "document_boundary"]
 TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
 # The ModelConfig fields a preset sets.
 PRESET_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"]

@@ -84,6 +84,11 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
+MASKINGS = ("token", "wwm", "span")
+OBJECTIVES = ("mlm", "mlm+nsp", "mlm+sop")
+DOCUMENT_BOUNDARIES = ("cross", "new")
+
+
 @dataclass
 class DataConfig:
     """Where sequences come from, how they are built and how they are masked."""
@@ -96,6 +101,16 @@ class DataConfig:
                                     default=0.8)
     random_token_ratio: float = _help("Of the selected tokens, the fraction replaced by a "
                                       "random token (the rest stay unchanged).", default=0.1)
+    masking: str = _help("What is masked: 'token' (BERT), 'wwm' (whole words: a word's "
+                         "WordPiece pieces together) or 'span' (SpanBERT: whole-word spans of "
+                         "geometric length).", default="token")
+    span_p: float = _help("Span masking: parameter p of the geometric span length.", default=0.2)
+    span_max: int = _help("Span masking: longest span, in words.", default=10)
+    objective: str = _help("'mlm', 'mlm+nsp' (BERT's next-sentence prediction) or 'mlm+sop' "
+                           "(ALBERT's sentence-order prediction).", default="mlm")
+    document_boundary: str = _help("Packing when data is prepared: 'cross' (documents joined "
+                                   "by [SEP] across sequences) or 'new' (each document starts "
+                                   "a new sequence).", default="cross")
     tokenizer_hash: str | None = _help("Fingerprint of the tokenizer the data was made with; "
                                        "recorded by the run and checked on resume.",
                                        default=None)
@@ -108,6 +123,13 @@ class DataConfig:
         _check(self, "random_token_ratio",
                0.0 <= self.random_token_ratio <= 1.0 - self.mask_token_ratio,
                "must be in [0, 1 - mask_token_ratio]")
+        _check(self, "masking", self.masking in MASKINGS, f"must be one of {', '.join(MASKINGS)}")
+        _check(self, "span_p", 0.0 < self.span_p <= 1.0, "must be in (0, 1]")
+        _check(self, "span_max", self.span_max >= 1, "must be >= 1")
+        _check(self, "objective", self.objective in OBJECTIVES,
+               f"must be one of {', '.join(OBJECTIVES)}")
+        _check(self, "document_boundary", self.document_boundary in DOCUMENT_BOUNDARIES,
+               f"must be one of {', '.join(DOCUMENT_BOUNDARIES)}")
 
 
 @dataclass
@@ -145,6 +167,9 @@ class TrainConfig:
     on_nan: str = _help("On a non-finite loss or gradient: 'stop' (no checkpoint after the "
                         "last good step) or 'skip' (drop that update, count it in metrics).",
                         default="stop")
+    strategy: str = _help("With several processes (torchrun): 'ddp' (replicated model) or "
+                          "'fsdp' (FSDP2, parameters sharded per encoder layer); 'auto' is "
+                          "ddp.", default="auto")
 
     def __post_init__(self) -> None:
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
@@ -167,6 +192,8 @@ class TrainConfig:
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
                "must be 'auto', 'bf16' or 'fp32'")
         _check(self, "on_nan", self.on_nan in ("stop", "skip"), "must be 'stop' or 'skip'")
+        _check(self, "strategy", self.strategy in ("auto", "ddp", "fsdp"),
+               "must be 'auto', 'ddp' or 'fsdp'")
 
     @property
     def accumulation_steps(self) -> int:
