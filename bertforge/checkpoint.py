@@ -98,10 +98,13 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
+                    optimizer_state: dict[str, Any] | None, state: dict[str, Any],
                     keep_last: int = 3) -> Path:
     """Write checkpoints/step-NNNNNN atomically, point `latest` at it, prune old ones.
+
+    `weights` is `model_state(model)` (or the same gathered from shards); `optimizer_state`
+    an optimizer's state_dict.
 
     On any OSError (a full disk, say) nothing that was complete before is touched: the
     partial checkpoint is removed and BertforgeError raised.
@@ -114,10 +117,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, model: torch.nn.Module,
         for stale in ckpt_dir.glob(f".{_PREFIX}*.tmp"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-        save_file(model_state(model), str(tmp / MODEL_FILE))
+        save_file(weights, str(tmp / MODEL_FILE))
         files = [MODEL_FILE]
-        if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
         for f in files:
             _fsync(tmp / f)

@@ -25,6 +25,7 @@ import torch
 
 from bertforge import checkpoint as ckpt
 from bertforge.config import TrainConfig
+from bertforge.distributed import SINGLE, Distributed
 from bertforge.errors import BertforgeError, Interrupted
 from bertforge.optim import build_optimizer, lr_at, progress
 from bertforge.runtime import autocast
@@ -173,18 +174,27 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor])
                              f"unexpected {unexpected[:3]}")
 
 
+def _terms(value: Any) -> dict[str, Any]:
+    """A task's count or loss sum as {term: value}: one unnamed term, or its own dict."""
+    return value if isinstance(value, dict) else {"loss": value}
+
+
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         device: torch.device, dtype: torch.dtype | None, resume: bool = False,
         show_progress: bool = True, is_main: bool = True,
         on_checkpoint: Callable[[Path], None] | None = None,
-        name: str = "train") -> dict[str, Any]:
+        name: str = "train", dist: Distributed = SINGLE) -> dict[str, Any]:
     """Train `model` on `task` until max_steps or the time budget; returns the final metrics.
 
-    `name` labels the progress output ("pretrain", "finetune sst2", ...).
+    `name` labels the progress output ("pretrain", "finetune sst2", ...). Under torchrun,
+    `dist` wraps the model (DDP or FSDP) and every rank calls `fit`; only rank 0 writes
+    metrics, progress and checkpoints. A task may have several loss terms (MLM and NSP):
+    `count` and `loss_sum` then return {term: value}, and each term is normalised by its
+    own count over the global batch.
     """
     if not cfg.max_steps and not cfg.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
-    optimizer = build_optimizer(model, cfg)
+    is_main = is_main and dist.is_main
     ckpt_dir = run_dir / "checkpoints"
     step, tokens, elapsed_before, skipped = 0, 0, 0.0, 0
     found = ckpt.find_latest(ckpt_dir) if resume else None
@@ -195,32 +205,46 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         if is_main:  # killed before its first checkpoint was complete
             print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0",
                   file=sys.stderr)
+    if found is not None:  # weights go in before sharding: every rank reads the full file
+        load_model_weights(model, ckpt.load_weights(found[0]))
+    wrapped = dist.wrap(model, device, dtype)
+    optimizer = build_optimizer(model, cfg)
     if found is not None:
         path, state = found
-        load_model_weights(model, ckpt.load_weights(path))
-        optimizer.load_state_dict(ckpt.load_optimizer_state(path))
+        dist.load_optimizer_state(model, optimizer, ckpt.load_optimizer_state(path))
         step, tokens, elapsed_before = state["step"], state["tokens"], state["elapsed_s"]
         skipped = state.get("skipped_steps", 0)
-        _set_rng_state(state["rng"])
+        _restore_rng(state, dist, cfg.seed, is_main)
         if is_main:
             print(f"resuming from {path.name} (step {step}, {tokens:,} tokens)", file=sys.stderr)
+    elif dist.rank > 0:  # same initial weights everywhere, but each rank its own dropout
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     metrics = MetricsLog(run_dir / "metrics.jsonl", step if found else None, enabled=is_main)
     bar = Progress(cfg, step, show_progress and is_main, name)
 
     def save() -> Path | None:
-        if not is_main:
-            return None
-        state = {"tokens": tokens, "elapsed_s": elapsed, "epoch": task.epoch_at(step),
-                 "skipped_steps": skipped, "rng": _rng_state()}
-        path = ckpt.save_checkpoint(ckpt_dir, step, model, optimizer, state, cfg.keep_last)
-        if on_checkpoint:
-            on_checkpoint(path)
+        """A collective: every rank calls it; rank 0 writes."""
+        weights = dist.model_state(model)
+        optimizer_state = dist.optimizer_state(model, optimizer)
+        rngs = dist.gather_objects(_rng_state())
+        path = None
+        if is_main:
+            state = {"tokens": tokens, "elapsed_s": elapsed, "epoch": task.epoch_at(step),
+                     "skipped_steps": skipped, "rng": rngs[0],
+                     "world_size": dist.world_size, "strategy": dist.strategy}
+            if dist.enabled:
+                state["rng_ranks"] = rngs
+            path = ckpt.save_checkpoint(ckpt_dir, step, weights, optimizer_state, state,
+                                        cfg.keep_last)
+            if on_checkpoint:
+                on_checkpoint(path)
+        dist.barrier()
         return path
 
     def run_eval() -> dict[str, Any]:
         model.eval()
         with torch.no_grad(), autocast(device, dtype):
-            result = task.evaluate(model)
+            result = task.evaluate(model)  # every rank: FSDP's forward is a collective
         model.train()
         if result:
             record = {"kind": "eval", "step": step, "tokens": tokens,
@@ -250,26 +274,47 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     final_eval: dict[str, Any] = {}
     with _SignalFlag() as stop:
         while True:
+            micro = task.micro_batches(step)
+            local = {k: float(sum(_terms(task.count(m))[k] for m in micro))
+                     for k in _terms(task.count(micro[0]))}
+            # One collective: the global count of each loss term, and rank 0's clock, so
+            # that every rank normalises alike and stops at the same step.
             elapsed = elapsed_before + time.monotonic() - start - paused
+            *totals, elapsed = dist.all_reduce([*local.values(),
+                                                elapsed if dist.is_main else 0.0])
+            counts = dict(zip(local, totals))
             if (cfg.max_steps and step >= cfg.max_steps) or \
                     (cfg.time_budget and elapsed >= cfg.time_budget):
                 break
             lr = lr_at(cfg, step, elapsed)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro = task.micro_batches(step)
-            total = sum(task.count(m) for m in micro)  # the whole global batch's loss terms
-            loss = torch.zeros((), device=device)
+            sums = {k: torch.zeros((), device=device) for k in counts}
             extra: dict[str, float] = {}
-            for m in micro:
-                with autocast(device, dtype):
-                    loss_sum, more = task.loss_sum(model, m)
-                (loss_sum / max(total, 1)).backward()
-                loss += loss_sum.detach()
+            for i, m in enumerate(micro):
+                with dist.sync_gradients(i == len(micro) - 1):
+                    with autocast(device, dtype):
+                        out, more = task.loss_sum(wrapped, m)
+                    terms = _terms(out)
+                    loss_t = None
+                    for k, v in terms.items():
+                        part = v / max(counts[k], 1)
+                        loss_t = part if loss_t is None else loss_t + part
+                    # DDP and FSDP average gradients over ranks; the global batch sums them.
+                    (loss_t * dist.world_size if dist.enabled else loss_t).backward()
+                for k, v in terms.items():
+                    sums[k] += v.detach()
                 for k, v in more.items():
                     extra[k] = extra.get(k, 0.0) + float(v)
-            loss = loss.item() / max(total, 1)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            extra_names = sorted(extra)
+            reduced = dist.all_reduce([*(v.item() for v in sums.values()),
+                                       *(extra[k] for k in extra_names),
+                                       float(stop.signum is not None)])
+            term_loss = {k: v / max(counts[k], 1) for k, v in zip(sums, reduced)}
+            extra = dict(zip(extra_names, reduced[len(sums):-1]))
+            stopping = reduced[-1] > 0
+            loss = sum(term_loss.values())
+            grad_norm = (dist.clip_grad_norm(model, cfg.grad_clip)
                          if cfg.grad_clip > 0 and math.isfinite(loss) else float("nan"))
             # A non-finite gradient norm with a finite loss would still poison the weights.
             finite = math.isfinite(loss) and (cfg.grad_clip == 0 or math.isfinite(grad_norm))
@@ -298,14 +343,18 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             elapsed = elapsed_before + now - start - paused
             tps = window_tokens / max(now - window_start, 1e-9)
             if step % cfg.log_every == 0 or step == 1 or not finite:
+                first = next(iter(counts))
                 metrics.write({"kind": "train", "step": step,
                                "loss": loss if finite else None, "lr": lr,
+                               **({f"{k}_loss": v for k, v in term_loss.items()}
+                                  if len(term_loss) > 1 and finite else {}),
                                "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
                                **({} if finite else {"skipped": True}),
                                "skipped_steps": skipped, "tokens": tokens,
                                "tokens_per_s": round(tps, 1), "elapsed_s": round(elapsed, 3),
                                "epoch": round(task.epoch_at(step), 4),
-                               **{k: v / max(total, 1) for k, v in extra.items()}})
+                               **{k: v / max(counts.get(k.split("_")[0], counts[first]), 1)
+                                  for k, v in extra.items()}})
                 window_tokens, window_start = 0, now
             bar.update(step, elapsed, loss, tps)
             if cfg.eval_every and step % cfg.eval_every == 0:
@@ -313,11 +362,11 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 off_clock(save)
                 last_saved = step
-            if stop.signum is not None:
+            if stopping or (not dist.enabled and stop.signum is not None):
                 if last_saved != step:
                     save()
                 bar.close()
-                raise Interrupted(stop.signum, step)
+                raise Interrupted(stop.signum or signal.SIGTERM, step)
     if not (cfg.eval_every and step % cfg.eval_every == 0 and final_eval):
         final_eval = run_eval()
     if last_saved != step:
@@ -325,3 +374,17 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     bar.close()
     return {"step": step, "tokens": tokens, "elapsed_s": round(elapsed, 3), **final_eval}
 
+
+def _restore_rng(state: dict[str, Any], dist: Distributed, seed: int, is_main: bool) -> None:
+    """Each rank continues its own random stream (dropout) when the world size is the one
+    that saved; otherwise data order and masks still continue exactly (they depend on
+    the step alone), but dropout streams start afresh."""
+    saved = state.get("rng_ranks") or [state["rng"]]
+    if len(saved) == dist.world_size:
+        _set_rng_state(saved[dist.rank])
+        return
+    torch.manual_seed(seed + 1_000_003 * dist.rank + state["step"])
+    if is_main:
+        print(f"resuming a run saved by {len(saved)} process(es) with {dist.world_size}: "
+              f"data order and masks continue exactly; dropout's random stream restarts",
+              file=sys.stderr)

@@ -210,7 +210,8 @@ def _tiny_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def _save(ckpt_dir: Path, step: int, keep_last: int = 3) -> Path:
     model, opt = _tiny_state()
-    return ckpt.save_checkpoint(ckpt_dir, step, model, opt, {"tokens": step}, keep_last)
+    return ckpt.save_checkpoint(ckpt_dir, step, ckpt.model_state(model), opt.state_dict(),
+                                {"tokens": step}, keep_last)
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
