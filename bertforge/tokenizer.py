@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from bertforge.data.corpus import CorpusStats, iter_documents, resolve_corpus
+from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.errors import BertforgeError
 
 # Order fixes the ids: the trainer assigns special tokens ids 0.. in list order.
@@ -70,20 +70,28 @@ def _set_template(tok: Tokenizer) -> None:
 
 def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: int = 30522,
                     lowercase: bool = True, min_frequency: int = 2,
-                    show_progress: bool = True) -> Path:
+                    show_progress: bool = True, options: CorpusOptions | None = None,
+                    sample_bytes: int | None = None,
+                    stats: CorpusStats | None = None) -> Path:
     """Train a WordPiece tokenizer on the documents of `corpus`; write it to `out_dir`.
 
-    `corpus` holds files, directories or globs. The documents stream from disk into the
-    trainer in batches, so memory grows with the number of distinct words, not with
-    the corpus size. Returns `out_dir`.
+    `corpus` holds files, directories, globs or hf: specs, read with `options`. The
+    documents stream from disk into the trainer in batches, so memory grows with the
+    number of distinct words, not with the corpus size. With `sample_bytes`, the trainer
+    sees only about that many bytes of documents: the first documents of each file, in
+    shares proportional to the files' sizes (`iter_documents`), so a large corpus needs no
+    full pass and the same corpus always gives the same sample. `stats`, if given, is
+    filled in. Returns `out_dir`.
     """
     if vocab_size < len(SPECIAL_TOKENS) + 1:
         raise BertforgeError(f"vocab size {vocab_size} is too small (need > {len(SPECIAL_TOKENS)})")
     if min_frequency < 0:
         raise BertforgeError(f"min frequency {min_frequency} must be >= 0")
+    if sample_bytes is not None and sample_bytes <= 0:
+        raise BertforgeError(f"sample size {sample_bytes} must be > 0 bytes")
     files = resolve_corpus(corpus)
-    stats = CorpusStats()
-    docs = iter_documents(files, stats)
+    stats = stats if stats is not None else CorpusStats()
+    docs = iter_documents(files, stats, options, sample_bytes=sample_bytes)
     first = next(docs, None)
     if first is None:
         found = f" ({stats.problems()})" if stats.problems() else ""
@@ -105,11 +113,13 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     out = save_tokenizer(tok, out_dir, lowercase)
     if show_progress:
         elapsed = time.perf_counter() - start
+        sample = (f", a sample of about {sample_bytes / 1e6:,.1f} MB"
+                  if sample_bytes is not None else "")
         print(f"tokenizer: vocab {tok.get_vocab_size()} from {stats.documents:,} documents "
-              f"({stats.bytes / 1e6:.1f} MB) in {elapsed:.1f}s "
+              f"({stats.bytes / 1e6:.1f} MB read{sample}) in {elapsed:.1f}s "
               f"({stats.bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
-        if stats.problems():
-            print(f"corpus: {stats.problems()}", file=sys.stderr)
+        for line in stats.summary_lines():
+            print(line, file=sys.stderr)
     return out
 
 

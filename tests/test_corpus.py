@@ -2,10 +2,14 @@
 
 import gzip
 import json
+import os
+import tracemalloc
 
 import pytest
+from conftest import run_cli
 
-from bertforge.data.corpus import CorpusStats, iter_documents, resolve_corpus
+from bertforge.data import corpus, readers
+from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.errors import BertforgeError
 
 
@@ -41,7 +45,7 @@ def test_jsonl_text_field_and_bad_lines(tmp_path):
     assert stats.bad_lines == 3  # bad JSON, missing field, not an object
     assert stats.empty_documents == 1
 
-    docs, stats = read(f, text_field="body")
+    docs, stats = read(f, options=CorpusOptions(text_field="body"))
     assert docs == ["x"]
 
 
@@ -126,18 +130,184 @@ def test_missing_path_and_empty_glob_raise(tmp_path):
 
 
 def test_stats_as_dict():
-    assert set(CorpusStats().as_dict()) == {"files", "documents", "bytes", "empty_documents",
-                                            "decode_errors", "bad_lines"}
+    assert set(CorpusStats().as_dict()) == {
+        "files", "documents", "bytes", "empty_documents", "decode_errors", "bad_lines",
+        "control_chars", "duplicate_documents", "long_lines", "split_documents",
+        "oversized_records", "unreadable_files", "unreadable", "formats"}
 
 
-def test_corrupt_gzip_raises_naming_the_file(tmp_path):
-    f = tmp_path / "bad.txt.gz"
-    f.write_bytes(gzip.compress(b"some text\n" * 100)[:-30] + b"garbage" * 5)
-    with pytest.raises(BertforgeError, match="bad.txt.gz"):
-        read(f)
+def test_corrupt_gzip_is_skipped_by_name_and_the_run_goes_on(tmp_path):
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(gzip.compress(b"some text\n" * 100)[:-30] + b"garbage" * 5)
+    good = tmp_path / "good.txt"
+    good.write_text("kept\n")
+    docs, stats = read(bad, good)
+    assert docs == ["kept"]
+    assert (stats.files, stats.unreadable_files) == (2, 1)
+    assert stats.unreadable[0].startswith(f"{bad}: ")
+    assert stats.formats == {"text.gz": 1, "text": 1}
+
+
+def test_nothing_readable_is_an_error_naming_a_file(tmp_path):
+    bad = tmp_path / "bad.txt.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(BertforgeError, match="no corpus file could be read .*bad.txt.gz"):
+        read(bad)
 
 
 def test_problems_summarises_what_was_skipped():
     assert CorpusStats().problems() == ""
     stats = CorpusStats(bad_lines=3, decode_errors=1200)
-    assert stats.problems() == "1,200 undecodable characters replaced, 3 bad JSON lines skipped"
+    assert stats.problems() == "1,200 undecodable characters replaced, 3 bad records skipped"
+    assert CorpusStats(unreadable_files=1).problems() == "1 unreadable file skipped"
+
+
+def test_control_characters_removed_and_counted(tmp_path):
+    f = tmp_path / "a.txt"
+    # NUL, ESC and a C1 control (U+0085) go; tab stays; form feed becomes a space.
+    f.write_bytes("a\x00b\x1bc\td\x0ce \u0085f\n\nclean\n".encode())
+    docs, stats = read(f)
+    assert docs == ["abc\td e f", "clean"]
+    assert stats.control_chars == 4
+
+
+def test_lone_cr_and_crlf_split_between_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 4)  # "one\r" | "\ntwo" ...: CRLF cut in two
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"one\r\ntwo\r\rthree\rfour\r\n")
+    docs, stats = read(f)
+    assert docs == ["one\ntwo", "three\nfour"]  # CR CR is a blank line: a new document
+    assert stats.bytes == f.stat().st_size
+
+
+def test_multibyte_characters_and_bad_bytes_across_block_edges(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 3)
+    f = tmp_path / "a.txt"
+    text = "日本語のテキスト \ufffd ok"
+    f.write_bytes(text.encode() + b" \xff\xfe end\n")
+    docs, stats = read(f)
+    assert docs == [text + " \ufffd\ufffd end"]
+    assert stats.decode_errors == 2
+
+
+def test_dedup_drops_exact_repeats_across_files(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.jsonl"
+    a.write_text("same text\n\nother\n\nsame text\n")
+    b.write_text(json.dumps({"text": "  same text "}) + "\n" + json.dumps({"text": "new"}) + "\n")
+    docs, stats = read(a, b, options=CorpusOptions(dedup=True))
+    assert docs == ["same text", "other", "new"]
+    assert (stats.documents, stats.duplicate_documents) == (3, 2)
+    docs, stats = read(a, b)
+    assert len(docs) == 5 and stats.duplicate_documents == 0
+
+
+def test_json_escapes_cleaned_lone_surrogates_replaced(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "x\\u0000y"}\n{"text": "lone \\ud800 half"}\n' + "[" * 5000 + "\n")
+    docs, stats = read(f)
+    assert docs == ["xy", "lone \ufffd half"]
+    assert (stats.control_chars, stats.decode_errors, stats.bad_lines) == (1, 1, 1)
+
+
+def test_single_line_of_50_mb_streams_in_bounded_memory(tmp_path):
+    f = tmp_path / "one-line.txt"
+    words = 10_000_000
+    with open(f, "wb") as out:
+        for _ in range(10):
+            out.write(b"word " * (words // 10))  # 50 MB, no newline at all
+    tracemalloc.start()
+    try:
+        stats = CorpusStats()
+        count = longest = pieces = 0
+        for doc in iter_documents([f], stats):
+            count += doc.count("word")
+            longest = max(longest, len(doc))
+            pieces += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    limit = CorpusOptions().max_document_chars
+    assert count == words  # nothing lost or repeated at the cuts (made at spaces)
+    assert longest <= limit and pieces >= 50_000_000 // limit
+    assert peak < 12 * limit  # a few blocks and pieces, not the 50 MB line
+    assert (stats.long_lines, stats.split_documents) == (1, 1)
+
+
+def test_long_line_without_spaces_is_cut_between_characters(tmp_path):
+    f = tmp_path / "a.txt"
+    text = "日本語" * 1000  # 9,000 bytes, no whitespace
+    f.write_text(text + "\n")
+    docs, stats = read(f, options=CorpusOptions(one_doc_per_line=True, max_document_chars=100))
+    assert "".join(docs) == text and stats.decode_errors == 0
+    assert all(len(d.encode()) <= 100 for d in docs)
+    assert stats.long_lines == 1
+
+
+def test_long_document_of_many_lines_is_split(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("\n".join(["ten chars."] * 100) + "\n\nnext\n")
+    docs, stats = read(f, options=CorpusOptions(max_document_chars=105))
+    assert all(len(d) <= 105 for d in docs) and docs[-1] == "next"
+    assert sum(d.count("ten chars.") for d in docs) == 100
+    assert (stats.split_documents, stats.long_lines) == (1, 0)
+
+
+def test_oversized_json_line_is_skipped_and_counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "BLOCK_BYTES", 16)
+    f = tmp_path / "a.jsonl"
+    f.write_text(json.dumps({"text": "x" * 500}) + "\n" + json.dumps({"text": "small"}) + "\n")
+    docs, stats = read(f, options=CorpusOptions(max_record_chars=100))
+    assert docs == ["small"]
+    assert (stats.oversized_records, stats.bad_lines) == (1, 0)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_permission_denied_file_is_skipped(tmp_path):
+    locked, good = tmp_path / "locked.txt", tmp_path / "good.txt"
+    locked.write_text("secret\n")
+    good.write_text("open\n")
+    locked.chmod(0)
+    docs, stats = read(locked, good)
+    assert docs == ["open"]
+    assert stats.unreadable == [f"{locked}: Permission denied"]
+
+
+def test_dirty_corpus_counts_in_manifest_and_summary(tmp_path, tokenizer_dir, capsys,
+                                                     monkeypatch):
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_bytes(
+        b"caf\xc3\xa9 one\r\n\r\nbad \xff bytes here\r\n\r\n"
+        b"nul\x00 and esc\x1b chars\rlone cr line\n\n\n   \n\ndup doc\n\ndup doc\n")
+    (src / "b.jsonl").write_text("\n".join([
+        json.dumps({"text": "dup doc"}), json.dumps({"text": "  "}), "{broken",
+        '{"text": "x\\u0000y"}', '{"text": "lone \\ud800 surrogate"}']) + "\n")
+    lost = gzip.compress("".join(f"lost line {i}\n" for i in range(1000)).encode())
+    (src / "c.txt.gz").write_bytes(lost[:len(lost) // 2])  # truncated
+    (src / "d.txt").write_text("forbidden\n")
+    real_open = readers._open
+
+    def no_permission(path, compression):  # tests may run as root, who can read anything
+        if path.name == "d.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, compression)
+
+    monkeypatch.setattr(corpus, "_open", no_permission)  # defined in readers, called by corpus
+    out = tmp_path / "data"
+    code, _, err = run_cli(capsys, "prepare", src, "--tokenizer", tokenizer_dir, "--out", out,
+                           "--seq-len", 16, "--dedup")
+    assert code == 0, err
+    stats = json.loads((out / "manifest.json").read_text())["corpus_stats"]
+    assert {k: v for k, v in stats.items() if k not in ("bytes", "unreadable")} == {
+        "files": 4, "documents": 6, "empty_documents": 1, "decode_errors": 2, "bad_lines": 1,
+        "control_chars": 3, "duplicate_documents": 2, "long_lines": 0, "split_documents": 0,
+        "oversized_records": 0, "unreadable_files": 2,
+        "formats": {"jsonl": 1, "text": 2, "text.gz": 1}}
+    assert [u.split(": ")[0] for u in stats["unreadable"]] == [str(src / "c.txt.gz"),
+                                                                str(src / "d.txt")]
+    assert "corpus: 4 files (1 jsonl, 2 text, 1 text.gz), 6 documents" in err
+    assert ("corpus: 2 undecodable characters replaced, 3 control characters removed, "
+            "1 bad record skipped, 1 empty document skipped, 2 duplicate documents dropped, "
+            "2 unreadable files skipped") in err
+    assert f"unreadable, skipped: {src / 'c.txt.gz'}: " in err
+    assert f"unreadable, skipped: {src / 'd.txt'}: Permission denied" in err

@@ -1,80 +1,129 @@
-"""Read documents from corpus files, streaming, one document at a time.
+"""Find the files of a corpus and stream their documents, one at a time.
 
-A corpus is a list of files, directories (walked recursively, hidden entries skipped)
-and globs. Formats are told apart per file:
+A corpus is a list of files, directories (walked recursively, hidden entries skipped),
+globs and ``hf:NAME[:CONFIG]`` Hugging Face datasets; `resolve_corpus` turns it into a
+deterministic list of sources. The format of a file is told by its name, without a
+compression suffix (``.gz .bz2 .xz .zst``): ``.jsonl``/``.json``, ``.csv``, ``.tsv``,
+``.parquet``, else plain text or WikiExtractor output (`file_format`); the readers and
+parsers for each are in `bertforge.data.readers`.
 
-- ``.jsonl`` / ``.json``: one JSON object per line; the document is its ``text`` field.
-- WikiExtractor output (first non-empty line starts with ``<doc ``): each
-  ``<doc ...>`` ... ``</doc>`` block is one document, without the tags and without the
-  title line WikiExtractor repeats under the opening tag.
-- anything else: plain text, documents separated by blank lines.
-
-Any of them may be gzipped (``.gz``). Bytes are decoded as UTF-8 with invalid sequences
-replaced by U+FFFD; the replacements, skipped lines and empty documents are counted in
-`CorpusStats` rather than raised, because one bad byte in a 10 GB dump should not stop
-a run, but the user should hear about it.
+`iter_documents` strips documents, drops empty ones and (optionally) exact duplicates,
+splits one longer than `CorpusOptions.max_document_chars` into several, and with
+`sample_bytes` reads only about that many bytes, spread over the sources by their size.
+Dirty input never stops a run and is never passed over in silence: every repair is
+counted in `CorpusStats`, and a file that cannot be read (no permission, a corrupt
+archive, a bad Parquet file) is skipped and named.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
-import gzip
-import json
+import hashlib
+import logging
+import lzma
 import os
+import re
+import sys
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
+from bertforge.data.readers import (CorpusOptions, CorpusStats, _csv_documents, _hf_documents,
+                                    _json_documents, _lines, _open, _parquet_documents,
+                                    _peek_content, _plain_documents, _reason, _require,
+                                    _split_text, _Unreadable, _wiki_documents)
 from bertforge.errors import BertforgeError
 
+log = logging.getLogger(__name__)
+
 JSON_SUFFIXES = (".jsonl", ".json")
-REPLACEMENT = "\ufffd"
-_ENCODED_REPLACEMENT = REPLACEMENT.encode("utf-8")
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+HF_PREFIX = "hf:"
+_NAMED_UNREADABLE = 100  # unreadable files named in the stats (all are counted)
+_HF_SPEC = re.compile(r"hf:([\w.-]+(?:/[\w.-]+)?)(?::([\w.-]+))?")
 
 
-@dataclass
-class CorpusStats:
-    """What reading a corpus found; filled in by `iter_documents` as it goes."""
-
-    files: int = 0
-    documents: int = 0
-    bytes: int = 0  # uncompressed bytes read
-    empty_documents: int = 0  # documents with nothing left after stripping (skipped)
-    decode_errors: int = 0  # characters replaced by U+FFFD while decoding
-    bad_lines: int = 0  # JSON lines that did not parse or lacked the text field
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def problems(self) -> str:
-        """What was replaced or skipped, for the user ("" when nothing was)."""
-        counts = {"undecodable characters replaced": self.decode_errors,
-                  "bad JSON lines skipped": self.bad_lines,
-                  "empty documents skipped": self.empty_documents}
-        return ", ".join(f"{n:,} {what}" for what, n in counts.items() if n)
-
-
-def resolve_corpus(specs: Iterable[str | os.PathLike]) -> list[Path]:
+def resolve_corpus(specs: Iterable[str | os.PathLike]) -> list[Path | str]:
     """The files named by `specs` (files, directories, globs), in a deterministic order.
 
     Specs keep their order; the files of one directory or glob are sorted. A file named
-    twice is kept at its first place only.
+    twice is kept at its first place only. ``hf:NAME[:CONFIG]`` specs are checked and kept
+    as strings. Fails early when a format's optional package is missing.
     """
     specs = [str(s) for s in specs]
     if not specs:
         raise BertforgeError("no corpus given")
-    seen: set[Path] = set()
-    files: list[Path] = []
+    seen: set[Path | str] = set()
+    files: list[Path | str] = []
     for spec in specs:
-        for path in _expand(spec):
-            key = path.resolve()
+        if spec.startswith(HF_PREFIX):
+            parse_hf_spec(spec)
+            _require("datasets", "datasets", spec)
+            found: list[Path | str] = [spec]
+        else:
+            found = list(_expand(spec))
+        for path in found:
+            key = path if isinstance(path, str) else path.resolve()
             if key not in seen:
                 seen.add(key)
                 files.append(path)
+    for path in files:
+        if isinstance(path, Path):
+            fmt, compression = file_format(path)
+            if fmt == "parquet":
+                _require("pyarrow.parquet", "formats", path.name)
+            if compression == ".zst":
+                _require("zstandard", "formats", path.name)
     return files
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None]:
+    """'hf:NAME[:CONFIG]' -> (NAME, CONFIG or None)."""
+    m = _HF_SPEC.fullmatch(spec)
+    if not m:
+        raise BertforgeError(f"bad corpus spec {spec!r}: expected hf:NAME or hf:NAME:CONFIG "
+                             "(e.g. hf:wikitext:wikitext-103-raw-v1)")
+    return m.group(1), m.group(2)
+
+
+def file_format(path: Path) -> tuple[str, str]:
+    """(format, compression suffix or ""): format is jsonl, csv, tsv, parquet or text."""
+    name = path.name.lower()
+    compression = next((c for c in COMPRESSIONS if name.endswith(c)), "")
+    name = name[:len(name) - len(compression)]
+    if name.endswith(JSON_SUFFIXES):
+        return "jsonl", compression
+    for fmt in ("csv", "tsv", "parquet"):
+        if name.endswith("." + fmt):
+            return fmt, compression
+    return "text", compression
+
+
+def estimate_bytes(sources: list[Path | str]) -> int | None:
+    """About how many bytes `iter_documents` will count in `stats.bytes`, for a progress
+    bar; None with an hf dataset. Exact for plain files and gzip files under 4 GB (their
+    trailer holds the size mod 2**32); other compressed files count 4x their size
+    (typical for text), Parquet 2x."""
+    total = 0
+    for source in sources:
+        if isinstance(source, str) and source.startswith(HF_PREFIX):
+            return None
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            fmt, compression = file_format(path)
+            if compression == ".gz" and size >= 18:
+                with open(path, "rb") as f:
+                    f.seek(-4, os.SEEK_END)
+                    isize = int.from_bytes(f.read(4), "little")
+                total += isize if isize >= size else 4 * size  # smaller: wrapped or multi-member
+            elif compression or fmt == "parquet":
+                total += (4 if compression else 2) * size
+            else:
+                total += size
+        except OSError:
+            pass  # unreadable: skipped (and named) when read
+    return total
 
 
 def _expand(spec: str) -> list[Path]:
@@ -110,132 +159,140 @@ def _walk(root: Path) -> Iterator[Path]:
                     yield p
 
 
-def iter_documents(paths: Iterable[str | os.PathLike], stats: CorpusStats | None = None,
-                   text_field: str = "text") -> Iterator[str]:
-    """Yield the documents of `paths` as stripped, non-empty strings.
+def iter_documents(sources: Iterable[str | os.PathLike], stats: CorpusStats | None = None,
+                   options: CorpusOptions | None = None,
+                   sample_bytes: int | None = None) -> Iterator[str]:
+    """Yield the documents of `sources` (from `resolve_corpus`) as stripped, non-empty
+    strings of at most `options.max_document_chars` characters.
 
-    Streams line by line, so memory does not grow with file size. `stats`, if given,
-    is updated in place as documents are yielded.
+    A longer document is split into several at whitespace near the limit, so memory does
+    not grow with file size, line length or document length. `stats`, if given, is updated
+    in place as documents are yielded. With `sample_bytes`, only about that many bytes of
+    documents are yielded, spread over the sources by their on-disk size: each source
+    gives its first documents, up to its share (see `_sample_targets`).
     """
     stats = stats if stats is not None else CorpusStats()
-    for path in paths:
-        path = Path(path)
+    options = options or CorpusOptions()
+    sources = list(sources)
+    limit = options.max_document_chars
+    seen: set[int] | None = set() if options.dedup else None
+    targets = _sample_targets(sources, sample_bytes) if sample_bytes is not None else None
+    fed = 0  # document bytes yielded, when sampling
+    for i, source in enumerate(sources):
+        if targets is not None and fed >= targets[i]:
+            continue
         stats.files += 1
-        lines = _decoded_lines(path, stats)
-        name = path.name[:-3] if path.name.endswith(".gz") else path.name
-        if name.lower().endswith(JSON_SUFFIXES):
-            raw = _json_documents(lines, text_field, stats)
+        docs = _source_documents(source, stats, options)
+        try:
+            for doc in docs:
+                doc = doc.strip()
+                if not doc:
+                    stats.empty_documents += 1
+                    continue
+                if len(doc) > limit:
+                    stats.split_documents += 1
+                    pieces: Iterable[str] = _split_text(doc, limit)
+                else:
+                    pieces = (doc,)
+                for piece in pieces:
+                    if seen is not None:
+                        key = int.from_bytes(hashlib.blake2b(piece.encode("utf-8"),
+                                                             digest_size=8).digest(), "little")
+                        if key in seen:
+                            stats.duplicate_documents += 1
+                            continue
+                        seen.add(key)
+                    stats.documents += 1
+                    yield piece
+                    if targets is not None:
+                        fed += len(piece.encode("utf-8"))
+                if targets is not None and fed >= targets[i]:
+                    break
+        except _Unreadable as e:
+            _skip(stats, source, str(e))
+        except Exception as e:
+            if not isinstance(e, _read_errors()):
+                raise
+            _skip(stats, source, _reason(e))
+        finally:
+            docs.close()
+    if stats.files and stats.unreadable_files == stats.files and not stats.documents:
+        raise BertforgeError(f"no corpus file could be read ({stats.unreadable_files:,} "
+                             f"unreadable; first: {stats.unreadable[0]})")
+
+
+def _skip(stats: CorpusStats, source: str | os.PathLike, reason: str) -> None:
+    log.warning("skipping unreadable corpus file %s: %s", source, reason)
+    stats.unreadable_files += 1
+    if len(stats.unreadable) < _NAMED_UNREADABLE:
+        stats.unreadable.append(f"{source}: {reason}")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or forbidden file raises (gzip.BadGzipFile is an OSError)."""
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error, lzma.LZMAError]
+    if sys.modules.get("zstandard") is not None:
+        errors.append(sys.modules["zstandard"].ZstdError)
+    if sys.modules.get("pyarrow") is not None:
+        errors.append(sys.modules["pyarrow"].lib.ArrowException)
+    return tuple(errors)
+
+
+def _sample_targets(sources: list[str | os.PathLike], sample_bytes: int) -> list[float]:
+    """Cumulative byte targets: source i is read while the bytes yielded so far are below
+    targets[i]. Shares follow on-disk sizes (a compressed file counts at its compressed
+    size); an hf dataset counts as an average file."""
+    sizes: list[float | None] = []
+    for s in sources:
+        try:
+            sizes.append(None if str(s).startswith(HF_PREFIX) else max(os.path.getsize(s), 1))
+        except OSError:
+            sizes.append(1)
+    known = [s for s in sizes if s is not None]
+    fill = sum(known) / len(known) if known else 1.0
+    total = sum(fill if s is None else s for s in sizes)
+    targets, cum = [], 0.0
+    for s in sizes:
+        cum += fill if s is None else s
+        targets.append(sample_bytes * cum / total)
+    return targets
+
+
+def _source_documents(source: str | os.PathLike, stats: CorpusStats,
+                      options: CorpusOptions) -> Iterator[str]:
+    """The raw (unstripped) documents of one file or hf dataset."""
+    if isinstance(source, str) and source.startswith(HF_PREFIX):
+        _count_format(stats, "hf")
+        name, config = parse_hf_spec(source)
+        yield from _hf_documents(source, name, config, stats, options)
+        return
+    path = Path(source)
+    fmt, compression = file_format(path)
+    _count_format(stats, fmt + compression)
+    if fmt == "parquet":
+        yield from _parquet_documents(path, compression, stats, options)
+        return
+    with _open(path, compression) as f:
+        if fmt == "jsonl":
+            lines = _lines(f, stats, options.max_record_chars, skip_long=True)
+            yield from _json_documents(lines, options.text_field, stats)
+        elif fmt in ("csv", "tsv"):
+            lines = _lines(f, stats, options.max_record_chars, skip_long=True)
+            yield from _csv_documents(lines, fmt, stats, options)
         else:
+            lines = _lines(f, stats, options.max_document_chars, skip_long=False)
             first, lines = _peek_content(lines)
             if first is not None and first.startswith("<doc "):
-                raw = _wiki_documents(lines, stats)
+                _count_format(stats, fmt + compression, -1)
+                _count_format(stats, "wikiextractor" + compression)
+                yield from _wiki_documents(lines, stats, options.max_document_chars)
+            elif options.one_doc_per_line:
+                yield from (line for line in lines if line and not line.isspace())
             else:
-                raw = _plain_documents(lines)
-        for doc in raw:
-            doc = doc.strip()
-            if doc:
-                stats.documents += 1
-                yield doc
-            else:
-                stats.empty_documents += 1
+                yield from _plain_documents(lines, stats, options.max_document_chars)
 
 
-def _open(path: Path) -> BinaryIO:
-    try:
-        if path.name.endswith(".gz"):
-            return gzip.open(path, "rb")  # type: ignore[return-value]
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise BertforgeError(f"corpus file not found: {path}") from None
-    except OSError as e:
-        raise BertforgeError(f"cannot read corpus file {path}: {e.strerror or e}") from None
-
-
-def _decoded_lines(path: Path, stats: CorpusStats) -> Iterator[str]:
-    """The lines of `path` without line endings (LF or CRLF), decoded leniently.
-
-    Splitting bytes at b"\\n" is safe for UTF-8: the byte 0x0A never occurs inside a
-    multi-byte character, so each line decodes on its own.
-    """
-    with _open(path) as f:
-        first = True
-        try:
-            for raw in f:
-                stats.bytes += len(raw)
-                line = raw.decode("utf-8", errors="replace")
-                if REPLACEMENT in line:
-                    # Count only the replacements decoding introduced, not U+FFFD in the text.
-                    stats.decode_errors += line.count(REPLACEMENT) - raw.count(_ENCODED_REPLACEMENT)
-                if first:
-                    line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
-                    first = False
-                yield line.rstrip("\r\n")
-        except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
-            raise BertforgeError(f"cannot read corpus file {path}: {e}") from None
-
-
-def _peek_content(lines: Iterator[str]) -> tuple[str | None, Iterator[str]]:
-    """The first non-blank line, and an iterator that still yields every line."""
-    skipped: list[str] = []
-    for line in lines:
-        skipped.append(line)
-        if line.strip():
-            return line, _chain(skipped, lines)
-    return None, iter(skipped)
-
-
-def _chain(head: list[str], tail: Iterator[str]) -> Iterator[str]:
-    yield from head
-    yield from tail
-
-
-def _plain_documents(lines: Iterator[str]) -> Iterator[str]:
-    doc: list[str] = []
-    for line in lines:
-        if line.strip():
-            doc.append(line)
-        elif doc:
-            yield "\n".join(doc)
-            doc = []
-    if doc:
-        yield "\n".join(doc)
-
-
-def _json_documents(lines: Iterator[str], text_field: str, stats: CorpusStats) -> Iterator[str]:
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record: Any = json.loads(line)
-        except ValueError:
-            stats.bad_lines += 1
-            continue
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if isinstance(text, str):
-            yield text
-        else:
-            stats.bad_lines += 1
-
-
-def _wiki_documents(lines: Iterator[str], stats: CorpusStats) -> Iterator[str]:
-    """WikiExtractor blocks; blank lines inside a block do not split it."""
-    doc: list[str] | None = None  # None: outside any <doc>
-    title_pending = False
-    for line in lines:
-        if line.startswith("<doc ") or line.rstrip() == "<doc>":
-            if doc is not None:  # an unclosed block: keep what it had
-                yield "\n".join(doc)
-            doc, title_pending = [], True
-        elif line.strip() == "</doc>":
-            if doc is not None:
-                yield "\n".join(doc)
-            doc = None
-        elif doc is None:
-            if line.strip():
-                stats.bad_lines += 1  # stray text between blocks
-        elif title_pending:
-            title_pending = False  # WikiExtractor repeats the title here; drop it
-        else:
-            doc.append(line)
-    if doc is not None:  # a truncated file: keep the last block
-        yield "\n".join(doc)
+def _count_format(stats: CorpusStats, key: str, n: int = 1) -> None:
+    stats.formats[key] = stats.formats.get(key, 0) + n
+    if not stats.formats[key]:
+        del stats.formats[key]
