@@ -15,17 +15,23 @@ Notable choices:
   ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
   no padding except in the last sequence of a split). A body never starts with the
   joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
+  With ``document_boundary="new"`` each document starts a sequence instead, and its
+  last one is ``[CLS] rest [SEP]`` padded with [PAD] (sequences never mix documents).
 - Text that spells a special token ("[MASK]") is tokenized as plain text, so special
   ids in the shards only ever come from packing.
-- Memory stays flat: documents stream in batches, the Rust tokenizer encodes a batch
-  on all cores, sequences go to disk as they are cut.
+- Memory stays flat: documents stream in batches, `workers` processes tokenize them
+  (bertforge.data.encode: a chunk cache in front of the Rust tokenizer, same ids), and
+  sequences go to disk as they are cut. The shards do not depend on `workers`.
+- One corpus can be prepared on several machines: part i of n takes the documents whose
+  ordinal in the corpus is i mod n (balanced to one document; the parts together are
+  the corpus, each document once), and is a complete data directory whose manifest
+  names the part. `pretrain --data DIR --data DIR ...` reads the parts as one dataset.
 - Everything is written into a hidden sibling directory that is renamed into place at
   the end, so a killed run never leaves a manifest that points at partial shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -41,7 +47,10 @@ from typing import Any, BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from bertforge.data.corpus import CorpusStats, iter_documents, resolve_corpus
+from bertforge.config import DOCUMENT_BOUNDARIES
+from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
+                                   resolve_corpus)
+from bertforge.data.encode import default_workers, encode_batches
 from bertforge.errors import BertforgeError
 from bertforge.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_token_ids,
                                  tokenizer_hash)
@@ -53,18 +62,25 @@ VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "valid")
 MIN_SEQ_LEN = 8
-_HASH_BUCKETS = 10_000
-# A batch is handed to the tokenizer when it reaches either bound: large enough to keep
-# every core busy, small enough that its Encoding objects stay near 100 MB.
-_BATCH_CHARS = 2_000_000
+# A batch goes to a worker when it reaches either bound: large enough that handing it
+# over costs little next to encoding it, small enough that the first batch (encoded
+# before the other workers start) is short and that work spreads evenly.
+_BATCH_CHARS = 250_000
 _BATCH_DOCUMENTS = 8192
 
 
 def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
             seq_len: int = 128, valid_fraction: float = 0.01, shard_sequences: int = 65536,
-            show_progress: bool = True) -> dict[str, Any]:
-    """Tokenize `corpus` (files, directories, globs) into shards in `out_dir`.
+            show_progress: bool = True,
+            corpus_options: CorpusOptions | None = None, document_boundary: str = "cross",
+            workers: int | None = None, num_shards: int = 1,
+            shard_index: int = 0) -> dict[str, Any]:
+    """Tokenize `corpus` (files, directories, globs, hf: specs; read with
+    `corpus_options`) into shards in `out_dir`.
 
+    `document_boundary`: "cross" (documents joined by [SEP] across sequences) or "new"
+    (each document starts a sequence). `workers`: tokenizing processes (default: every
+    core). `num_shards`, `shard_index`: prepare only part `shard_index` of `num_shards`.
     Returns the manifest (also written to out_dir/manifest.json).
     """
     if seq_len < MIN_SEQ_LEN:
@@ -73,6 +89,15 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         raise BertforgeError(f"valid_fraction {valid_fraction} must be in [0, 1)")
     if shard_sequences < 1:
         raise BertforgeError(f"shard_sequences {shard_sequences} must be >= 1")
+    if document_boundary not in DOCUMENT_BOUNDARIES:
+        raise BertforgeError(f"document_boundary {document_boundary!r} must be one of "
+                             f"{', '.join(DOCUMENT_BOUNDARIES)}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise BertforgeError(f"workers {workers} must be >= 1")
+    if num_shards < 1 or not 0 <= shard_index < num_shards:
+        raise BertforgeError(f"shard index {shard_index} of {num_shards} shards: need "
+                             f"num_shards >= 1 and 0 <= shard_index < num_shards")
     start = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir)
     tok.encode_special_tokens = True  # "[MASK]" in the text is text, not a mask
@@ -87,25 +112,29 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     tmp.mkdir()  # not mkdtemp: that makes it private (0700), and it becomes `out`
     try:
         stats = CorpusStats()
-        packers = {s: _Packer(_ShardWriter(tmp, s, seq_len, dtype, shard_sequences), specials)
-                   for s in SPLITS}
+        packers = {s: _Packer(_ShardWriter(tmp, s, seq_len, dtype, shard_sequences), specials,
+                              document_boundary) for s in SPLITS}
         bar = tqdm(total=_total_bytes(files), unit="B", unit_scale=True, desc="prepare",
                    disable=not show_progress, file=sys.stderr)
-        # Each split's latest document is held back until the end (see _settle).
-        pending: dict[str, list[int] | None] = {s: None for s in SPLITS}
+        # Each split's latest document (its ids) is held back until the end (see _settle).
+        pending: dict[str, np.ndarray | None] = {s: None for s in SPLITS}
         seen = 0
-        for batch in _batches(iter_documents(files, stats)):
-            to_valid = [_is_valid(doc, valid_fraction) for doc in batch]
-            encodings = tok.encode_batch_fast(batch, add_special_tokens=False)
-            routed: dict[str, list[list[int]]] = {s: [] for s in SPLITS}
-            for enc, valid in zip(encodings, to_valid):
-                routed["valid" if valid else "train"].append(enc.ids)
-            for split, docs in routed.items():
-                if docs:
-                    if pending[split] is not None:
-                        docs.insert(0, pending[split])
-                    pending[split] = docs.pop()
-                packers[split].add(docs)
+        docs = iter_documents(files, stats, corpus_options)
+        if num_shards > 1:  # this part's documents: ordinal mod num_shards == shard_index
+            docs = itertools.compress(docs, itertools.cycle(
+                [k == shard_index for k in range(num_shards)]))
+        for enc in encode_batches(_batches(docs), tok, dtype, valid_fraction, workers):
+            for split, chosen in (("train", ~enc.valid), ("valid", enc.valid)):
+                if not chosen.any():
+                    continue
+                ids = enc.ids[np.repeat(chosen, enc.lengths)]  # (N,) these documents' tokens
+                lengths = enc.lengths[chosen]  # (D,)
+                if pending[split] is not None:
+                    ids = np.concatenate([pending[split], ids])
+                    lengths = np.concatenate([[len(pending[split])], lengths])
+                keep = len(ids) - int(lengths[-1])
+                pending[split] = ids[keep:].copy()
+                packers[split].add(ids[:keep], lengths[:-1])
             bar.update(stats.bytes - seen)
             seen = stats.bytes
         bar.close()
@@ -113,6 +142,9 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         if stats.documents == 0:
             found = f" ({stats.problems()})" if stats.problems() else ""
             raise BertforgeError(f"corpus has no documents: {' '.join(map(str, corpus))}{found}")
+        if all(p is None for p in pending.values()):
+            raise BertforgeError(f"part {shard_index} of {num_shards} has no documents (the "
+                                 f"corpus has {stats.documents:,})")
         _settle(pending, packers, valid_fraction)
         if valid_fraction > 0 and packers["valid"].documents == 0:
             log.warning("corpus has a single document: the validation split is empty")
@@ -127,6 +159,8 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             "tokenizer_hash": tokenizer_hash(tmp / "tokenizer"),
             "special_token_ids": specials,
             "valid_fraction": valid_fraction,
+            "document_boundary": document_boundary,
+            "part": {"index": shard_index, "count": num_shards},
             "corpus_files": [str(p) for p in files],
             "corpus_stats": stats.as_dict(),
             "splits": {s: packers[s].finish() for s in SPLITS},
@@ -145,7 +179,7 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     return manifest
 
 
-def _settle(pending: dict[str, list[int] | None], packers: dict[str, _Packer],
+def _settle(pending: dict[str, np.ndarray | None], packers: dict[str, _Packer],
             valid_fraction: float) -> None:
     """Place each split's held-back last document, fixing up what hashing alone gets wrong
     on tiny corpora: train must never be empty, and valid should not be when asked for."""
@@ -155,8 +189,9 @@ def _settle(pending: dict[str, list[int] | None], packers: dict[str, _Packer],
     elif count["valid"] == 0 and valid_fraction > 0 and count["train"] > 1:
         pending["valid"], pending["train"] = pending["train"], None
     for split in SPLITS:
-        if pending[split] is not None:
-            packers[split].add([pending[split]])  # type: ignore[list-item]
+        ids = pending[split]
+        if ids is not None:
+            packers[split].add(ids, np.array([len(ids)]))
 
 
 def _check_out_dir(out: Path) -> None:
@@ -193,16 +228,10 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _total_bytes(files: list[Path]) -> int | None:
-    """On-disk size of the corpus, for the progress bar; unknown when gzipped."""
-    if any(p.name.endswith(".gz") for p in files):
-        return None
-    return sum(p.stat().st_size for p in files)
-
-
-def _is_valid(doc: str, valid_fraction: float) -> bool:
-    digest = hashlib.sha1(doc.encode("utf-8")).digest()
-    return int.from_bytes(digest, "big") % _HASH_BUCKETS < valid_fraction * _HASH_BUCKETS
+def _total_bytes(files: list[Path | str]) -> int | None:
+    """About how many bytes the corpus holds, for the progress bar (compressed files are
+    estimated; unknown with an hf dataset)."""
+    return estimate_bytes(files)
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
@@ -219,35 +248,61 @@ def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
 
 
 class _Packer:
-    """Cuts one split's token stream into [CLS] body [SEP] sequences as it grows."""
+    """Cuts one split's documents into [CLS] body [SEP] sequences as they come.
 
-    def __init__(self, writer: _ShardWriter, specials: dict[str, int]) -> None:
+    "cross": one token stream, documents joined by [SEP], cut as it grows. "new": each
+    document cut on its own, its last sequence padded.
+    """
+
+    def __init__(self, writer: _ShardWriter, specials: dict[str, int],
+                 document_boundary: str = "cross") -> None:
         self.writer = writer
         self.cls, self.sep, self.pad = specials["cls"], specials["sep"], specials["pad"]
         self.body = writer.seq_len - 2
+        self.new_sequences = document_boundary == "new"
         self.buf = np.empty(0, dtype=writer.dtype)  # stream tokens not yet in a sequence
         self.documents = 0
         self.tokens = 0
         self.started = False  # whether the stream has a document yet (then [SEP] joins)
 
-    def add(self, docs: list[list[int]]) -> None:
-        """Append documents (lists of token ids) to the stream; write every full sequence."""
-        self.documents += len(docs)
-        parts: list[Any] = []
-        for ids in docs:
-            if not ids:  # nothing survived normalisation; joining it would double a [SEP]
-                continue
-            if self.started:
-                parts.append((self.sep,))
-            parts.append(ids)
-            self.started = True
-            self.tokens += len(ids)
-        if not parts:
+    def add(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents: their token ids one after another (N,), and their lengths
+        (D,); write every full sequence."""
+        self.documents += len(lengths)
+        self.tokens += len(ids)
+        # A document with no tokens left (nothing survived normalisation) is skipped:
+        # joining it would double a [SEP].
+        lengths = lengths[lengths > 0]
+        if not len(lengths):
             return
-        count = sum(len(p) for p in parts)
-        new = np.fromiter(itertools.chain.from_iterable(parts), dtype=self.buf.dtype, count=count)
-        self.buf = np.concatenate([self.buf, new])
+        if self.new_sequences:
+            self._write_documents(ids, lengths)
+            return
+        joined = np.ones(len(lengths), dtype=np.int64)  # a [SEP] before each document...
+        joined[0] = self.started  # ...but the stream's first
+        self.started = True
+        step = lengths + joined
+        begin = np.cumsum(step) - lengths  # (D,) where each document's tokens start
+        piece = np.empty(int(step.sum()), dtype=self.buf.dtype)
+        is_sep = np.zeros(len(piece), dtype=bool)
+        is_sep[begin[joined == 1] - 1] = True
+        piece[is_sep] = self.sep
+        piece[~is_sep] = ids
+        self.buf = np.concatenate([self.buf, piece])
         self._cut()
+
+    def _write_documents(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Each document from a new sequence: its token i goes to row i // body of its own
+        rows, column 1 + i % body; [SEP] after its last token, [PAD] after that."""
+        rows_per_doc = -(-lengths // self.body)  # (D,)
+        n = int(rows_per_doc.sum())
+        rows = np.full((n, self.writer.seq_len), self.pad, dtype=self.buf.dtype)  # (n, T)
+        pos = np.arange(len(ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # (N,)
+        row = np.repeat(np.cumsum(rows_per_doc) - rows_per_doc, lengths) + pos // self.body
+        rows[row, 1 + pos % self.body] = ids
+        rows[:, 0] = self.cls
+        rows[np.arange(n), 1 + np.bincount(row, minlength=n)] = self.sep
+        self.writer.write(rows)
 
     def _cut(self) -> None:
         buf, body, sep = self.buf, self.body, self.sep
@@ -319,8 +374,8 @@ def _summary(manifest: dict[str, Any], stats: CorpusStats, elapsed: float, out: 
           f"{valid['documents']:,} valid), {train['tokens'] + valid['tokens']:,} tokens, "
           f"{train['sequences']:,} + {valid['sequences']:,} sequences of {manifest['seq_len']} "
           f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
-    if stats.problems():
-        print(f"corpus: {stats.problems()}", file=sys.stderr)
+    for line in stats.summary_lines():  # files per format, every repair, unreadable files
+        print(line, file=sys.stderr)
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
