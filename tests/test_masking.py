@@ -72,3 +72,16 @@ def test_configurable_rate(rate):
     tokens = batch()
     out = Masker(1000, SPECIAL, mask_rate=rate)(tokens, np.arange(len(tokens)), 1, 0)
     assert abs(out.targets.numel() / (tokens >= 5).sum() - rate) < 0.01
+
+
+def test_token_masking_is_the_hash_threshold():
+    # Token masking must stay exactly what it was: selection at hash < rate, per position,
+    # so runs started before the masking variants resume with the same masks.
+    tokens = batch(rows=32)
+    index = np.arange(500, 532)
+    m = Masker(1000, SPECIAL, mask_rate=0.3)
+    selected, unit = m.select(tokens, index, 5, 2)
+    expected = (tokens >= 5) & (hash_uniform(5, 2, index, tokens.shape[1], 1) < 0.3)
+    np.testing.assert_array_equal(selected, expected)
+    np.testing.assert_array_equal(unit, np.where(expected.reshape(-1),
+                                                 np.arange(tokens.size), -1))
