@@ -19,7 +19,8 @@ from bertforge.errors import BertforgeError
 
 REPORT = "report"
 # Eval-line fields that are bookkeeping, not metrics (perplexity is exp(mlm_loss)).
-_NOT_PLOTTED = {"kind", "step", "tokens", "elapsed_s", "epoch", "masked_tokens", "perplexity"}
+_NOT_PLOTTED = {"kind", "step", "tokens", "elapsed_s", "epoch", "masked_tokens", "perplexity",
+                "nsp_pairs", "sop_pairs"}
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -90,7 +91,9 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     held_out_loss = next((k for k in ("mlm_loss", "eval_loss") if _series(evals, k)[0]), None)
 
-    loss_lines = [("training", *_series(train, "loss"), "-")]
+    # With NSP/SOP the training loss is a sum of terms: compare MLM with MLM.
+    train_loss = "mlm_loss" if _series(train, "mlm_loss")[0] else "loss"
+    loss_lines = [(f"training ({train_loss})", *_series(train, train_loss), "-")]
     if held_out_loss:
         loss_lines.append((f"held-out ({held_out_loss})", *_series(evals, held_out_loss), "o-"))
     plots = {"loss.png": [("loss", loss_lines)],
