@@ -12,6 +12,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -47,6 +48,46 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
 
 
+def parse_size(text: str) -> int:
+    """'2000000', '500M', '2G', '1.5GB', '64KiB' -> bytes (K/M/G/T are powers of 1000,
+    KiB/MiB/GiB/TiB of 1024)."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(?:([kmgt])(i?)b?|b?)", str(text).strip().lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 500M, 2G, 64KiB)")
+    number, unit, binary = m.groups()
+    scale = (1024 if binary else 1000) ** ("kmgt".index(unit) + 1) if unit else 1
+    size = int(float(number) * scale)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be > 0")
+    return size
+
+
+def _add_corpus_options(parser: argparse.ArgumentParser, sample: bool) -> None:
+    """The corpus-reading flags, the same on every command that reads a corpus."""
+    g = parser.add_argument_group("corpus options")
+    g.add_argument("--text-field", default="text", metavar="NAME",
+                   help="JSONL: the field that holds the text (default: text)")
+    g.add_argument("--text-column", default="text", metavar="NAME",
+                   help="CSV, TSV, Parquet and hf: datasets: the column that holds the text "
+                   "(default: text)")
+    g.add_argument("--one-doc-per-line", action="store_true",
+                   help="plain text: each non-empty line is a document (default: documents "
+                   "are separated by blank lines)")
+    g.add_argument("--dedup", action="store_true",
+                   help="drop exact duplicate documents (memory: ~100 bytes per document)")
+    if sample:
+        g.add_argument("--sample-bytes", type=parse_size, default=None, metavar="SIZE",
+                       help="train the tokenizer on about this much text (e.g. 500M, 2G): the "
+                       "first documents of each file, shares by file size (default: all)")
+
+
+def _corpus_options(args: argparse.Namespace) -> Any:
+    from bertforge.data.corpus import CorpusOptions
+
+    return CorpusOptions(text_field=args.text_field, text_column=args.text_column,
+                         one_doc_per_line=args.one_doc_per_line, dedup=args.dedup)
+
+
 def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
                 section: str) -> None:
     by_name = {f.name: f for f in dataclasses.fields(kind)}
@@ -54,6 +95,11 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
     for name in names:
         f = by_name[name]
         base = f.type.replace(" | None", "")
+        if base == "bool":  # a switch: --compile
+            group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}",
+                               action="store_const", const=True, default=argparse.SUPPRESS,
+                               help=f"{f.metadata.get('help', '')} (default: off)")
+            continue
         typ = {"int": int, "float": float, "str": str}[base]
         if name == "time_budget":
             typ = parse_duration
@@ -113,7 +159,8 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
     files = [str(p) for p in resolve_corpus(args.corpus)]
     out = train_tokenizer(files, Path(args.out), vocab_size=args.vocab_size,
                           lowercase=not args.cased, min_frequency=args.min_frequency,
-                          show_progress=not args.quiet)
+                          show_progress=not args.quiet, options=_corpus_options(args),
+                          sample_bytes=args.sample_bytes)
     print(out)
     return 0
 
@@ -126,7 +173,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         raise BertforgeError(f"--seq-len {args.seq_len}: must be >= 8")
     files = [str(p) for p in resolve_corpus(args.corpus)]
     prepare(files, Path(args.tokenizer), Path(args.out), seq_len=args.seq_len,
-            valid_fraction=args.valid_fraction, show_progress=not args.quiet)
+            valid_fraction=args.valid_fraction, show_progress=not args.quiet,
+            corpus_options=_corpus_options(args), document_boundary=args.document_boundary,
+            workers=args.workers, num_shards=args.num_shards, shard_index=args.shard_index)
     print(args.out)
     return 0
 
@@ -137,11 +186,20 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not args.data and not args.corpus and not args.resume:
         raise BertforgeError("give --corpus FILES... or --data DATA_DIR")
     cfg, given = resolve_config(args)
-    result = run_pretrain(Path(args.out), cfg, data_dir=Path(args.data) if args.data else None,
+    data_dir = [Path(d) for d in args.data] if args.data else None
+    if data_dir is not None and len(data_dir) == 1:
+        data_dir = data_dir[0]
+    result = run_pretrain(Path(args.out), cfg, data_dir=data_dir,
                           corpus=args.corpus, resume=args.resume, lowercase=not args.cased,
-                          given=given, show_progress=not args.quiet)
-    print(json.dumps(result))
+                          given=given, show_progress=not args.quiet,
+                          corpus_options=_corpus_options(args), sample_bytes=args.sample_bytes)
+    if _rank() == 0:  # under torchrun, one answer for the job
+        print(json.dumps(result))
     return 0
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", 0))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -149,30 +207,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from bertforge import rundir
     from bertforge.data.loader import ShardedSequences
-    from bertforge.data.masking import Masker
-    from bertforge.evaluate import mlm_metrics, unigram_baseline
+    from bertforge.data.masking import build_masker
+    from bertforge.evaluate import mlm_metrics, objective_metrics, unigram_baseline
     from bertforge.runtime import autocast, configure_threads, resolve_device, resolve_precision
 
     configure_threads()
     model, cfg, _ = rundir.load_run_model(Path(args.run_dir),
                                           Path(args.checkpoint) if args.checkpoint else None)
-    data_dir = Path(args.data or cfg.data.path or Path(args.run_dir) / rundir.DATA)
-    valid = ShardedSequences(data_dir, args.split)
+    # One data directory or several (--data DIR --data DIR, or the run's list).
+    valid = ShardedSequences(args.data or cfg.data.path or Path(args.run_dir) / rundir.DATA,
+                             args.split)
+    data_dir = valid.data_dirs[0]  # they share the tokenizer the masker reads
     manifest = valid.manifest
     if int(manifest["vocab_size"]) != cfg.model.vocab_size:
         raise BertforgeError(f"{data_dir} was built with a different tokenizer "
                              f"(vocab {manifest['vocab_size']} vs {cfg.model.vocab_size})")
     if len(valid) == 0:
         raise BertforgeError(f"{data_dir} has no {args.split} sequences to evaluate on")
-    masker = Masker(cfg.model.vocab_size, manifest["special_token_ids"], cfg.data.mask_rate,
-                    cfg.data.mask_token_ratio, cfg.data.random_token_ratio)
+    # Token masking at the run's rate whatever the run trained with: one held-out task.
+    masker = build_masker(cfg.data, data_dir, manifest, for_eval=True)
     device = resolve_device(args.device)
     dtype = resolve_precision(args.precision, device)
     model.to(device)
     with torch.no_grad(), autocast(device, dtype):
         result = mlm_metrics(model, valid, masker, device, 64, args.max_sequences)
-    result["unigram_baseline_loss"] = unigram_baseline(ShardedSequences(data_dir, "train"),
-                                                       valid, masker, args.max_sequences)
+        # nsp_/sop_ loss and accuracy on held-out pairs when the run trained on pairs.
+        result.update(objective_metrics(model, valid, masker, cfg.data.objective, device, 64,
+                                        args.max_sequences))
+    train = ShardedSequences(valid.data_dirs, "train")
+    result["unigram_baseline_loss"] = unigram_baseline(train, valid, masker, args.max_sequences)
     result["split"] = args.split
     print(json.dumps(result))
     if args.out:
@@ -251,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-frequency", type=int, default=2, help="rarest pair to merge")
     s.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_corpus_options(s, sample=True)
     s.set_defaults(func=cmd_tokenizer)
 
     s = sub.add_parser("prepare", help="tokenize a corpus into token shards")
@@ -260,14 +324,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--valid-fraction", type=float, default=0.01,
                    help="fraction of documents held out (default: 0.01)")
+    s.add_argument("--document-boundary", default="cross", choices=["cross", "new"],
+                   help="'cross': documents joined by [SEP] across sequences; 'new': each "
+                   "document starts a sequence, its last one padded (default: cross)")
+    s.add_argument("--workers", type=int, default=None,
+                   help="tokenizing processes (default: all cores); the output is the same")
+    s.add_argument("--num-shards", type=int, default=1, metavar="N",
+                   help="split the corpus into N parts, by document, to prepare on N machines "
+                   "(default: 1)")
+    s.add_argument("--shard-index", type=int, default=0, metavar="I",
+                   help="the part to prepare, 0 <= I < N; read the parts together with "
+                   "pretrain --data DIR --data DIR ... (default: 0)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_corpus_options(s, sample=False)
     s.set_defaults(func=cmd_prepare)
 
     s = sub.add_parser("pretrain", help="pretrain a BERT (MLM) model")
     src = s.add_argument_group("data")
     src.add_argument("--corpus", nargs="+", help="raw text: tokenizer and shards are built in "
                      "RUN_DIR unless already there")
-    src.add_argument("--data", help="a directory written by `bertforge prepare`")
+    src.add_argument("--data", action="append", metavar="DATA_DIR",
+                     help="a directory written by `bertforge prepare`; repeat it to read "
+                     "several (e.g. the parts of one corpus) as one dataset")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--preset", default=None,
                    help=f"model size: {', '.join(PRESETS)} (default: mini)")
@@ -278,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: 30522)")
     s.add_argument("--cased", action="store_true", help="cased tokenizer with --corpus")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_corpus_options(s, sample=True)
     _add_fields(s, ModelConfig, MODEL_FLAGS, "model")
     _add_fields(s, DataConfig, DATA_FLAGS, "data")
     _add_fields(s, TrainConfig, TRAIN_FLAGS, "train")
@@ -285,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("evaluate", help="held-out MLM loss, accuracy and perplexity (JSON)")
     s.add_argument("run_dir")
-    s.add_argument("--data", help="data directory (default: RUN_DIR/data)")
+    s.add_argument("--data", action="append", metavar="DATA_DIR",
+                   help="data directory, repeatable (default: the run's)")
     s.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
     s.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
     s.add_argument("--max-sequences", type=int, default=0, help="0: all")
@@ -339,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bertforge: interrupted", file=sys.stderr)
         return 130
     except Interrupted as e:
-        print(f"bertforge: {e}; checkpoint saved, continue with --resume", file=sys.stderr)
+        if _rank() == 0:
+            print(f"bertforge: {e}; checkpoint saved, continue with --resume", file=sys.stderr)
         return 128 + e.signum
 
 

@@ -93,7 +93,8 @@ DOCUMENT_BOUNDARIES = ("cross", "new")
 class DataConfig:
     """Where sequences come from, how they are built and how they are masked."""
 
-    path: str | None = _help("The prepared data directory the run reads.", default=None)
+    path: str | list[str] | None = _help("The prepared data directory the run reads, or a "
+                                         "list of them read as one dataset.", default=None)
     seq_len: int = _help("Tokens per sequence, [CLS] and [SEP] included.", default=128)
     valid_fraction: float = _help("Fraction of documents held out for evaluation.", default=0.01)
     mask_rate: float = _help("Fraction of tokens selected for MLM prediction.", default=0.15)
@@ -170,6 +171,9 @@ class TrainConfig:
     strategy: str = _help("With several processes (torchrun): 'ddp' (replicated model) or "
                           "'fsdp' (FSDP2, parameters sharded per encoder layer); 'auto' is "
                           "ddp.", default="auto")
+    compile: bool = _help("Run the model through torch.compile (slow to start, faster per "
+                          "step on GPUs; checkpoints keep plain parameter names).",
+                          default=False)
 
     def __post_init__(self) -> None:
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
@@ -281,6 +285,9 @@ def _coerce(value: Any, annotation: str, where: str) -> Any:
         value = float(value) if ok else value
     elif base == "str":
         ok = isinstance(value, str)
+    elif base == "str | list[str]":
+        ok = isinstance(value, str) or (isinstance(value, list) and bool(value)
+                                        and all(isinstance(v, str) for v in value))
     else:
         ok = True
     if not ok:

@@ -15,37 +15,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from bertforge import rundir
 from bertforge.config import RunConfig
-from bertforge.data.loader import PretrainBatches, ShardedSequences
-from bertforge.data.masking import MaskedBatch, Masker
+from bertforge.data.corpus import CorpusOptions
+from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
+from bertforge.data.masking import MaskedBatch, build_masker
+from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
+from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError
-from bertforge.evaluate import mlm_metrics
+from bertforge.evaluate import mlm_metrics, pair_metrics
 from bertforge.losses import cross_entropy_sum
 from bertforge.runtime import configure_threads, resolve_device, resolve_precision
-from bertforge.train import fit
+from bertforge.train import fit, load_model_weights
 
 # Train-config fields a resume may change; everything else is forced from config.yaml.
 RESUMABLE_OVERRIDES = {("train", k) for k in ("max_steps", "time_budget", "eval_every",
                                               "checkpoint_every", "log_every", "keep_last",
-                                              "device", "on_nan")} | {("data", "path")}
+                                              "device", "on_nan", "strategy", "compile")} | {("data", "path")}
 
 
 class MLMTask:
-    """Masked-LM over prepared shards: sparse prediction at the masked positions only."""
+    """Masked-LM over prepared shards: sparse prediction at the masked positions only.
 
-    def __init__(self, cfg: RunConfig, data_dir: Path, device: torch.device,
+    With `data.objective` mlm+nsp or mlm+sop, each training sequence is first made into a
+    sentence pair (bertforge.data.pairs) and the 2-way head is trained too: two loss terms,
+    MLM normalised by the masked tokens and NSP/SOP by the pairs of the global batch.
+    """
+
+    def __init__(self, cfg: RunConfig, data_dir: Path | list[Path], device: torch.device,
                  rank: int = 0, world_size: int = 1):
         train = ShardedSequences(data_dir, "train")
         manifest = train.manifest
-        self.masker = Masker(vocab_size=int(manifest["vocab_size"]),
-                             special_ids=manifest["special_token_ids"],
-                             mask_rate=cfg.data.mask_rate,
-                             mask_token_ratio=cfg.data.mask_token_ratio,
-                             random_token_ratio=cfg.data.random_token_ratio)
+        first = train.data_dirs[0]  # of one or several; they share the tokenizer
+        self.masker = build_masker(cfg.data, first, manifest)
+        # Held-out scoring always uses token masking, whatever the training variant.
+        self.eval_masker = build_masker(cfg.data, first, manifest, for_eval=True)
         t = cfg.train
-        self.batches = PretrainBatches(train, self.masker, t.batch_size, t.micro_batch_size,
+        self.pair_kind = pair_kind(cfg.data.objective)  # 'nsp', 'sop' or None (plain MLM)
+        batch_masker = self.masker if self.pair_kind is None else PairedMasker(
+            self.masker, PairBuilder(train, manifest["special_token_ids"], self.pair_kind))
+        self.batches = PretrainBatches(train, batch_masker, t.batch_size, t.micro_batch_size,
                                        t.seed, rank, world_size)
         self.valid = ShardedSequences(data_dir, "valid")
         self.device = device
@@ -56,30 +67,52 @@ class MLMTask:
     def micro_batches(self, step: int) -> list[MaskedBatch]:
         return [m.to(self.device) for m in self.batches.micro_batches(step)]
 
-    def count(self, micro: MaskedBatch) -> int:
-        return micro.targets.numel()
+    def count(self, micro: MaskedBatch) -> int | dict[str, int]:
+        """Masked tokens; with NSP/SOP, {"mlm": masked tokens, kind: labelled pairs}."""
+        if self.pair_kind is None:
+            return micro.targets.numel()
+        pairs = int((micro.next_sentence_label >= 0).sum())  # -100: no pair could be made
+        return {"mlm": micro.targets.numel(), self.pair_kind: pairs}
 
-    def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch) -> tuple[torch.Tensor, dict]:
-        logits, _ = model(micro.input_ids, token_type_ids=micro.token_type_ids,
-                          attention_mask=micro.attention_mask,
-                          masked_positions=micro.masked_positions)  # (N, V)
+    def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
+                 ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict]:
+        logits, pair_logits = model(micro.input_ids, token_type_ids=micro.token_type_ids,
+                                    attention_mask=micro.attention_mask,
+                                    masked_positions=micro.masked_positions)  # (N, V), (B, 2)
         loss = cross_entropy_sum(logits, micro.targets)
         correct = (logits.detach().argmax(-1) == micro.targets).sum()
-        return loss, {"mlm_accuracy": correct}
+        if self.pair_kind is None:
+            return loss, {"mlm_accuracy": correct}
+        labels = micro.next_sentence_label  # (B,)
+        # Summed in fp32; labels of -100 add nothing to the loss and never match an argmax.
+        pair_loss = F.cross_entropy(pair_logits.float(), labels, reduction="sum")
+        pair_correct = (pair_logits.detach().argmax(-1) == labels).sum()
+        kind = self.pair_kind
+        return ({"mlm": loss, kind: pair_loss},
+                {"mlm_accuracy": correct, f"{kind}_accuracy": pair_correct})
 
     def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
         if len(self.valid) == 0:
             return {}
-        return mlm_metrics(model, self.valid, self.masker, self.device,
-                           self.eval_batch_size, self.eval_sequences)
+        result = mlm_metrics(model, self.valid, self.eval_masker, self.device,
+                             self.eval_batch_size, self.eval_sequences)
+        if self.pair_kind is not None:  # MLM above stays on the plain, unpaired sequences
+            result.update(pair_metrics(model, self.valid, self.eval_masker, self.pair_kind,
+                                       self.device, self.eval_batch_size, self.eval_sequences))
+        return result
 
     def epoch_at(self, step: int) -> float:
         return self.batches.epoch_at(step)
 
 
 def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: bool,
-               cfg: RunConfig, show_progress: bool) -> Path:
-    """Tokenizer and shards inside RUN_DIR, each built only if not already there."""
+               cfg: RunConfig, show_progress: bool, corpus_options: CorpusOptions | None = None,
+               sample_bytes: int | None = None) -> Path:
+    """Tokenizer and shards inside RUN_DIR, each built only if not already there.
+
+    Both read the corpus with `corpus_options` (a CorpusOptions); the tokenizer trains on
+    about `sample_bytes` of it when given.
+    """
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
     from bertforge.tokenizer import train_tokenizer
@@ -89,39 +122,53 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     if not (tok_dir / "tokenizer.json").is_file():
         t0 = time.monotonic()
         train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
-                        show_progress=show_progress)
+                        show_progress=show_progress, options=corpus_options,
+                        sample_bytes=sample_bytes)
         print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}", file=sys.stderr)
     if not (data_dir / "manifest.json").is_file():
         t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
-                valid_fraction=cfg.data.valid_fraction, show_progress=show_progress)
+                valid_fraction=cfg.data.valid_fraction, show_progress=show_progress,
+                corpus_options=corpus_options,
+                document_boundary=cfg.data.document_boundary)
         print(f"prepare: done in {time.monotonic() - t0:.1f}s -> {data_dir}", file=sys.stderr)
     return data_dir
 
 
-def check_data(data_dir: Path, cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """The data directory's manifest, refused if it does not fit the run's config; with
-    `run_dir` (a resume), also if it was made with another tokenizer than the run's."""
-    from bertforge.data.prepare import load_manifest
+def check_data(data_dir: Path | list[Path], cfg: RunConfig,
+               run_dir: Path | None = None) -> dict[str, Any]:
+    """The manifest of the data directory (the first of several, which must agree with
+    each other), refused if it does not fit the run's config; with `run_dir` (a resume),
+    also if it was made with another tokenizer than the run's."""
+    from bertforge.data.loader import as_dirs, load_manifests
     from bertforge.tokenizer import tokenizer_hash
 
-    manifest = load_manifest(data_dir)
-    if int(manifest["seq_len"]) != cfg.data.seq_len:
-        raise BertforgeError(f"data.seq_len: {data_dir} was prepared with seq_len "
-                             f"{manifest['seq_len']}, but the run has seq_len {cfg.data.seq_len}")
     check_lengths(cfg)
     expected = cfg.data.tokenizer_hash
     if run_dir is not None and expected is None and (run_dir / rundir.TOKENIZER).is_dir():
         expected = tokenizer_hash(run_dir / rundir.TOKENIZER)  # a run that recorded none
-    found = manifest.get("tokenizer_hash") or tokenizer_hash(Path(data_dir) / "tokenizer")
-    if expected and found != expected:
-        raise BertforgeError(f"data.tokenizer_hash: {data_dir} was made with tokenizer "
-                             f"{found}, but the run uses tokenizer {expected}")
-    if run_dir is not None and int(manifest["vocab_size"]) != cfg.model.vocab_size:
-        raise BertforgeError(f"model.vocab_size: {data_dir} has a vocabulary of "
-                             f"{manifest['vocab_size']}, but the run has {cfg.model.vocab_size}")
-    manifest["tokenizer_hash"] = found
-    return manifest
+    dirs = as_dirs(data_dir)
+    manifests = load_manifests(dirs)
+    for data_dir, manifest in zip(dirs, manifests):
+        if int(manifest["seq_len"]) != cfg.data.seq_len:
+            raise BertforgeError(f"data.seq_len: {data_dir} was prepared with seq_len "
+                                 f"{manifest['seq_len']}, but the run has seq_len "
+                                 f"{cfg.data.seq_len}")
+        boundary = manifest.get("document_boundary", "cross")  # older data: always cross
+        if boundary != cfg.data.document_boundary:
+            raise BertforgeError(f"data.document_boundary: {data_dir} was prepared with "
+                                 f"{boundary!r}, but the run has "
+                                 f"{cfg.data.document_boundary!r} (--document-boundary)")
+        found = manifest.get("tokenizer_hash") or tokenizer_hash(Path(data_dir) / "tokenizer")
+        if expected and found != expected:
+            raise BertforgeError(f"data.tokenizer_hash: {data_dir} was made with tokenizer "
+                                 f"{found}, but the run uses tokenizer {expected}")
+        if run_dir is not None and int(manifest["vocab_size"]) != cfg.model.vocab_size:
+            raise BertforgeError(f"model.vocab_size: {data_dir} has a vocabulary of "
+                                 f"{manifest['vocab_size']}, but the run has "
+                                 f"{cfg.model.vocab_size}")
+        manifest["tokenizer_hash"] = expected = found  # the next must match this one
+    return manifests[0]
 
 
 def check_lengths(cfg: RunConfig) -> None:
@@ -149,18 +196,56 @@ def resolve_resume(run_dir: Path, cfg: RunConfig, given: dict[str, dict[str, Any
     return saved
 
 
-def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
+def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] | None = None,
                  corpus: list[str] | None = None, resume: bool = False,
                  lowercase: bool = True, given: dict[str, dict[str, Any]] | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
-    """Pretrain into `run_dir`; returns the final metrics."""
-    from bertforge.hf import export_model
-    from bertforge.model import BertForPreTraining
+                 show_progress: bool = True, corpus_options: CorpusOptions | None = None,
+                 sample_bytes: int | None = None) -> dict[str, Any]:
+    """Pretrain into `run_dir`; returns the final metrics.
+
+    Under torchrun every rank calls this: rank 0 prepares the run directory (config, data,
+    tokenizer) while the others wait, then all train; rank 0 alone writes.
+    """
+    from bertforge.distributed import init_from_env, launched, shutdown
 
     run_dir = Path(run_dir)
+    device = resolve_device(cfg.train.device)
+    if launched() and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dist = init_from_env(cfg.train.strategy, device)
+    if dist.is_main:
+        try:
+            data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase, given,
+                                    show_progress, corpus_options, sample_bytes)
+        finally:
+            dist.barrier()  # on an error too: the others then fail on the missing config
+    else:
+        dist.barrier()
+        if not (run_dir / rundir.CONFIG).is_file():
+            raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
+                                 f"(its error says why)")
+        cfg = RunConfig.load(run_dir / rundir.CONFIG)
+        data_dir = as_dirs(cfg.data.path)
+    try:
+        return _train(run_dir, cfg, data_dir, device, dist, resume,
+                      show_progress and dist.is_main)
+    finally:
+        shutdown()
+
+
+def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | None,
+                 corpus: list[str] | None, resume: bool, lowercase: bool,
+                 given: dict[str, dict[str, Any]] | None, show_progress: bool,
+                 corpus_options: CorpusOptions | None = None,
+                 sample_bytes: int | None = None) -> list[Path]:
+    """Resolve the config (forced from config.yaml on resume), build or check the data,
+    copy the tokenizer and save the config; returns the data directories. `cfg` is updated
+    in place."""
     if resume:
         rundir.require_run_dir(run_dir)
-        cfg = resolve_resume(run_dir, cfg, given or {})
+        saved = resolve_resume(run_dir, cfg, given or {})
+        for section in ("model", "data", "train"):
+            setattr(cfg, section, getattr(saved, section))
     elif (run_dir / rundir.CHECKPOINTS).exists():
         raise BertforgeError(f"{run_dir} already holds a run; pass --resume to continue it "
                              f"or choose another --out")
@@ -168,36 +253,56 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     if corpus:
         data_dir = build_data(run_dir, corpus, cfg.model.vocab_size, lowercase, cfg,
-                              show_progress)
+                              show_progress, corpus_options, sample_bytes)
     elif data_dir is None:
-        data_dir = Path(cfg.data.path) if cfg.data.path else run_dir / rundir.DATA
-    cfg.data.path = str(Path(data_dir).resolve())
-    manifest = check_data(Path(data_dir), cfg, run_dir if resume else None)
+        data_dir = cfg.data.path or run_dir / rundir.DATA  # one directory or a list
+    dirs = [d.resolve() for d in as_dirs(data_dir)]
+    cfg.data.path = str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs]
+    manifest = check_data(dirs, cfg, run_dir if resume else None)
     tok_dir = run_dir / rundir.TOKENIZER
     if not tok_dir.exists():  # copied whole or not at all
         tmp = run_dir / f".{rundir.TOKENIZER}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(Path(data_dir) / "tokenizer", tmp)
+        shutil.copytree(dirs[0] / "tokenizer", tmp)  # the directories share it
         os.replace(tmp, tok_dir)
     cfg.model.vocab_size = int(manifest["vocab_size"])
     cfg.model.pad_token_id = int(manifest["special_token_ids"]["pad"])
     cfg.data.tokenizer_hash = manifest["tokenizer_hash"]  # checked on every resume
     cfg.save(run_dir / rundir.CONFIG)
+    return dirs
+
+
+def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.device,
+           dist: Distributed, resume: bool, show_progress: bool) -> dict[str, Any]:
+    from bertforge.hf import export_model
+    from bertforge.model import BertForPreTraining
 
     threads = configure_threads()
-    device = resolve_device(cfg.train.device)
     dtype = resolve_precision(cfg.train.precision, device)
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = BertForPreTraining(cfg.model).to(device)
-    task = MLMTask(cfg, Path(data_dir), device)
-    print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} tokens, "
-          f"batch {cfg.train.batch_size} (micro {cfg.train.micro_batch_size}), "
-          f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads", file=sys.stderr)
+    if cfg.data.objective == "mlm":
+        # The pooler and NSP head get no gradient from MLM alone; frozen, DDP and FSDP
+        # need not wait for one (and AdamW skipped them anyway).
+        for module in (model.bert.pooler, model.seq_relationship):
+            module.requires_grad_(False)
+    task = MLMTask(cfg, data_dir, device, dist.rank, dist.world_size)
+    if dist.is_main:
+        procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
+        print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+              f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
+              f"tokens, batch {cfg.train.batch_size} (micro {cfg.train.micro_batch_size}), "
+              f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads{procs}",
+              file=sys.stderr)
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
-                 show_progress=show_progress)
-    export_model(model.cpu(), run_dir / rundir.HF, tokenizer_dir=tok_dir)
-    write_run_report(run_dir)
+                 show_progress=show_progress, dist=dist)
+    weights = dist.model_state(model)  # gathered from the shards under FSDP
+    if dist.is_main:
+        final = BertForPreTraining(cfg.model)
+        load_model_weights(final, weights)
+        export_model(final, run_dir / rundir.HF, tokenizer_dir=run_dir / rundir.TOKENIZER)
+        write_run_report(run_dir)
+    dist.barrier()
     return result
 
 

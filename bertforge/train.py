@@ -208,6 +208,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if found is not None:  # weights go in before sharding: every rank reads the full file
         load_model_weights(model, ckpt.load_weights(found[0]))
     wrapped = dist.wrap(model, device, dtype)
+    if cfg.compile:  # `model` stays the plain module: its state_dict keys carry no _orig_mod.
+        wrapped = torch.compile(wrapped)
     optimizer = build_optimizer(model, cfg)
     if found is not None:
         path, state = found

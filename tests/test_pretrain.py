@@ -100,3 +100,18 @@ def test_bf16_tracks_fp32(tmp_path, data_dir):
                  show_progress=False)
     la, lb = losses(a), losses(b)
     assert max(abs(x - y) for x, y in zip(la, lb)) < 0.1, (la, lb)
+
+
+def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path, data_dir):
+    from safetensors import safe_open
+
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_pretrain(eager, tiny_config(max_steps=3, eval_every=0), data_dir=data_dir,
+                 show_progress=False)
+    run_pretrain(compiled, tiny_config(max_steps=3, eval_every=0, compile=True),
+                 data_dir=data_dir, show_progress=False)
+    assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)
+    with safe_open(compiled / "checkpoints" / "step-000003" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "_orig_mod" in k]
+    assert load_run_model(compiled)[0] is not None

@@ -5,14 +5,20 @@ run ever sees is position k mod N of epoch k // N's seeded permutation. Nothing 
 iterated, so resuming at step 10,000 costs the same as at step 10 (one permutation
 of the current epoch), and any split of the global batch into micro-batches or
 processes sees the same sequences with the same masks.
+
+`ShardedSequences` reads one data directory or several (the parts of a corpus prepared
+on several machines, or several corpora) as one dataset, their shards in the order the
+directories are given; they must agree on tokenizer, seq_len and dtype.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,12 +27,49 @@ from bertforge.data.prepare import load_manifest, open_split
 from bertforge.errors import BertforgeError
 
 
-class ShardedSequences:
-    """The sequences of one split across shards, indexable as one array (N, T)."""
+DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
+# What data directories read together must share (the tokenizer fixes the vocabulary and
+# the special ids).
+MUST_MATCH = ("tokenizer_hash", "seq_len", "dtype")
 
-    def __init__(self, data_dir: Path, split: str):
-        self.manifest = load_manifest(data_dir)
-        self.shards = open_split(data_dir, split)
+
+def as_dirs(data_dirs: DataDirs) -> list[Path]:
+    """One data directory or several, as a list."""
+    if isinstance(data_dirs, (str, os.PathLike)):
+        return [Path(data_dirs)]
+    return [Path(d) for d in data_dirs]
+
+
+def load_manifests(data_dirs: DataDirs) -> list[dict[str, Any]]:
+    """The manifests of `data_dirs`, refused (naming the field) unless they can be read
+    as one dataset."""
+    dirs = as_dirs(data_dirs)
+    if not dirs:
+        raise BertforgeError("no data directory given")
+    seen: set[Path] = set()
+    for d in dirs:
+        if d.resolve() in seen:
+            raise BertforgeError(f"data directory given twice: {d}")
+        seen.add(d.resolve())
+    manifests = [load_manifest(d) for d in dirs]
+    for d, m in zip(dirs[1:], manifests[1:]):
+        for key in MUST_MATCH:
+            if m.get(key) != manifests[0].get(key):
+                raise BertforgeError(f"{d} has {key} {m.get(key)!r} but {dirs[0]} has "
+                                     f"{manifests[0].get(key)!r}; data directories read "
+                                     f"together must share {', '.join(MUST_MATCH)}")
+    return manifests
+
+
+class ShardedSequences:
+    """The sequences of one split across shards (of one or several data directories),
+    indexable as one array (N, T)."""
+
+    def __init__(self, data_dirs: DataDirs, split: str):
+        self.data_dirs = as_dirs(data_dirs)
+        self.manifests = load_manifests(self.data_dirs)
+        self.manifest = self.manifests[0]  # what they share: vocabulary, specials, seq_len
+        self.shards = [m for d in self.data_dirs for m in open_split(d, split)]
         self.seq_len = int(self.manifest["seq_len"])
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
 

@@ -1,0 +1,183 @@
+"""torchrun on the CPU (gloo): DDP and FSDP2 give one process's losses, checkpoints move
+between world sizes, gradient accumulation skips the all-reduce, only rank 0 writes,
+and every rank exits on an error or SIGTERM.
+
+The runs are tiny (a 0.5M-parameter model, 20 steps of 8 x 32 tokens) but they go
+through the real `torchrun ... -m bertforge pretrain` path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
+                                reason="this torch build has no torch.distributed")
+
+STEPS = 20
+# Constant lr after a fixed warmup: a run stopped at step 10 and resumed to 20 follows
+# the same schedule as a run to 20 (a linear decay would depend on --max-steps).
+COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
+          "--dropout", "0", "--precision", "fp32", "--seed", "3", "--log-every", "1",
+          "--schedule", "constant", "--warmup", "2", "--quiet"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _pretrain(data_dir: Path, out: Path, *args: str, procs: int = 1,
+              timeout: float = 300) -> subprocess.CompletedProcess:
+    if procs == 1:
+        cmd = [sys.executable, "-m", "bertforge"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={procs}", "-m", "bertforge"]
+    cmd += ["pretrain", "--data", str(data_dir), "--out", str(out), *COMMON, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [x for x in lines if x["kind"] == "train"]
+    assert [x["step"] for x in train] == list(range(1, len(train) + 1)), "one line per step"
+    return [x["loss"] for x in train]
+
+
+def _ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> list[float]:
+    """One process, micro-batch 8: the losses the distributed runs must reproduce."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    _ok(_pretrain(data_dir, out, "--max-steps", str(STEPS), "--micro-batch-size", "8"))
+    losses = _losses(out)
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    return losses
+
+
+@pytest.mark.parametrize("strategy,micro", [("ddp", 4), ("fsdp", 2)])
+def test_two_processes_match_one(data_dir, tmp_path, reference, strategy, micro):
+    # fsdp with micro 2: each rank accumulates 2 micro-batches (the no-sync path).
+    result = _pretrain(data_dir, tmp_path / "run", "--max-steps", str(STEPS),
+                       "--micro-batch-size", str(micro), "--strategy", strategy, procs=2)
+    _ok(result)
+    losses = _losses(tmp_path / "run")  # rank 0 alone wrote: exactly one line per step
+    assert len(losses) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses, reference)) < 1e-5
+    assert f"2 processes ({strategy})" in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 1  # one final JSON for the job
+    assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("first,second", [((2, "fsdp"), (1, "auto")),
+                                          ((1, "auto"), (2, "ddp"))])
+def test_checkpoint_moves_between_world_sizes(data_dir, tmp_path, reference, first, second):
+    run = tmp_path / "run"
+    _ok(_pretrain(data_dir, run, "--max-steps", "10", "--micro-batch-size", "4",
+                  "--strategy", first[1], procs=first[0]))
+    result = _pretrain(data_dir, run, "--max-steps", str(STEPS), "--micro-batch-size", "4",
+                       "--strategy", second[1], "--resume", procs=second[0])
+    _ok(result)
+    assert "resuming from step-000010" in result.stderr
+    losses = _losses(run)
+    assert len(losses) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses, reference)) < 1e-5
+
+
+def test_error_on_rank_zero_ends_every_rank(tmp_path, data_dir):
+    start = time.monotonic()
+    result = _pretrain(data_dir, tmp_path / "run", "--max-steps", "5", "--seq-len", "64",
+                       procs=2, timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 100
+    assert result.stderr.count("bertforge: error: data.seq_len") == 1
+    assert "rank 1: rank 0 could not prepare the run" in result.stderr
+
+
+def test_sigterm_saves_and_every_rank_exits(data_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "bertforge", "pretrain", "--data", str(data_dir), "--out", str(run), *COMMON,
+           "--max-steps", "1000000", "--micro-batch-size", "4"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "metrics.jsonl").is_file()
+                   and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert "checkpoint saved, continue with --resume" in err
+    saved = (run / "checkpoints" / "latest").read_text().strip()
+    step = int(saved.split("-")[1])
+    assert step >= 3
+    assert len(_losses(run)) == step
+    result = _pretrain(data_dir, run, "--max-steps", str(step + 2), "--micro-batch-size", "4",
+                       "--resume")
+    _ok(result)
+    assert len(_losses(run)) == step + 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_allreduces(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from bertforge.distributed import Distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+        d = Distributed(rank=rank, world_size=world, strategy="ddp")
+        wrapped = d.wrap(model, torch.device("cpu"), None)
+        calls = []
+
+        def hook(state, bucket):  # DDP's own all-reduce, counted
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        wrapped.register_comm_hook(None, hook)
+        per_step = []
+        for _ in range(2):  # two steps of three micro-batches each
+            before = len(calls)
+            for i in range(3):
+                with d.sync_gradients(i == 2):
+                    wrapped(torch.randn(5, 4)).sum().backward()
+            per_step.append(len(calls) - before)
+        if rank == 0:
+            Path(out).write_text(json.dumps(per_step))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_accumulation_all_reduces_once_per_step(tmp_path):
+    out = tmp_path / "calls.json"
+    torch.multiprocessing.spawn(_count_allreduces, args=(2, _free_port(), str(out)), nprocs=2)
+    assert json.loads(out.read_text()) == [1, 1]  # one bucket, reduced on the last micro-batch
