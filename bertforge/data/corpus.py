@@ -116,7 +116,9 @@ def estimate_bytes(sources: list[Path | str]) -> int | None:
                 with open(path, "rb") as f:
                     f.seek(-4, os.SEEK_END)
                     isize = int.from_bytes(f.read(4), "little")
-                total += isize if isize >= size else 4 * size  # smaller: wrapped or multi-member
+                # Deflate compresses at most ~1032:1; outside [size, 1032 * size] the
+                # trailer is wrapped, from a multi-member file, or from a truncated one.
+                total += isize if size <= isize <= 1032 * size else 4 * size
             elif compression or fmt == "parquet":
                 total += (4 if compression else 2) * size
             else:
