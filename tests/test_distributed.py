@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -137,49 +136,46 @@ def test_sigterm_saves_and_every_rank_exits(data_dir, tmp_path):
     assert len(_losses(run)) == step + 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Run under torchrun: DDP with a counting comm hook, two steps of three micro-batches.
+_COUNT_ALLREDUCES = """
+import json, sys
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from bertforge.distributed import init_from_env, shutdown
 
+d = init_from_env("ddp", torch.device("cpu"))
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+wrapped = d.wrap(model, torch.device("cpu"), None)
+calls = []
 
-def _count_allreduces(rank: int, world: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+def hook(state, bucket):  # DDP's own all-reduce, counted
+    calls.append(1)
+    return allreduce_hook(state, bucket)
 
-    from bertforge.distributed import Distributed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
-        d = Distributed(rank=rank, world_size=world, strategy="ddp")
-        wrapped = d.wrap(model, torch.device("cpu"), None)
-        calls = []
-
-        def hook(state, bucket):  # DDP's own all-reduce, counted
-            calls.append(1)
-            return allreduce_hook(state, bucket)
-
-        wrapped.register_comm_hook(None, hook)
-        per_step = []
-        for _ in range(2):  # two steps of three micro-batches each
-            before = len(calls)
-            for i in range(3):
-                with d.sync_gradients(i == 2):
-                    wrapped(torch.randn(5, 4)).sum().backward()
-            per_step.append(len(calls) - before)
-        if rank == 0:
-            Path(out).write_text(json.dumps(per_step))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+wrapped.register_comm_hook(None, hook)
+per_step = []
+for _ in range(2):
+    before = len(calls)
+    for i in range(3):
+        with d.sync_gradients(i == 2):
+            wrapped(torch.randn(5, 4)).sum().backward()
+    per_step.append(len(calls) - before)
+if d.is_main:
+    open(sys.argv[1], "w").write(json.dumps(per_step))
+d.barrier()
+shutdown()
+"""
 
 
 def test_accumulation_all_reduces_once_per_step(tmp_path):
-    out = tmp_path / "calls.json"
-    torch.multiprocessing.spawn(_count_allreduces, args=(2, _free_port(), str(out)), nprocs=2)
+    script, out = tmp_path / "count.py", tmp_path / "calls.json"
+    script.write_text(_COUNT_ALLREDUCES)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(out)],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    _ok(result)
     assert json.loads(out.read_text()) == [1, 1]  # one bucket, reduced on the last micro-batch
 
 
