@@ -149,3 +149,22 @@ def test_base_preset_has_bert_base_parameter_count():
     assert (num_parameters(ours.bert, exclude_embeddings=True)
             == theirs_encoder.num_parameters(exclude_embeddings=True))
     assert isinstance(ours.bert, BertModel)
+
+
+def test_cpu_dropout_rate_scale_gradient_and_seeding():
+    from bertforge.model import dropout
+
+    x = torch.ones(500, 1000, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.25)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.25) < 0.005  # 500k elements: the std is 0.0006
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / 0.75))
+    y.sum().backward()
+    assert torch.equal(x.grad, (y != 0).float() / 0.75)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.25), y)  # governed by torch's generator
+    assert not torch.equal(dropout(x, 0.25), y)
+    half = torch.ones(64, 64, dtype=torch.bfloat16)
+    assert dropout(half, 0.5).dtype == torch.bfloat16
+    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0) is x
