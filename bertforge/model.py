@@ -210,7 +210,28 @@ class MaskedLMHead(nn.Module):
         # The padding rows are no tokens: leave them out of the matmul rather than slicing
         # its output, whose backward would allocate and copy a padded (N, V) gradient.
         v = self.vocab_size
-        return F.linear(h, decoder_weight[:v], self.bias[:v])  # (..., vocab_size)
+        return F.linear(h, _LeadingRows.apply(decoder_weight, v), self.bias[:v])  # (..., V)
+
+
+class _LeadingRows(torch.autograd.Function):
+    """w[:n], whose backward zeroes only the rows past n of the full-size gradient.
+
+    A plain slice's backward zero-fills the whole (padded_vocab, H) fp32 buffer and then
+    copies the gradient over it: one pass over the embedding-sized matrix too many, every
+    step.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.full_shape = w.shape
+        return w.narrow(0, 0, n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        full = grad.new_empty(ctx.full_shape)
+        full[:grad.shape[0]] = grad
+        full[grad.shape[0]:] = 0
+        return full, None
 
 
 class BertForPreTraining(nn.Module):
