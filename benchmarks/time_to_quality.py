@@ -38,7 +38,7 @@ from bertforge.data.prepare import prepare
 from bertforge.evaluate import EVAL_MASK_SEED, unigram_baseline
 from bertforge.losses import cross_entropy_sum
 from bertforge.pretrain import run_pretrain
-from bertforge.runtime import configure_threads, resolve_precision
+from bertforge.runtime import configure_cpu, resolve_precision
 from bertforge.tokenizer import train_tokenizer
 
 DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -198,7 +198,7 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configure_threads()
+    configure_cpu()
     tok_dir, data_dir = out / "tokenizer", out / "data"
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer([args.corpus], tok_dir, vocab_size=30522, show_progress=False)

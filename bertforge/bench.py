@@ -34,7 +34,7 @@ from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.losses import cross_entropy_sum
 from bertforge.optim import build_optimizer
-from bertforge.runtime import autocast, configure_threads, resolve_device
+from bertforge.runtime import autocast, configure_cpu, resolve_device
 
 SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -194,7 +194,7 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
               ) -> dict[str, Any]:
     from bertforge.runtime import resolve_precision
 
-    threads = configure_threads()
+    threads = configure_cpu()
     device = resolve_device(device_name)
     bf16 = resolve_precision("auto", device)
     batch = synthetic_batch(cfg, batch_size, seq_len)

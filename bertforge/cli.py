@@ -209,9 +209,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bertforge.data.loader import ShardedSequences
     from bertforge.data.masking import build_masker
     from bertforge.evaluate import mlm_metrics, objective_metrics, unigram_baseline
-    from bertforge.runtime import autocast, configure_threads, resolve_device, resolve_precision
+    from bertforge.runtime import autocast, configure_cpu, resolve_device, resolve_precision
 
-    configure_threads()
+    configure_cpu()
     model, cfg, _ = rundir.load_run_model(Path(args.run_dir),
                                           Path(args.checkpoint) if args.checkpoint else None)
     # One data directory or several (--data DIR --data DIR, or the run's list).

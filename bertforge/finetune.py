@@ -292,7 +292,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     the caller insists on, must agree with it)."""
     from bertforge.hf import classifier_config_to_hf, export_model
     from bertforge.model import BertForSequenceClassification
-    from bertforge.runtime import configure_threads, resolve_device, resolve_precision
+    from bertforge.runtime import configure_cpu, resolve_device, resolve_precision
     from bertforge.train import fit, load_model_weights
 
     start = time.monotonic()
@@ -322,7 +322,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
                                        indent=1) + "\n")
 
-    threads = configure_threads()
+    threads = configure_cpu()
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,

@@ -27,7 +27,7 @@ from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError
 from bertforge.evaluate import mlm_metrics, pair_metrics
 from bertforge.losses import cross_entropy_sum
-from bertforge.runtime import configure_threads, resolve_device, resolve_precision
+from bertforge.runtime import configure_cpu, resolve_device, resolve_precision
 from bertforge.train import fit, load_model_weights
 
 # Train-config fields a resume may change; everything else is forced from config.yaml.
@@ -277,7 +277,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
     from bertforge.hf import export_model
     from bertforge.model import BertForPreTraining
 
-    threads = configure_threads()
+    threads = configure_cpu()
     dtype = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = BertForPreTraining(cfg.model).to(device)
