@@ -41,3 +41,22 @@ def test_fp32_logits_are_f_cross_entropy_exactly():
     logits = logits.float()
     assert torch.equal(cross_entropy_sum(logits, targets),
                        F.cross_entropy(logits, targets, reduction="sum"))
+
+
+def test_sparse_mlm_loss_equals_dense_loss_in_fp32():
+    # The loss bertforge trains on (decoder at the masked positions only) against the
+    # dense loss transformers computes (logits everywhere, labels -100 elsewhere).
+    from bertforge.config import preset
+    from bertforge.model import BertForPreTraining
+
+    torch.manual_seed(0)
+    model = BertForPreTraining(preset("tiny", vocab_size=500)).eval()
+    ids = torch.randint(5, 500, (4, 32))
+    positions = torch.randperm(4 * 32)[:20]
+    targets = torch.randint(5, 500, (20,))
+    labels = torch.full((4 * 32,), -100)
+    labels[positions] = targets
+    with torch.no_grad():
+        sparse = cross_entropy_sum(model(ids, masked_positions=positions)[0], targets) / 20
+        dense = F.cross_entropy(model(ids)[0].flatten(0, 1), labels)  # mean over the 20
+    assert abs(sparse.item() - dense.item()) < 1e-5
