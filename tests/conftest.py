@@ -76,3 +76,18 @@ def shared_corpus() -> Path:
         pytest.skip(f"the shared Wikipedia sample is not present ({SHARED_CORPUS.name} "
                     "beside this repository); this test needs real text")
     return SHARED_CORPUS
+
+
+def tiny_run_config(objective: str = "mlm", **train):
+    """A RunConfig for tiny fp32 pretraining runs on `data_dir` (seq_len 32, no dropout);
+    `train` overrides TrainConfig fields."""
+    from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
+
+    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                   max_position_embeddings=64, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0)
+    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup=0.1, max_steps=40,
+                  log_every=1, eval_every=20, eval_sequences=64, precision="fp32", seed=0)
+    values.update(train)
+    return RunConfig(model=model, data=DataConfig(seq_len=32, objective=objective),
+                     train=TrainConfig(**values))

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli
+from conftest import run_cli, tiny_run_config
 
-from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
+from bertforge.config import RunConfig
 from bertforge.data.loader import ShardedSequences
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import IGNORE, PairBuilder, PairedMasker, pair_kind
@@ -228,14 +228,7 @@ def test_masking_keeps_the_pair_structure():
 
 
 def tiny_config(objective: str, **train) -> RunConfig:
-    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                   max_position_embeddings=64, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0)
-    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup=0.1, max_steps=3,
-                  log_every=1, eval_every=0, eval_sequences=64, precision="fp32", seed=0)
-    values.update(train)
-    return RunConfig(model=model, data=DataConfig(seq_len=32, objective=objective),
-                     train=TrainConfig(**values))
+    return tiny_run_config(objective, **{"max_steps": 3, "eval_every": 0, **train})
 
 
 @pytest.mark.parametrize("objective", ["mlm+nsp", "mlm+sop"])

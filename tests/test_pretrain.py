@@ -8,20 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_config
 
-from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
+from bertforge.config import RunConfig
 from bertforge.pretrain import run_pretrain
 from bertforge.rundir import load_run_model
 
 
 def tiny_config(**train) -> RunConfig:
-    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                   max_position_embeddings=64, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0)
-    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup=0.1, max_steps=40,
-                  log_every=1, eval_every=20, eval_sequences=64, precision="fp32", seed=0)
-    values.update(train)
-    return RunConfig(model=model, data=DataConfig(seq_len=32), train=TrainConfig(**values))
+    return tiny_run_config(**train)
 
 
 def losses(run_dir: Path) -> list[float]:
