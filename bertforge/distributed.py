@@ -140,7 +140,8 @@ class Distributed:
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
                  for p in model.parameters() if p.grad is not None]
         squares = [_sum_of_squares(g) for g in grads]
-        total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+        total = (torch.stack(squares).sum() if squares
+                 else torch.zeros((), dtype=torch.float64))
         if self.strategy == "fsdp":
             total = total.to(self._collective_device())
             dist.all_reduce(total)
@@ -193,7 +194,7 @@ def _sum_of_squares(t: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
     if whole:
         rows = torch.linalg.vector_norm(flat[:whole].view(-1, chunk), dim=1)  # (n / chunk,)
         total = total + rows.double().square().sum()
-    return total.cpu()
+    return total  # on t's device: one sync for the whole norm, not one per gradient
 
 
 def _encoder_layers(model: nn.Module) -> list[nn.Module]:
