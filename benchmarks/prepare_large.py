@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from bertforge.data.corpus import iter_documents, resolve_corpus
-from bertforge.tokenizer import train_tokenizer
+from bertforge.data.tokenizer import train_tokenizer
 
 DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
                   / "enwiki-2015-wikiextractor-sample")

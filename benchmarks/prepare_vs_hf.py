@@ -38,7 +38,7 @@ from typing import Any
 
 from bertforge.data.corpus import iter_documents, resolve_corpus
 from bertforge.data.prepare import prepare
-from bertforge.tokenizer import train_tokenizer
+from bertforge.data.tokenizer import train_tokenizer
 
 DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
                   / "enwiki-2015-wikiextractor-sample")

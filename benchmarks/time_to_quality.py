@@ -37,11 +37,11 @@ from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.data.loader import ShardedSequences, eval_batches
 from bertforge.data.masking import Masker
 from bertforge.data.prepare import prepare
+from bertforge.data.tokenizer import train_tokenizer
 from bertforge.evaluate import EVAL_MASK_SEED, unigram_baseline
-from bertforge.losses import cross_entropy_sum
+from bertforge.ops import cross_entropy_sum
 from bertforge.pretrain import run_pretrain
-from bertforge.runtime import configure_cpu, resolve_precision
-from bertforge.tokenizer import train_tokenizer
+from bertforge.runtime import configure, resolve_precision
 
 DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
                   / "enwiki-2015-wikiextractor-sample")
@@ -151,7 +151,7 @@ def run_bertforge(data_dir: Path, budget: float, eval_every_steps: int, out: Pat
         model=preset("mini", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
         data=DataConfig(seq_len=128),
         train=TrainConfig(batch_size=16, micro_batch_size=16, lr=1e-3, adam_beta2=0.98,
-                          warmup=0.05, time_budget=budget, eval_every=eval_every_steps,
+                          warmup_fraction=0.05, time_budget=budget, eval_every=eval_every_steps,
                           eval_sequences=0, log_every=10, keep_last=1))
     run_pretrain(run, cfg, data_dir=data_dir, show_progress=True)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +200,7 @@ def main() -> int:
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    configure_cpu()
+    configure(torch.device("cpu"))
     tok_dir, data_dir = out / "tokenizer", out / "data"
     if not (tok_dir / "tokenizer.json").exists():
         train_tokenizer([args.corpus], tok_dir, vocab_size=30522, show_progress=False)

@@ -32,9 +32,8 @@ import torch
 
 from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
-from bertforge.losses import cross_entropy_sum
 from bertforge.optim import build_optimizer
-from bertforge.runtime import autocast, configure_cpu, keep_freed_memory, resolve_device
+from bertforge.runtime import autocast, configure, keep_freed_memory, resolve_device
 
 SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -129,23 +128,23 @@ class Measurement:
 def bench_bertforge(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
                     dtype: torch.dtype | None, steps: int, warmup: int,
                     compile_model: bool = False) -> Measurement:
-    from bertforge.model import BertForPreTraining
+    """Training steps as `bertforge pretrain` runs them: `train_step` (the same
+    normalisation, clipping, NaN guard and fused AdamW) on the pretraining model."""
+    from bertforge.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.step import StepBatch, train_step
 
     torch.manual_seed(0)
-    model = BertForPreTraining(cfg).to(device).train()
+    model = pretraining_model(cfg, "mlm").to(device).train()
     forward = torch.compile(model) if compile_model else model
-    optimizer = build_optimizer(model, TrainConfig())
-    batch = batch.to(device)
-    count = batch.targets.numel()
+    train_cfg = TrainConfig()
+    optimizer = build_optimizer(model, train_cfg)
+    step_batch = StepBatch([batch], {"mlm": batch.targets.numel()}, batch.real_tokens)
+    if device.type == "cuda":  # as training's prefetcher hands it over
+        step_batch = step_batch.pin_memory()
 
     def step() -> None:
-        with autocast(device, dtype):
-            logits, _ = forward(batch.input_ids, masked_positions=batch.masked_positions)
-        loss = cross_entropy_sum(logits, batch.targets) / count
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(forward, optimizer, mlm_loss_sum, step_batch, lr=train_cfg.lr,
+                   cfg=train_cfg, device=device, dtype=dtype)
 
     with _PeakMemory(device) as mem:
         seconds = _time_steps(step, steps, warmup + (2 if compile_model else 0), device)
@@ -194,15 +193,16 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
               ) -> dict[str, Any]:
     from bertforge.runtime import resolve_precision
 
-    threads = configure_cpu()
     device = resolve_device(device_name)
+    where = configure(device)
+    threads = torch.get_num_threads()
     bf16 = resolve_precision("auto", device)
     batch = synthetic_batch(cfg, batch_size, seq_len)
     peak = matmul_peak(device, bf16 or torch.float32)
     flops = flops_per_token(cfg, seq_len)
     # Process-wide, so both models run with it (see runtime.keep_freed_memory).
-    kept = keep_freed_memory()
-    log(f"{device.type}, {threads} threads, freed memory {'kept' if kept else 'returned'}; "
+    kept = keep_freed_memory() if device.type == "cpu" else False
+    log(f"{where}, freed memory {'kept' if kept else 'returned'}; "
         f"measured {'bf16' if bf16 else 'fp32'} matmul "
         f"peak {peak / 1e9:,.0f} GFLOP/s; {flops / 1e6:,.1f} MFLOP per token (training)")
 

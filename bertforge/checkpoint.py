@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bertforge.errors import BertforgeError
+from bertforge.fileio import fsync, write_text_atomic
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
 _PREFIX = "step-"
@@ -53,14 +54,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _state_digest(state: dict[str, Any]) -> str:
     """sha256 of state.json's content (without its own digest), canonically serialised."""
     rest = {k: v for k, v in state.items() if k != "state_sha256"}
@@ -73,17 +66,7 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     `state["checksums"]` must already hold the sha256 of each file it names.
     """
     state = dict(state, state_sha256=_state_digest(state))
-    _write_text_atomic(path / STATE_FILE, json.dumps(state, indent=1))
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+    write_text_atomic(path / STATE_FILE, json.dumps(state, indent=1))
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -96,6 +79,18 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         seen[t.data_ptr()] = name
         out[name] = t.detach().to("cpu").contiguous()
     return out
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by `model_state` (tied tensors stored once) into `model`;
+    BertforgeError naming the keys when they do not fit."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    own = model.state_dict()
+    stored = {own[k].data_ptr() for k in weights if k in own}
+    truly_missing = [k for k in missing if own[k].data_ptr() not in stored]
+    if truly_missing or unexpected:
+        raise BertforgeError(f"checkpoint does not match the model: missing {truly_missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
@@ -123,14 +118,14 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
             files.append(OPTIMIZER_FILE)
         for f in files:
-            _fsync(tmp / f)
+            fsync(tmp / f)
         write_state(tmp, dict(state, step=step,
                               checksums={f: _sha256(tmp / f) for f in files}))
         if final.exists():  # this step from an abandoned attempt (newer than the resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(ckpt_dir)
-        _write_text_atomic(ckpt_dir / "latest", name + "\n")
+        fsync(ckpt_dir)
+        write_text_atomic(ckpt_dir / "latest", name + "\n")
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise BertforgeError(f"could not write checkpoint {final}: {e.strerror or e}; "

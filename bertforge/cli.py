@@ -15,11 +15,12 @@ import json
 import os
 import re
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
-from bertforge.config import (PRESETS, DataConfig, ModelConfig, RunConfig, TrainConfig, build,
-                              preset, read_yaml)
+from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig, RunConfig,
+                              TrainConfig, build, merge, preset, read_yaml)
 from bertforge.errors import BertforgeError, Interrupted
 
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
@@ -89,25 +90,37 @@ def _corpus_options(args: argparse.Namespace) -> Any:
 
 
 def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
-                section: str) -> None:
+                section: str, defaults: dict[str, Any] | None = None,
+                helps: dict[str, str] | None = None) -> None:
+    """A flag for each field `names` of dataclass `kind`, typed by its annotation, with its
+    help text (or `helps`'), its default shown (or `defaults`'); values land in
+    args.SECTION.FIELD only when typed."""
+    hints = typing.get_type_hints(kind)
     by_name = {f.name: f for f in dataclasses.fields(kind)}
     group = parser.add_argument_group(f"{section} options")
     for name in names:
         f = by_name[name]
-        base = f.type.replace(" | None", "")
-        if base == "bool":  # a switch: --compile
-            group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}",
-                               action="store_const", const=True, default=argparse.SUPPRESS,
-                               help=f"{f.metadata.get('help', '')} (default: off)")
+        flag, text = f"--{name.replace('_', '-')}", (helps or {}).get(name, f.metadata["help"])
+        base = next(a for a in (typing.get_args(hints[name]) or (hints[name],))
+                    if a is not type(None))
+        if base is bool:  # a switch: --compile
+            group.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=True,
+                               default=argparse.SUPPRESS, help=f"{text} (default: off)")
             continue
-        typ = {"int": int, "float": float, "str": str}[base]
-        if name == "time_budget":
-            typ = parse_duration
-        default = "from --preset" if section == "model" else f.default
-        group.add_argument(f"--{name.replace('_', '-')}", dest=f"{section}.{name}", type=typ,
+        default = (defaults or {}).get(name, "from --preset" if section == "model" else f.default)
+        group.add_argument(flag, dest=f"{section}.{name}",
+                           type=parse_duration if name == "time_budget" else base,
                            default=argparse.SUPPRESS,
-                           metavar="DURATION" if name == "time_budget" else base.upper(),
-                           help=f"{f.metadata.get('help', '')} (default: {default})")
+                           metavar="DURATION" if name == "time_budget" else base.__name__.upper(),
+                           help=text if default is None else f"{text} (default: {default})")
+
+
+def add_legacy_warmup(parser: argparse.ArgumentParser) -> None:
+    """--warmup, the spelling of earlier versions: steps when >= 1, else a fraction."""
+    parser.add_argument("--warmup", dest="train.warmup", type=float, default=argparse.SUPPRESS,
+                        metavar="FLOAT", help="linear warmup, as earlier versions spelled it: "
+                        "a number of steps if >= 1, else a fraction of the run (prefer "
+                        "--warmup-steps or --warmup-fraction)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -116,7 +129,7 @@ def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for key, value in vars(args).items():
         if "." in key:
             section, name = key.split(".", 1)
-            out[section][name] = value
+            merge(out[section], {name: value})
     if getattr(args, "dropout", None) is not None:
         out["model"]["hidden_dropout_prob"] = args.dropout
         out["model"]["attention_probs_dropout_prob"] = args.dropout
@@ -140,12 +153,13 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[
         loaded = read_yaml(Path(args.config))
         checked = RunConfig.from_dict(copy.deepcopy(loaded), where=args.config)  # keys, types
         for section, values in loaded.items():
-            typed = {k: getattr(getattr(checked, section), k) for k in (values or {})}
-            raw[section].update(typed)
-            given[section].update(typed)
+            values = merge({}, dict(values or {}))  # the old `warmup` in its new form
+            typed = {k: getattr(getattr(checked, section), k) for k in values}
+            merge(raw[section], typed)
+            merge(given[section], typed)
     for section, values in _given(args).items():
-        raw[section].update(values)
-        given[section].update(values)
+        merge(raw[section], values)
+        merge(given[section], values)
     cfg = RunConfig(model=build(ModelConfig, raw["model"], "model"),
                     data=build(DataConfig, raw["data"], "data"),
                     train=build(TrainConfig, raw["train"], "train"))
@@ -154,7 +168,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from bertforge.data.corpus import resolve_corpus
-    from bertforge.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import train_tokenizer
 
     files = [str(p) for p in resolve_corpus(args.corpus)]
     out = train_tokenizer(files, Path(args.out), vocab_size=args.vocab_size,
@@ -203,40 +217,11 @@ def _rank() -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import torch
+    from bertforge.evaluate import evaluate_run
 
-    from bertforge import rundir
-    from bertforge.data.loader import ShardedSequences
-    from bertforge.data.masking import build_masker
-    from bertforge.evaluate import mlm_metrics, objective_metrics, unigram_baseline
-    from bertforge.runtime import autocast, configure_cpu, resolve_device, resolve_precision
-
-    configure_cpu()
-    model, cfg, _ = rundir.load_run_model(Path(args.run_dir),
-                                          Path(args.checkpoint) if args.checkpoint else None)
-    # One data directory or several (--data DIR --data DIR, or the run's list).
-    valid = ShardedSequences(args.data or cfg.data.path or Path(args.run_dir) / rundir.DATA,
-                             args.split)
-    data_dir = valid.data_dirs[0]  # they share the tokenizer the masker reads
-    manifest = valid.manifest
-    if int(manifest["vocab_size"]) != cfg.model.vocab_size:
-        raise BertforgeError(f"{data_dir} was built with a different tokenizer "
-                             f"(vocab {manifest['vocab_size']} vs {cfg.model.vocab_size})")
-    if len(valid) == 0:
-        raise BertforgeError(f"{data_dir} has no {args.split} sequences to evaluate on")
-    # Token masking at the run's rate whatever the run trained with: one held-out task.
-    masker = build_masker(cfg.data, data_dir, manifest, for_eval=True)
-    device = resolve_device(args.device)
-    dtype = resolve_precision(args.precision, device)
-    model.to(device)
-    with torch.no_grad(), autocast(device, dtype):
-        result = mlm_metrics(model, valid, masker, device, 64, args.max_sequences)
-        # nsp_/sop_ loss and accuracy on held-out pairs when the run trained on pairs.
-        result.update(objective_metrics(model, valid, masker, cfg.data.objective, device, 64,
-                                        args.max_sequences))
-    train = ShardedSequences(valid.data_dirs, "train")
-    result["unigram_baseline_loss"] = unigram_baseline(train, valid, masker, args.max_sequences)
-    result["split"] = args.split
+    result = evaluate_run(Path(args.run_dir), [Path(d) for d in args.data] if args.data else None,
+                          args.split, Path(args.checkpoint) if args.checkpoint else None,
+                          args.max_sequences, args.device, args.precision)
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -254,34 +239,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fill_mask(args: argparse.Namespace) -> int:
-    import torch
+    from bertforge.fill_mask import fill_mask
 
-    from bertforge.rundir import load_any_model
-    from bertforge.tokenizer import load_tokenizer
-
-    model, tok_dir = load_any_model(Path(args.model))
-    tok = load_tokenizer(tok_dir)
-    enc = tok.encode(args.text)
-    ids = torch.tensor([enc.ids])
-    mask_id = tok.token_to_id("[MASK]")
-    positions = (ids[0] == mask_id).nonzero().flatten()
-    if len(positions) == 0:
-        raise BertforgeError("the text has no [MASK] token to fill")
-    with torch.no_grad():
-        logits, _ = model(ids, token_type_ids=torch.tensor([enc.type_ids]),
-                          masked_positions=positions)
-    probs = logits.float().softmax(-1)
-    results = []
-    for pos, p in zip(positions.tolist(), probs):
-        top = p.topk(args.top_k)
-        choices = [{"token": tok.id_to_token(i), "score": round(s, 4)}
-                   for s, i in zip(top.values.tolist(), top.indices.tolist())]
-        results.append({"position": pos, "predictions": choices})
-        if not args.json:
-            print(f"[MASK] at {pos}: " + ", ".join(f"{c['token']} ({c['score']:.3f})"
-                                                    for c in choices))
+    results = fill_mask(Path(args.model), args.text, args.top_k)
     if args.json:
         print(json.dumps(results))
+        return 0
+    for r in results:
+        print(f"[MASK] at {r['position']}: " + ", ".join(
+            f"{c['token']} ({c['score']:.3f})" for c in r["predictions"]))
     return 0
 
 
@@ -359,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_options(s, sample=True)
     _add_fields(s, ModelConfig, MODEL_FLAGS, "model")
     _add_fields(s, DataConfig, DATA_FLAGS, "data")
-    _add_fields(s, TrainConfig, TRAIN_FLAGS, "train")
+    _add_fields(s, TrainConfig, TRAIN_FLAGS, "train",
+                defaults={"warmup_fraction": DEFAULT_WARMUP_FRACTION})
+    add_legacy_warmup(s)
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("evaluate", help="held-out MLM loss, accuracy and perplexity (JSON)")
@@ -368,9 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data directory, repeatable (default: the run's)")
     s.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
     s.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
-    s.add_argument("--max-sequences", type=int, default=0, help="0: all")
+    s.add_argument("--max-sequences", type=int, default=None,
+                   help="held-out sequences to score, 0: all (default: the run's "
+                   "--eval-sequences, as its logged evaluation)")
     s.add_argument("--device", default="auto")
-    s.add_argument("--precision", default="fp32", choices=["auto", "bf16", "fp32"])
+    s.add_argument("--precision", default=None, choices=["auto", "bf16", "fp32"],
+                   help="(default: the run's, as its logged evaluation)")
     s.add_argument("--out", help="also write the JSON object to this file")
     s.set_defaults(func=cmd_evaluate)
 
@@ -403,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_bench)
 
     from bertforge.cli_downstream import add_commands  # finetune, predict, glue, report
-    add_commands(sub, _add_fields)
+    add_commands(sub, _add_fields, add_legacy_warmup)
     return p
 
 

@@ -13,14 +13,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bertforge.config import TrainConfig, merge
 from bertforge.errors import BertforgeError
-from bertforge.finetune_config import FinetuneConfig
+from bertforge.finetune_config import (FINETUNE_DEFAULTS, FINETUNE_HELP, NOT_FOR_FINETUNING,
+                                       FinetuneConfig, finetune_train_config)
 
 
 def _finetune_config(args: argparse.Namespace) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """The config, and the values the user typed (what --resume checks)."""
-    given = {k.split(".", 1)[1]: v for k, v in vars(args).items() if k.startswith("finetune.")}
-    return FinetuneConfig(**given), given
+    """The config, and the values the user typed, by field name (what --resume checks)."""
+    typed = {section: {k.split(".", 1)[1]: v for k, v in vars(args).items()
+                       if k.startswith(f"{section}.")} for section in ("train", "finetune")}
+    train = merge({}, typed["train"])  # --warmup in its new form
+    cfg = FinetuneConfig(train=finetune_train_config(**train), **typed["finetune"])
+    return cfg, {**train, **typed["finetune"]}
 
 
 def _task_data(args: argparse.Namespace) -> Any:
@@ -92,9 +97,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any, add_fields: Any) -> None:
+def add_commands(sub: Any, add_fields: Any, add_legacy_warmup: Any) -> None:
     """Add the downstream subcommands; add_fields is bertforge.cli's flag generator."""
-    config_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    own_fields = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "train"]
+    train_fields = [f.name for f in dataclasses.fields(TrainConfig)
+                    if f.name not in NOT_FOR_FINETUNING]
+
+    def add_config_flags(parser: argparse.ArgumentParser) -> None:
+        add_fields(parser, FinetuneConfig, own_fields, "finetune")
+        add_fields(parser, TrainConfig, train_fields, "train", defaults=FINETUNE_DEFAULTS,
+                   helps=FINETUNE_HELP)
+        add_legacy_warmup(parser)
 
     s = sub.add_parser("finetune", help="fine-tune on a GLUE task or your own labelled data")
     s.add_argument("model", help="a bertforge run directory or a Hugging Face BERT directory")
@@ -116,7 +129,7 @@ def add_commands(sub: Any, add_fields: Any) -> None:
                    "randomly initialised: the baseline that shows what pretraining bought")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.add_argument("--quiet", action="store_true", help="no progress output")
-    add_fields(s, FinetuneConfig, config_fields, "finetune")
+    add_config_flags(s)
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("predict", help="labels and probabilities (JSONL) from a fine-tuned "
@@ -142,7 +155,7 @@ def add_commands(sub: Any, add_fields: Any) -> None:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--results", help="also write the results as JSON to this file")
     s.add_argument("--quiet", action="store_true", help="no progress output")
-    add_fields(s, FinetuneConfig, config_fields, "finetune")
+    add_config_flags(s)
     s.set_defaults(func=cmd_glue)
 
     s = sub.add_parser("report", help="plots (PNG) and report.md of a run's metrics")

@@ -9,8 +9,9 @@ configs of a run are written to RUN_DIR/config.yaml and forced on resume.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 MASKINGS = ("token", "wwm", "span")
+DEFAULT_WARMUP_FRACTION = 0.06
+WARMUP_FIELDS = ("warmup_steps", "warmup_fraction")
 OBJECTIVES = ("mlm", "mlm+nsp", "mlm+sop")
 DOCUMENT_BOUNDARIES = ("cross", "new")
 
@@ -145,8 +148,12 @@ class TrainConfig:
     adam_beta1: float = _help("Adam beta1.", default=0.9)
     adam_beta2: float = _help("Adam beta2.", default=0.999)
     adam_eps: float = _help("Adam epsilon.", default=1e-6)
-    warmup: float = _help("Linear warmup: a number of steps if >= 1, else a fraction of the run.",
-                          default=0.06)
+    warmup_steps: int | None = _help("Linear warmup over this many steps (instead of "
+                                     "warmup_fraction).", default=None)
+    warmup_fraction: float | None = _help("Linear warmup over this fraction of the run (of "
+                                          "max_steps, or of the time budget); "
+                                          f"{DEFAULT_WARMUP_FRACTION} when warmup_steps is "
+                                          "not given either.", default=None)
     schedule: str = _help("Learning-rate decay after warmup: 'linear', 'cosine' or 'constant'.",
                           default="linear")
     max_steps: int | None = _help("Optimizer steps to run.", default=None)
@@ -161,7 +168,8 @@ class TrainConfig:
     checkpoint_every: int = _help("Save a checkpoint every N steps (0: only at the end).",
                                   default=0)
     keep_last: int = _help("Checkpoints to keep.", default=3)
-    log_every: int = _help("Write a train metrics line every N steps.", default=10)
+    log_every: int = _help("Write a train metrics line every N steps (and print progress).",
+                           default=10)
     precision: str = _help("'auto' (bf16 where the hardware supports it), 'bf16' or 'fp32'.",
                            default="auto")
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'.", default="auto")
@@ -174,6 +182,9 @@ class TrainConfig:
     compile: bool = _help("Run the model through torch.compile (slow to start, faster per "
                           "step on GPUs; checkpoints keep plain parameter names).",
                           default=False)
+    num_workers: int | None = _help("Background processes that build (mask) the batches of "
+                                    "the next steps while the current one computes; "
+                                    "default: 2 on a GPU, 0 on the CPU.", default=None)
 
     def __post_init__(self) -> None:
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
@@ -183,15 +194,25 @@ class TrainConfig:
         _check(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
         _check(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)")
         _check(self, "adam_eps", self.adam_eps > 0, "must be > 0")
-        _check(self, "warmup", self.warmup >= 0, "must be >= 0")
+        _check(self, "warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0,
+               "must be >= 0")
+        _check(self, "warmup_fraction",
+               self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
+        _check(self, "warmup_fraction", self.warmup_steps is None or self.warmup_fraction is None,
+               "give warmup_steps or warmup_fraction, not both")
+        if self.warmup_steps is None and self.warmup_fraction is None:
+            self.warmup_fraction = DEFAULT_WARMUP_FRACTION
         _check(self, "schedule", self.schedule in ("linear", "cosine", "constant"),
                "must be 'linear', 'cosine' or 'constant'")
         _check(self, "max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1")
         _check(self, "time_budget", self.time_budget is None or self.time_budget > 0, "must be > 0")
         _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
         _check(self, "seed", self.seed >= 0, "must be >= 0")
-        for name in ("eval_every", "eval_sequences", "checkpoint_every", "log_every"):
+        for name in ("eval_every", "eval_sequences", "checkpoint_every"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "log_every", self.log_every >= 1, "must be >= 1")
+        _check(self, "num_workers", self.num_workers is None or self.num_workers >= 0,
+               "must be >= 0")
         _check(self, "keep_last", self.keep_last >= 1, "must be >= 1")
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
                "must be 'auto', 'bf16' or 'fp32'")
@@ -202,6 +223,37 @@ class TrainConfig:
     @property
     def accumulation_steps(self) -> int:
         return -(-self.batch_size // self.micro_batch_size)
+
+    @property
+    def schedule_depends_on_length(self) -> bool:
+        """Whether the learning rate at a given step depends on max_steps / time_budget
+        (a decay to zero at the end, or a warmup given as a fraction of the run)."""
+        return self.schedule != "constant" or bool(self.warmup_fraction)
+
+
+def legacy_warmup(value: Any, where: str) -> dict[str, Any]:
+    """The old `warmup` key (a number of steps if >= 1, else a fraction of the run) as
+    warmup_steps or warmup_fraction."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise BertforgeError(f"{where}: expected a number >= 0, got {value!r}")
+    if value >= 1:
+        return {"warmup_steps": int(round(value))}
+    return {"warmup_fraction": float(value)}
+
+
+def merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """`into` updated with `values`, a later layer of config (preset < file < flags);
+    a warmup given in one form replaces an earlier layer's other form."""
+    if "warmup" in values:
+        values = {**{k: v for k, v in values.items() if k != "warmup"},
+                  **legacy_warmup(values["warmup"], "warmup")}
+    if any(k in values for k in WARMUP_FIELDS):
+        for k in WARMUP_FIELDS:
+            into.pop(k, None)
+    into.update(values)
+    return into
 
 
 @dataclass
@@ -231,9 +283,9 @@ class RunConfig:
 
     def save(self, path: Path) -> None:
         """Write atomically: a run killed mid-write must still be resumable."""
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        os.replace(tmp, path)
+        from bertforge.fileio import write_text_atomic
+
+        write_text_atomic(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> RunConfig:
@@ -252,47 +304,72 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def build(kind: type, values: dict[str, Any], where: str) -> Any:
-    """Build dataclass `kind` from a mapping, type-checking each value."""
+    """Build dataclass `kind` from a mapping, type-checking each value against the field's
+    annotation (nested dataclasses from nested mappings)."""
     if not isinstance(values, dict):
         raise BertforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in fields(kind)}
+    names = {f.name for f in fields(kind)}
+    if "warmup" in values and "warmup" not in names:  # the old spelling
+        values = merge({k: v for k, v in values.items() if k != "warmup"},
+                       legacy_warmup(values["warmup"], f"{where}.warmup"))
+    hints = typing.get_type_hints(kind)
+    checked = {}
     for key, value in values.items():
-        if key not in known:
+        if key not in names:
             raise BertforgeError(f"{where}: unknown key {key!r}")
-        values[key] = _coerce(value, known[key].type, f"{where}.{key}")
-    return kind(**values)
+        checked[key] = coerce(value, hints[key], f"{where}.{key}")
+    return kind(**checked)
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-def _coerce(value: Any, annotation: str, where: str) -> Any:
-    """Accept a YAML value for a field annotated `annotation` (a string under PEP 563)."""
-    optional = "None" in annotation
-    base = annotation.replace(" | None", "").strip()
-    if value is None:
-        if optional:
+def type_name(tp: Any) -> str:
+    """'int', 'float | None', 'str | list[str]': an annotation as a user reads it."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{type_name(typing.get_args(tp)[0])}]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """`value` (from YAML or JSON) as type `tp`, a field's resolved annotation; raises
+    BertforgeError naming `where` when it is not one."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
             return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, where)
+            except BertforgeError:
+                continue
+        raise BertforgeError(f"{where}: expected {type_name(tp)}, got {_short(value)}")
+    if value is None:
         raise BertforgeError(f"{where}: must not be empty")
-    if base == "bool":
-        ok = isinstance(value, bool)
-    elif base == "int":
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif base == "float":
-        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-            value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif base == "str":
-        ok = isinstance(value, str)
-    elif base == "str | list[str]":
-        ok = isinstance(value, str) or (isinstance(value, list) and bool(value)
-                                        and all(isinstance(v, str) for v in value))
-    else:
-        ok = True
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list) or not value:
+            raise BertforgeError(f"{where}: expected a non-empty {type_name(tp)}, got "
+                                 f"{_short(value)}")
+        return [coerce(v, args[0], where) for v in value]
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        value = float(value)  # PyYAML reads 1e-4 (no dot) as a string
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}[tp](value)
     if not ok:
-        raise BertforgeError(f"{where}: expected {base}, got {value!r}")
-    return value
+        raise BertforgeError(f"{where}: expected {type_name(tp)}, got {_short(value)}")
+    return float(value) if tp is float else value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters: an error line stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _check(obj: Any, name: str, ok: bool, message: str) -> None:

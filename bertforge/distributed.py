@@ -2,8 +2,8 @@
 the training loop needs.
 
 `init_from_env` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
-and returns a `Distributed`; a plain `python -m bertforge` run gets `SINGLE`, whose
-methods are no-ops, so the training loop has one code path.
+and returns a `Distributed`; a plain `python -m bertforge` run gets `Distributed()`, one
+process whose collectives are no-ops, so the training loop has one code path.
 
 Notable choices:
 
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bertforge import ops
 from bertforge.checkpoint import model_state
 from bertforge.errors import BertforgeError
 
@@ -99,13 +100,21 @@ class Distributed:
 
     # --- collectives ---------------------------------------------------------------------
 
-    def all_reduce(self, values: list[float]) -> list[float]:
-        """Element-wise sums over ranks (float64, so integer counts stay exact)."""
-        if not self.enabled:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self._collective_device())
-        dist.all_reduce(t)
-        return t.tolist()
+    def reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed over ranks (in place, and returned), on the collective device; no
+        host synchronisation on a GPU (the collective is queued on the stream)."""
+        if self.enabled:
+            dist.all_reduce(t)
+        return t
+
+    def host_values(self, values: list[float]) -> torch.Tensor:
+        """Host numbers as a float64 tensor on the collective device, copied without
+        blocking (pinned) where that is a GPU."""
+        t = torch.tensor(values, dtype=torch.float64)
+        device = self.collective_device()
+        if device.type == "cuda":
+            t = t.pin_memory().to(device, non_blocking=True)
+        return t
 
     def gather_objects(self, obj: Any) -> list[Any]:
         """Every rank's `obj`, in rank order (on every rank)."""
@@ -119,44 +128,45 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
-    def _collective_device(self) -> torch.device:
-        return (torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl"
-                else torch.device("cpu"))
+    def collective_device(self) -> torch.device:
+        """Where tensors handed to collectives live: the GPU under nccl, else the CPU."""
+        if self.enabled and dist.get_backend() == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
 
     # --- state ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> float:
-        """Scale the gradients to a global L2 norm of at most `max_norm`; the norm before.
+    def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+        """The global L2 norm of the gradients of `parameters`, as a float64 0-dim tensor on
+        their device; with max_norm > 0 the gradients are first scaled to a norm of at most
+        max_norm. Nothing is read to the host: the scale is applied on the device.
 
-        The norm is accumulated in float64 over chunks of each gradient, rather than by
-        `clip_grad_norm_`, whose float32 reduction of one large gradient (the word
-        embeddings) is off by up to 1e-3 relative on the CPU. That error differs with the
-        shape of the shards, and through clipping it made FSDP's losses drift from one
-        process's; here every split of the parameters gives the same norm to ~1e-7.
+        The squares are summed in float64 (`ops.grad_norm_squared`), so every split of
+        the parameters over ranks gives the same norm, and through clipping the same
+        losses, as one process. Under FSDP each rank holds a shard of each gradient (a
+        DTensor) and the shards' squares are summed over ranks; DDP's gradients are
+        whole on every rank.
         """
-        # Under FSDP each rank holds a shard of each gradient (a DTensor); sum the shards'
-        # squares over ranks. DDP's gradients are whole on every rank.
         grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                 for p in model.parameters() if p.grad is not None]
-        squares = [_sum_of_squares(g) for g in grads]
-        total = (torch.stack(squares).sum() if squares
-                 else torch.zeros((), dtype=torch.float64))
+                 for p in parameters if p.grad is not None]
+        total = ops.grad_norm_squared(grads)
         if self.strategy == "fsdp":
-            total = total.to(self._collective_device())
-            dist.all_reduce(total)
-        norm = total.sqrt().item()
-        scale = max_norm / (norm + 1e-6)
-        if scale < 1.0:
-            for g in grads:
-                g.mul_(scale)
+            total = self.reduce_sum(total.to(self.collective_device()))
+        norm = total.sqrt()
+        if max_norm > 0 and grads:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0).to(grads[0].device, torch.float32)
+            torch._foreach_mul_(grads, scale)
         return norm
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Full (unsharded) weights on the CPU; a collective under FSDP."""
         if self.strategy != "fsdp":
             return model_state(model)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                     cpu_offload=True))
@@ -166,8 +176,10 @@ class Distributed:
         optimizer order); a collective under FSDP."""
         if self.strategy != "fsdp":
             return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             get_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_optimizer_state_dict,
+        )
 
         full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
@@ -178,23 +190,13 @@ class Distributed:
         if self.strategy != "fsdp":
             optimizer.load_state_dict(state)
             return
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_optimizer_state_dict,
+        )
 
         set_optimizer_state_dict(model, optimizer, _named(state, model, optimizer),
                                  options=StateDictOptions(full_state_dict=True))
-
-
-def _sum_of_squares(t: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
-    """sum(t**2) in float64: float32 norms of rows of `chunk` elements, summed in float64
-    (as fast as one float32 norm, and exact to ~1e-8 relative)."""
-    flat = t.detach().reshape(-1)
-    whole = flat.numel() // chunk * chunk
-    total = flat[whole:].double().square().sum()
-    if whole:
-        rows = torch.linalg.vector_norm(flat[:whole].view(-1, chunk), dim=1)  # (n / chunk,)
-        total = total + rows.double().square().sum()
-    return total  # on t's device: one sync for the whole norm, not one per gradient
 
 
 def _encoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -226,23 +228,21 @@ def _named(numbered: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -
             "param_groups": groups}
 
 
-SINGLE = Distributed()
-
-
 def launched() -> bool:
     """Whether this process was started by torchrun (or another launcher setting its env)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_from_env(strategy: str = "auto", device: torch.device | None = None) -> Distributed:
-    """Join the process group torchrun describes; `SINGLE` when not launched by it.
+    """Join the process group torchrun describes; one process (`Distributed()`) when not
+    launched by it.
 
     gloo on the CPU, nccl on CUDA (each process on cuda:LOCAL_RANK).
     """
     if strategy not in STRATEGIES:
         raise BertforgeError(f"strategy {strategy!r}: must be one of {', '.join(STRATEGIES)}")
     if not launched() or int(os.environ["WORLD_SIZE"]) == 1:
-        return SINGLE
+        return Distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = device is not None and device.type == "cuda"

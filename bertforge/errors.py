@@ -11,3 +11,12 @@ class Interrupted(Exception):
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by signal {signum} at step {step}")
         self.signum, self.step = signum, step
+
+
+class NonFiniteStep(BertforgeError):
+    """A step's loss or gradient norm was not finite, with on_nan 'stop': the update was
+    not applied."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"non-finite {what} at step {step}")
+        self.step, self.what = step, what

@@ -25,7 +25,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -40,12 +39,15 @@ from safetensors.torch import load_file, save_file
 
 from bertforge import checkpoint as ckpt
 from bertforge import rundir
+from bertforge.checkpoint import load_model_weights
 from bertforge.config import ModelConfig, RunConfig
 from bertforge.data.labelled import TaskData
+from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
+from bertforge.fileio import write_atomic, write_text_atomic
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.metrics import compute
-from bertforge.tokenizer import TOKENIZER_FILES
+from bertforge.step import StepBatch
 
 SPEC, BEST, METRICS_SUMMARY = "finetune.json", "best", "metrics.json"
 
@@ -59,10 +61,17 @@ class Batch:
     attention_mask: torch.Tensor | None  # (B, T), 1 = real token; None when none is padded
     y: torch.Tensor  # (B,) class ids, or float targets for regression
 
-    def to(self, device: torch.device) -> Batch:
+    def _map(self, f: Any) -> Batch:
         mask = self.attention_mask
-        return Batch(self.input_ids.to(device), self.token_type_ids.to(device),
-                     mask.to(device) if mask is not None else None, self.y.to(device))
+        return Batch(f(self.input_ids), f(self.token_type_ids),
+                     f(mask) if mask is not None else None, f(self.y))
+
+    def to(self, device: torch.device) -> Batch:
+        """On `device`; the copy does not block when the batch is in pinned memory."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> Batch:
+        return self._map(torch.Tensor.pin_memory)
 
 
 class Encoded:
@@ -127,9 +136,9 @@ class ClassificationTask:
                  cfg: FinetuneConfig, device: torch.device, best_dir: Path):
         self.data, self.train, self.valid = data, train, valid
         self.cfg, self.device, self.best_dir = cfg, device, best_dir
-        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-        self.tokens_per_step = 0  # this step's real (unpadded) tokens, set by micro_batches
-        self.step = 0  # steps done when `evaluate` runs
+        self.batch_size = cfg.train.batch_size
+        self.micro_batch_size = min(cfg.train.micro_batch_size, self.batch_size)
+        self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         state = best_dir / "state.json"
         self.best = json.loads(state.read_text()) if state.is_file() else None
 
@@ -138,9 +147,9 @@ class ClassificationTask:
         """Epoch `epoch`'s example order: a seeded permutation. With length_grouping G,
         each run of G batches is then sorted by length and the full batches shuffled, so
         a batch holds examples of similar lengths (less padding); the short one stays last."""
-        rng = np.random.default_rng([self.cfg.seed, epoch])
+        rng = np.random.default_rng([self.cfg.train.seed, epoch])
         order = rng.permutation(len(self.train))
-        G, B = self.cfg.length_grouping, self.cfg.batch_size
+        G, B = self.cfg.length_grouping, self.batch_size
         if G:
             runs = np.split(order, range(G * B, len(order), G * B))
             order = np.concatenate([r[np.argsort(-self.train.lengths[r], kind="stable")]
@@ -150,30 +159,28 @@ class ClassificationTask:
             order = np.concatenate([batches.reshape(-1), order[full * B:]])
         return order
 
-    def micro_batches(self, step: int) -> list[Batch]:
+    def batch(self, step: int) -> StepBatch:
+        """The examples of step `step` (the last batch of an epoch is smaller), in
+        micro-batches each padded to its longest example."""
         epoch, j = divmod(step, self.steps_per_epoch)
-        B, mb = self.cfg.batch_size, self.cfg.micro_batch_size
+        B, mb = self.batch_size, self.micro_batch_size
         index = self._order(epoch)[j * B:(j + 1) * B]
-        self.tokens_per_step = int(self.train.lengths[index].sum())
-        self.step = step + 1
-        return [self.train.batch(index[s:s + mb]).to(self.device)
-                for s in range(0, len(index), mb)]
+        micro = [self.train.batch(index[s:s + mb]) for s in range(0, len(index), mb)]
+        return StepBatch(micro, {"examples": len(index)}, int(self.train.lengths[index].sum()))
 
-    def count(self, micro: Batch) -> int:
-        return len(micro.y)
-
-    def loss_sum(self, model: torch.nn.Module, micro: Batch) -> tuple[torch.Tensor, dict]:
+    def loss_sum(self, model: torch.nn.Module, micro: Batch
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         logits = model(micro.input_ids, micro.token_type_ids, micro.attention_mask)  # (B, C)
         if self.data.regression:
-            return F.mse_loss(logits[:, 0].float(), micro.y, reduction="sum"), {}
+            return {"examples": F.mse_loss(logits[:, 0].float(), micro.y, reduction="sum")}, {}
         loss = F.cross_entropy(logits.float(), micro.y, reduction="sum")
-        return loss, {"accuracy": (logits.detach().argmax(-1) == micro.y).sum()}
+        return {"examples": loss}, {"accuracy": (logits.detach().argmax(-1) == micro.y).sum()}
 
     def epoch_at(self, step: int) -> float:
         return step / self.steps_per_epoch
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
-        result: dict[str, Any] = {"epoch": round(self.epoch_at(self.step), 4)}
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        result: dict[str, Any] = {"epoch": round(self.epoch_at(step), 4)}
         scores = []
         for name, split in self.valid.items():
             logits = predict_logits(model, split, self.cfg.eval_batch_size, self.device)
@@ -182,21 +189,20 @@ class ClassificationTask:
             scores += [values[k] for k in self.data.score]
         result["score"] = float(np.mean(scores))
         # A best from a later step belongs to an attempt abandoned by a resume: replace it.
-        if self.best is None or self.step <= self.best["step"] or \
+        if self.best is None or step <= self.best["step"] or \
                 result["score"] > self.best["score"]:
-            self._save_best(model, result)
+            self._save_best(model, step, result)
         return result
 
-    def _save_best(self, model: torch.nn.Module, result: dict[str, Any]) -> None:
+    def _save_best(self, model: torch.nn.Module, step: int, result: dict[str, Any]) -> None:
         """Weights under a new name, then state.json naming them replaced atomically, then
         the previous weights removed: a kill at any point leaves a consistent best/."""
         self.best_dir.mkdir(parents=True, exist_ok=True)
-        name = f"step-{self.step:06d}.safetensors"
-        save_file(ckpt.model_state(model), str(self.best_dir / f".{name}.tmp"))
-        os.replace(self.best_dir / f".{name}.tmp", self.best_dir / name)
-        self.best = {"step": self.step, "weights": name, **result}
-        (self.best_dir / ".state.json.tmp").write_text(json.dumps(self.best, indent=1) + "\n")
-        os.replace(self.best_dir / ".state.json.tmp", self.best_dir / "state.json")
+        name = f"step-{step:06d}.safetensors"
+        write_atomic(self.best_dir / name,
+                     lambda tmp: save_file(ckpt.model_state(model), str(tmp)))
+        self.best = {"step": step, "weights": name, **result}
+        write_text_atomic(self.best_dir / "state.json", json.dumps(self.best, indent=1) + "\n")
         for old in self.best_dir.glob("step-*.safetensors"):
             if old.name != name:
                 old.unlink()
@@ -238,7 +244,7 @@ def load_tokenizer_any(tok_dir: Path, max_length: int) -> Any:
     set to truncate to `max_length` (longest first, for pairs) and not to pad."""
     from tokenizers.models import WordPiece
 
-    from bertforge.tokenizer import _set_template, build_tokenizer, load_tokenizer
+    from bertforge.data.tokenizer import _set_template, build_tokenizer, load_tokenizer
 
     tok_dir = Path(tok_dir)
     if (tok_dir / "tokenizer.json").is_file():
@@ -257,15 +263,6 @@ def load_tokenizer_any(tok_dir: Path, max_length: int) -> Any:
     return tok
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> Path:
-    """Only the tokenizer files: an HF model dir also holds config.json and weights."""
-    dst.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, dst / name)
-    return dst
-
-
 # ------------------------------------------------------------------------------ the run
 
 def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None
@@ -275,11 +272,13 @@ def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None
         if saved[key] != spec[key]:
             raise BertforgeError(f"--resume: {key} was {saved[key]!r} in {out}, "
                                  f"cannot change it to {spec[key]!r}")
+    cfg = FinetuneConfig.from_dict(saved["config"], where=str(out / SPEC))
     for key, value in (given or {}).items():
-        if saved["config"].get(key) != value:
-            raise BertforgeError(f"--resume: {key} was {saved['config'].get(key)!r} in {out}, "
+        old = getattr(cfg.train, key) if hasattr(cfg.train, key) else getattr(cfg, key)
+        if old != value:
+            raise BertforgeError(f"--resume: {key} was {old!r} in {out}, "
                                  f"cannot change it to {value!r}")
-    return FinetuneConfig(**saved["config"])
+    return cfg
 
 
 def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
@@ -292,8 +291,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     the caller insists on, must agree with it)."""
     from bertforge.hf import classifier_config_to_hf, export_model
     from bertforge.model import BertForSequenceClassification
-    from bertforge.runtime import configure_cpu, resolve_device, resolve_precision
-    from bertforge.train import fit, load_model_weights
+    from bertforge.runtime import configure, resolve_device, resolve_precision
+    from bertforge.train import fit
 
     start = time.monotonic()
     out = Path(out_dir)
@@ -312,7 +311,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
                              f"max_position_embeddings {config.max_position_embeddings}")
     out.mkdir(parents=True, exist_ok=True)
-    tok_dir = _copy_tokenizer(tok_src, out / rundir.TOKENIZER)
+    tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
     tok = load_tokenizer_any(tok_dir, cfg.max_length)
     pad_id = config.pad_token_id
     train_examples = data.train.head(cfg.max_train_examples)
@@ -322,24 +321,22 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
                                        indent=1) + "\n")
 
-    threads = configure_cpu()
-    device = resolve_device(cfg.device)
-    dtype = resolve_precision(cfg.precision, device)
+    device = resolve_device(cfg.train.device)
+    where = configure(device)
+    dtype = resolve_precision(cfg.train.precision, device)
     config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
                                  attention_probs_dropout_prob=cfg.dropout)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train.seed)
     model = BertForSequenceClassification(config, data.num_labels)
     if encoder is not None:
         model.bert.load_state_dict(encoder)
     model.to(device)
     task = ClassificationTask(data, train, valid, cfg, device, out / BEST)
-    found = ckpt.find_latest(out / rundir.CHECKPOINTS) if resume else None
-    task.step = found[1]["step"] if found else 0
     train_cfg = cfg.train_config(task.steps_per_epoch)
     print(f"finetune {data.name}: {'from scratch' if from_scratch else model_path}, "
           f"{len(train):,} training / {sum(map(len, valid.values())):,} validation examples, "
           f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
-          f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads", file=sys.stderr)
+          f"{where}, {'bf16' if dtype else 'fp32'}", file=sys.stderr)
     result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
                  show_progress=show_progress, name=f"finetune {data.name}")
 

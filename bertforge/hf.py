@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -260,12 +259,13 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     raw = {**model_config_to_hf(config), **(extra_config or {})}
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer_dir is not None:
+        from bertforge.data.tokenizer import copy_tokenizer
+
         tokenizer_dir = Path(tokenizer_dir)
         if not tokenizer_dir.is_dir():
             raise BertforgeError(f"tokenizer directory not found: {tokenizer_dir}")
-        for path in sorted(tokenizer_dir.iterdir()):
-            if path.is_file():
-                shutil.copy2(path, out / path.name)
+        # A pipeline then truncates to what the position table holds.
+        copy_tokenizer(tokenizer_dir, out, model_max_length=config.max_position_embeddings)
     return out
 
 

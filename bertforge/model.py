@@ -2,8 +2,9 @@
 
 What is notable here:
 
-- One fused QKV projection per layer and `F.scaled_dot_product_attention`; with no
-  padding mask (packed sequences) SDPA may pick its flash / memory-efficient kernels.
+- One fused QKV projection per layer. Attention and dropout go through `bertforge.ops`,
+  which picks the kernel for the tensor's device (SDPA and F.dropout on GPUs, where a
+  batch without padding gets no mask at all and so the flash kernel; tuned CPU paths).
 - Sparse MLM prediction: given the flat indices of the masked positions, the MLM head
   (transform + vocab decoder, the most expensive matmul in a small BERT) runs on those
   rows only, about 15% of the tokens.
@@ -20,46 +21,20 @@ readable.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bertforge import ops
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout, with a faster mask on the CPU.
-
-    PyTorch's CPU dropout draws one random number per element from a single-threaded
-    Mersenne Twister, and a masked `where` then costs more than the multiply it replaces:
-    together about a tenth of a mini training step here. This draws one 64-bit seed from
-    torch's global generator (so `torch.manual_seed` and the RNG state saved in
-    checkpoints govern it as they govern F.dropout), expands it with numpy's SFC64 into
-    16 random bits per element, and turns those into a {0, 1} mask in x's dtype with three
-    vectorised integer passes; the forward and backward passes are then one multiply each
-    by the mask and the scale. An element is kept when its 16 bits reach a threshold, so
-    p is rounded to a multiple of 1/65536. GPUs use F.dropout.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, training=True)
-    n = x.numel()
-    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
-    words = np.random.SFC64(seed).random_raw(-(-n // 4))  # (ceil(n / 4),) uint64
-    bits = torch.from_numpy(words.view(np.int16)[:n]).view(x.shape)  # uniform int16
-    threshold = round(p * 65536) - 32768  # keep where bits >= threshold
-    keep = bits.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(x.dtype)  # 0 or 1
-    return (x * keep).mul_(1.0 / (1.0 - p))
-
-
 class Dropout(nn.Dropout):
-    """nn.Dropout through `dropout` above (same module, same state_dict)."""
+    """nn.Dropout through `ops.dropout` (same module, same state_dict)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return ops.dropout(x, self.p, self.training)
 
 
 class BertEmbeddings(nn.Module):
@@ -111,26 +86,9 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hd)
         # mask: (B, 1, 1, T) bool, True = attend; None lets SDPA use its fastest kernel.
         dropout_p = self.dropout_p if self.training else 0.0
-        attend = attention if x.device.type == "cpu" else F.scaled_dot_product_attention
-        y = attend(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hd)
+        y = ops.attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, H)  # (B, T, H)
         return self.out(y)
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v as two batched matmuls: the CPU path.
-
-    On the CPU, SDPA's flash kernel is fine forwards but its backward is about 3x slower
-    than this at BERT's head sizes (measured with torch 2.13, bf16, T=128, head_dim=64),
-    and a training step spends most of its attention time there. GPUs use SDPA.
-    """
-    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, T, T)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    probs = scores.softmax(-1)
-    probs = dropout(probs, dropout_p)
-    return probs @ v  # (B, nh, T, hd)
 
 
 class BertLayer(nn.Module):

@@ -48,13 +48,16 @@ def progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
 
 
 def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
-    """Linear warmup, then linear or cosine decay to zero at the end of the run."""
+    """The learning rate of the update after `step` steps and `elapsed` seconds of training:
+    linear warmup (over warmup_steps steps, or over the first warmup_fraction of the run),
+    then linear or cosine decay to zero at the end of the run (or constant)."""
     p = progress(cfg, step, elapsed)
-    if cfg.warmup >= 1:  # warmup given in steps
-        warm = min(1.0, (step + 1) / cfg.warmup)
-        w = cfg.warmup / cfg.max_steps if cfg.max_steps else 0.0
-    else:  # warmup given as a fraction of the run
-        w = cfg.warmup
+    if cfg.warmup_steps is not None:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        # Decay starts where warmup ends; with a time budget alone, from the start.
+        w = min(1.0, cfg.warmup_steps / cfg.max_steps) if cfg.max_steps else 0.0
+    else:
+        w = cfg.warmup_fraction or 0.0
         warm = min(1.0, p / w) if w > 0 else 1.0
         if step == 0 and w > 0:
             warm = max(warm, 1e-3)  # the very first update should not be exactly zero

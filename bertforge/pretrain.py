@@ -8,7 +8,6 @@ a second call, or a resume, skips them.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -18,22 +17,29 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import rundir
-from bertforge.config import RunConfig
+from bertforge.checkpoint import load_model_weights
+from bertforge.config import ModelConfig, RunConfig, TrainConfig
 from bertforge.data.corpus import CorpusOptions
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
 from bertforge.data.masking import MaskedBatch, build_masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
+from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError
-from bertforge.evaluate import mlm_metrics, pair_metrics
-from bertforge.losses import cross_entropy_sum
-from bertforge.runtime import configure_cpu, resolve_device, resolve_precision
-from bertforge.train import fit, load_model_weights
+from bertforge.evaluate import heldout_metrics
+from bertforge.model import BertForPreTraining
+from bertforge.ops import cross_entropy_and_hits
+from bertforge.runtime import configure, resolve_device, resolve_precision
+from bertforge.step import StepBatch
+from bertforge.train import fit
 
 # Train-config fields a resume may change; everything else is forced from config.yaml.
+# max_steps and time_budget only where the schedule does not depend on them
+# (`check_schedule_change`).
 RESUMABLE_OVERRIDES = {("train", k) for k in ("max_steps", "time_budget", "eval_every",
                                               "checkpoint_every", "log_every", "keep_last",
-                                              "device", "on_nan", "strategy", "compile")} | {("data", "path")}
+                                              "device", "on_nan", "strategy", "compile",
+                                              "num_workers")} | {("data", "path")}
 
 
 class MLMTask:
@@ -42,10 +48,11 @@ class MLMTask:
     With `data.objective` mlm+nsp or mlm+sop, each training sequence is first made into a
     sentence pair (bertforge.data.pairs) and the 2-way head is trained too: two loss terms,
     MLM normalised by the masked tokens and NSP/SOP by the pairs of the global batch.
+    Held-out metrics are computed in `dtype`, as `bertforge evaluate` computes them.
     """
 
     def __init__(self, cfg: RunConfig, data_dir: Path | list[Path], device: torch.device,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, dtype: torch.dtype | None = None):
         train = ShardedSequences(data_dir, "train")
         manifest = train.manifest
         first = train.data_dirs[0]  # of one or several; they share the tokenizer
@@ -53,56 +60,65 @@ class MLMTask:
         # Held-out scoring always uses token masking, whatever the training variant.
         self.eval_masker = build_masker(cfg.data, first, manifest, for_eval=True)
         t = cfg.train
+        self.objective = cfg.data.objective
         self.pair_kind = pair_kind(cfg.data.objective)  # 'nsp', 'sop' or None (plain MLM)
         batch_masker = self.masker if self.pair_kind is None else PairedMasker(
             self.masker, PairBuilder(train, manifest["special_token_ids"], self.pair_kind))
         self.batches = PretrainBatches(train, batch_masker, t.batch_size, t.micro_batch_size,
                                        t.seed, rank, world_size)
         self.valid = ShardedSequences(data_dir, "valid")
-        self.device = device
+        self.device, self.dtype = device, dtype
         self.eval_sequences = t.eval_sequences
-        self.eval_batch_size = max(t.micro_batch_size, 32)
-        self.tokens_per_step = t.batch_size * train.seq_len
 
-    def micro_batches(self, step: int) -> list[MaskedBatch]:
-        return [m.to(self.device) for m in self.batches.micro_batches(step)]
-
-    def count(self, micro: MaskedBatch) -> int | dict[str, int]:
-        """Masked tokens; with NSP/SOP, {"mlm": masked tokens, kind: labelled pairs}."""
-        if self.pair_kind is None:
-            return micro.targets.numel()
-        pairs = int((micro.next_sentence_label >= 0).sum())  # -100: no pair could be made
-        return {"mlm": micro.targets.numel(), self.pair_kind: pairs}
+    def batch(self, step: int) -> StepBatch:
+        """This rank's micro-batches of step `step`, masked, with their counts: masked
+        tokens ("mlm") and, with NSP/SOP, labelled pairs (-100: no pair could be made)."""
+        micro = list(self.batches.micro_batches(step))
+        counts = {"mlm": sum(m.targets.numel() for m in micro)}
+        if self.pair_kind is not None:
+            counts[self.pair_kind] = sum(int((m.next_sentence_label >= 0).sum()) for m in micro)
+        return StepBatch(micro, counts, sum(m.real_tokens for m in micro))
 
     def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
-                 ) -> tuple[torch.Tensor | dict[str, torch.Tensor], dict]:
-        logits, pair_logits = model(micro.input_ids, token_type_ids=micro.token_type_ids,
-                                    attention_mask=micro.attention_mask,
-                                    masked_positions=micro.masked_positions)  # (N, V), (B, 2)
-        loss = cross_entropy_sum(logits, micro.targets)
-        correct = (logits.detach().argmax(-1) == micro.targets).sum()
-        if self.pair_kind is None:
-            return loss, {"mlm_accuracy": correct}
-        labels = micro.next_sentence_label  # (B,)
-        # Summed in fp32; labels of -100 add nothing to the loss and never match an argmax.
-        pair_loss = F.cross_entropy(pair_logits.float(), labels, reduction="sum")
-        pair_correct = (pair_logits.detach().argmax(-1) == labels).sum()
-        kind = self.pair_kind
-        return ({"mlm": loss, kind: pair_loss},
-                {"mlm_accuracy": correct, f"{kind}_accuracy": pair_correct})
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return mlm_loss_sum(model, micro, self.pair_kind)
 
-    def evaluate(self, model: torch.nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         if len(self.valid) == 0:
             return {}
-        result = mlm_metrics(model, self.valid, self.eval_masker, self.device,
-                             self.eval_batch_size, self.eval_sequences)
-        if self.pair_kind is not None:  # MLM above stays on the plain, unpaired sequences
-            result.update(pair_metrics(model, self.valid, self.eval_masker, self.pair_kind,
-                                       self.device, self.eval_batch_size, self.eval_sequences))
-        return result
+        return heldout_metrics(model, self.valid, self.eval_masker, self.objective,
+                               self.device, self.dtype, self.eval_sequences)
 
     def epoch_at(self, step: int) -> float:
         return self.batches.epoch_at(step)
+
+
+def pretraining_model(config: ModelConfig, objective: str) -> BertForPreTraining:
+    """A freshly initialised BertForPreTraining for `objective`. Under plain MLM the pooler
+    and NSP head get no gradient; they are frozen, so DDP and FSDP need not wait for one
+    (and AdamW would skip them anyway)."""
+    model = BertForPreTraining(config)
+    if objective == "mlm":
+        for module in (model.bert.pooler, model.seq_relationship):
+            module.requires_grad_(False)
+    return model
+
+
+def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The summed MLM loss of a micro-batch (and NSP/SOP's, for `pair_kind`), with the
+    summed accuracies; everything stays on the device."""
+    logits, pair_logits = model(micro.input_ids, token_type_ids=micro.token_type_ids,
+                                attention_mask=micro.attention_mask,
+                                masked_positions=micro.masked_positions)  # (N, V), (B, 2)
+    loss, hits = cross_entropy_and_hits(logits, micro.targets)
+    losses, metrics = {"mlm": loss}, {"mlm_accuracy": hits}
+    if pair_kind is not None:
+        labels = micro.next_sentence_label  # (B,)
+        # Summed in fp32; labels of -100 add nothing to the loss and never match an argmax.
+        losses[pair_kind] = F.cross_entropy(pair_logits.float(), labels, reduction="sum")
+        metrics[f"{pair_kind}_accuracy"] = (pair_logits.detach().argmax(-1) == labels).sum()
+    return losses, metrics
 
 
 def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: bool,
@@ -115,7 +131,7 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     """
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
-    from bertforge.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import train_tokenizer
 
     files = [str(p) for p in resolve_corpus(corpus)]
     tok_dir, data_dir = run_dir / rundir.TOKENIZER, run_dir / rundir.DATA
@@ -141,7 +157,7 @@ def check_data(data_dir: Path | list[Path], cfg: RunConfig,
     each other), refused if it does not fit the run's config; with `run_dir` (a resume),
     also if it was made with another tokenizer than the run's."""
     from bertforge.data.loader import as_dirs, load_manifests
-    from bertforge.tokenizer import tokenizer_hash
+    from bertforge.data.tokenizer import tokenizer_hash
 
     check_lengths(cfg)
     expected = cfg.data.tokenizer_hash
@@ -188,12 +204,30 @@ def resolve_resume(run_dir: Path, cfg: RunConfig, given: dict[str, dict[str, Any
             if (section, key) == ("model", "vocab_size"):  # fixed by the tokenizer already built
                 continue
             old = getattr(getattr(saved, section), key)
-            if (section, key) in RESUMABLE_OVERRIDES:
-                setattr(getattr(saved, section), key, value)
-            elif old != value:
+            if old == value:
+                continue
+            if (section, key) not in RESUMABLE_OVERRIDES:
                 raise BertforgeError(f"--resume: {section}.{key} was {old!r} in this run, "
                                      f"cannot change it to {value!r}")
+            if key in ("max_steps", "time_budget"):
+                check_schedule_change(saved.train, key, old, value)
+            setattr(getattr(saved, section), key, value)
     return saved
+
+
+def check_schedule_change(train: TrainConfig, key: str, old: Any, new: Any) -> None:
+    """A resume may change the run's length only where the learning rate of every step
+    stays what it was: a constant schedule with its warmup in steps. Otherwise the decay
+    to zero (or a warmup that is a fraction of the run) would be re-shaped mid-run, the
+    learning rate would jump, and the run would no longer be the one its config says."""
+    if train.schedule_depends_on_length:
+        why = (f"its {train.schedule} schedule decays to zero at the end of the run"
+               if train.schedule != "constant" else
+               f"its warmup is a fraction ({train.warmup_fraction}) of the run")
+        raise BertforgeError(f"--resume: train.{key} was {old!r} in this run, cannot change "
+                             f"it to {new!r}: {why}, so the learning rate of the steps to "
+                             f"come would change; only runs with --schedule constant and "
+                             f"--warmup-steps can be lengthened")
 
 
 def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] | None = None,
@@ -261,10 +295,7 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
     manifest = check_data(dirs, cfg, run_dir if resume else None)
     tok_dir = run_dir / rundir.TOKENIZER
     if not tok_dir.exists():  # copied whole or not at all
-        tmp = run_dir / f".{rundir.TOKENIZER}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(dirs[0] / "tokenizer", tmp)  # the directories share it
-        os.replace(tmp, tok_dir)
+        copy_tokenizer(dirs[0] / "tokenizer", tok_dir)  # the directories share it
     cfg.model.vocab_size = int(manifest["vocab_size"])
     cfg.model.pad_token_id = int(manifest["special_token_ids"]["pad"])
     cfg.data.tokenizer_hash = manifest["tokenizer_hash"]  # checked on every resume
@@ -275,24 +306,18 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
 def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.device,
            dist: Distributed, resume: bool, show_progress: bool) -> dict[str, Any]:
     from bertforge.hf import export_model
-    from bertforge.model import BertForPreTraining
 
-    threads = configure_cpu()
+    where = configure(device)
     dtype = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = BertForPreTraining(cfg.model).to(device)
-    if cfg.data.objective == "mlm":
-        # The pooler and NSP head get no gradient from MLM alone; frozen, DDP and FSDP
-        # need not wait for one (and AdamW skipped them anyway).
-        for module in (model.bert.pooler, model.seq_relationship):
-            module.requires_grad_(False)
-    task = MLMTask(cfg, data_dir, device, dist.rank, dist.world_size)
+    model = pretraining_model(cfg.model, cfg.data.objective).to(device)
+    task = MLMTask(cfg, data_dir, device, dist.rank, dist.world_size, dtype)
     if dist.is_main:
         procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
         print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
               f"tokens, batch {cfg.train.batch_size} (micro {cfg.train.micro_batch_size}), "
-              f"{device.type} {'bf16' if dtype else 'fp32'}, {threads} threads{procs}",
+              f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress, dist=dist)

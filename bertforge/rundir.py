@@ -31,7 +31,6 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None
                    ) -> tuple[torch.nn.Module, RunConfig, Path]:
     """The BertForPreTraining of a run's newest good checkpoint (or `checkpoint`)."""
     from bertforge.model import BertForPreTraining
-    from bertforge.train import load_model_weights
 
     run_dir = require_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / CONFIG)
@@ -43,7 +42,7 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None
     else:
         ckpt.verify(checkpoint)
     model = BertForPreTraining(cfg.model)
-    load_model_weights(model, ckpt.load_weights(checkpoint))
+    ckpt.load_model_weights(model, ckpt.load_weights(checkpoint))
     return model.eval(), cfg, run_dir / TOKENIZER
 
 

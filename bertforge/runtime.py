@@ -1,7 +1,9 @@
-"""Where and how tensors run: device choice, bf16 support, CPU threads.
+"""Where and how tensors run: device choice, bf16 support, the process set-up per device.
 
-All device-specific decisions live here so the rest of the code only sees a
-`torch.device` and an autocast context.
+The decisions that depend on the device live here (and the per-device kernels in
+bertforge.ops), so the rest of the code only sees a `torch.device`, an autocast
+context and `configure(device)`. A CPU run never creates a CUDA context: nothing here
+touches CUDA unless the device is CUDA.
 """
 
 from __future__ import annotations
@@ -49,7 +51,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     """The autocast dtype to train in, or None for plain fp32."""
     if precision == "fp32":
         return None
-    supported = (torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_bf16())
+    # On CUDA, only native bf16 (Ampere and newer): emulated bf16 is slower than fp32.
+    supported = (torch.cuda.is_bf16_supported(including_emulation=False)
+                 if device.type == "cuda" else cpu_has_bf16())
     if precision == "bf16":
         if not supported:
             raise BertforgeError(f"precision 'bf16' is not supported on this {device.type}")
@@ -63,14 +67,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def configure_cpu() -> int:
-    """Set up this process for training on the CPU; returns the intra-op thread count.
+def configure(device: torch.device) -> str:
+    """Set up this process to compute on `device`; returns a short description of it.
 
-    Every core does intra-op work unless the user set OMP_NUM_THREADS, and freed memory
-    stays with the process (`keep_freed_memory`).
+    CPU: every core does intra-op work unless the user set OMP_NUM_THREADS, and freed
+    memory stays with the process (`keep_freed_memory`). CUDA: nothing to tune; the
+    caching allocator already keeps freed memory. Either way the glibc and thread
+    settings are CPU tuning, never applied to a GPU run.
     """
-    keep_freed_memory()
-    return configure_threads()
+    if device.type == "cpu":
+        keep_freed_memory()
+        return f"cpu, {configure_threads()} threads"
+    if device.type == "cuda":
+        return f"{device}, {torch.cuda.get_device_name(device)}"
+    return str(device)
+
+
+def default_workers(device: torch.device) -> int:
+    """Background processes that build batches ahead of the step: 2 on a GPU, whose
+    step would otherwise wait for the host's masking; 0 on the CPU, where the cores
+    the workers would take are the ones computing the step."""
+    return 0 if device.type == "cpu" else 2
 
 
 @functools.cache

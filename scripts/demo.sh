@@ -35,7 +35,7 @@ timed "$bf" prepare "$CORPUS" --tokenizer "$OUT/tokenizer" --out "$OUT/data" --s
 # schedule decays to zero exactly at the deadline.
 stage "3/6 pretrain: preset mini for $BUDGET"
 timed "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini \
-    --time-budget "$BUDGET" --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup 0.05 \
+    --time-budget "$BUDGET" --batch-size 16 --micro-batch-size 16 --lr 1e-3 --warmup-fraction 0.05 \
     --adam-beta2 0.98 --dropout 0 --eval-every 500 --checkpoint-every 1000 --log-every 20
 
 stage "4/6 evaluate on the held-out split"

@@ -36,7 +36,7 @@ VERBS = "sees follows finds likes meets paints helps watches".split()
 def make_data(root: Path) -> Path:
     """A generated corpus, a WordPiece tokenizer and token shards (seq_len 32)."""
     from bertforge.data.prepare import prepare
-    from bertforge.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import train_tokenizer
 
     rng = random.Random(0)
     docs = [" ".join(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the "
@@ -55,7 +55,7 @@ def command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
             "--out", str(out), "--preset", "tiny", "--hidden-size", "64",
             "--num-attention-heads", "2", "--intermediate-size", "128",
             "--max-position-embeddings", "64", "--seq-len", "32", "--dropout", "0.1",
-            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup", "0.1",
+            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-fraction", "0.1",
             "--max-steps", str(steps), "--checkpoint-every", "1", "--keep-last", "2",
             "--log-every", "1", "--eval-every", "0", "--eval-sequences", "32",
             "--precision", "fp32", "--quiet", *extra]

@@ -34,8 +34,8 @@ from bertforge.config import DataConfig, RunConfig, TrainConfig, preset  # noqa:
 from bertforge.data.loader import PretrainBatches, ShardedSequences  # noqa: E402
 from bertforge.data.masking import Masker  # noqa: E402
 from bertforge.data.prepare import prepare  # noqa: E402
+from bertforge.data.tokenizer import train_tokenizer  # noqa: E402
 from bertforge.pretrain import run_pretrain  # noqa: E402
-from bertforge.tokenizer import train_tokenizer  # noqa: E402
 
 WORDS = ("cat dog bird horse king queen river city garden teacher doctor ship small large red "
          "green old young quiet bright happy dark sees follows finds likes meets paints helps "
@@ -81,7 +81,7 @@ def loader_times(data: Path) -> dict[int, float]:
 def tiny_config(max_steps: int) -> RunConfig:
     model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
                    max_position_embeddings=64)
-    train = TrainConfig(batch_size=16, micro_batch_size=4, lr=2e-3, warmup=0.1,
+    train = TrainConfig(batch_size=16, micro_batch_size=4, lr=2e-3, warmup_fraction=0.1,
                         max_steps=max_steps, log_every=1, eval_every=0, eval_sequences=32,
                         checkpoint_every=10, keep_last=10, precision="fp32")
     return RunConfig(model=model, data=DataConfig(seq_len=32), train=train)

@@ -53,7 +53,7 @@ def corpus_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory, corpus_file) -> Path:
-    from bertforge.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([str(corpus_file)], out, vocab_size=200, show_progress=False)
@@ -86,7 +86,8 @@ def tiny_run_config(objective: str = "mlm", **train):
     model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
                    max_position_embeddings=64, hidden_dropout_prob=0.0,
                    attention_probs_dropout_prob=0.0)
-    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup=0.1, max_steps=40,
+    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup_fraction=0.1,
+                  max_steps=40,
                   log_every=1, eval_every=20, eval_sequences=64, precision="fp32", seed=0)
     values.update(train)
     return RunConfig(model=model, data=DataConfig(seq_len=32, objective=objective),

@@ -267,7 +267,7 @@ def test_sample_bytes_spreads_over_files_by_size(tmp_path):
 
 
 def test_tokenizer_sample_bytes_feeds_less(tmp_path, monkeypatch, capsys):
-    from bertforge import tokenizer
+    from bertforge.data import tokenizer
 
     files = write_files(tmp_path, [150, 150])
     total = sum(p.stat().st_size for p in files)

@@ -66,7 +66,7 @@ def tiny_finetune(**kw) -> FinetuneConfig:
     values = dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=32,
                   dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
     values.update(kw)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_dict(values)
 
 
 @pytest.fixture(scope="module")
@@ -284,8 +284,7 @@ def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
         model.right = right
         with torch.no_grad():
             model.weight.fill_(weight)
-        task.step = step
-        assert task.evaluate(model)["accuracy"] == (1.0 if right else 0.0)
+        assert task.evaluate(model, step)["accuracy"] == (1.0 if right else 0.0)
         best = json.loads((tmp_path / "best" / "state.json").read_text())
         assert best["step"] == 2  # the equal score at step 6 does not replace it either
     from safetensors.torch import load_file
@@ -311,7 +310,7 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path, tokenizer_dir):
         assert task.steps_per_epoch == 13  # ceil(100 / 8); the last batch holds 4
         rows, padded = [], 0
         for step in range(13):
-            for micro in task.micro_batches(step):
+            for micro in task.batch(step).micro:
                 rows += [micro.input_ids[i].tolist() for i in range(len(micro.y))]
                 padded += micro.input_ids.numel()
         return rows, padded
@@ -470,7 +469,7 @@ def test_cli_glue_table(capsys, tmp_path, tiny_run):
     (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o"],
      "train.tsv, line 3: 1 fields, expected 2"),
     (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o",
-      "--lr", "0"], "FinetuneConfig.lr"),
+      "--lr", "0"], "TrainConfig.lr=0.0: must be > 0"),
     (["finetune", "{tmp}/nope", "--task", "sst2", "--data-dir", "{tmp}/good", "--out",
       "{tmp}/o"], "model not found"),
     (["predict", "{tmp}/nope", "--input", "{tmp}/x.txt"], "no config.json"),

@@ -15,6 +15,7 @@ def test_pretrain_corpus_on_wikipedia_slice(tmp_path, shared_corpus, capsys):
                  "--preset", "tiny", "--vocab-size", "3000", "--seq-len", "64",
                  "--max-steps", "30", "--batch-size", "16", "--micro-batch-size", "16",
                  "--lr", "1e-3", "--eval-every", "30", "--eval-sequences", "128",
+                 "--schedule", "constant", "--warmup-steps", "3",
                  "--valid-fraction", "0.05", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -28,6 +29,7 @@ def test_pretrain_corpus_on_wikipedia_slice(tmp_path, shared_corpus, capsys):
     code = main(["pretrain", "--corpus", *map(str, files), "--out", str(run), "--preset", "tiny",
                  "--vocab-size", "3000", "--seq-len", "64", "--max-steps", "35",
                  "--batch-size", "16", "--micro-batch-size", "16", "--lr", "1e-3",
+                 "--schedule", "constant", "--warmup-steps", "3",
                  "--valid-fraction", "0.05", "--resume", "--quiet"])
     out, err = capsys.readouterr()
     assert code == 0, err

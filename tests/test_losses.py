@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bertforge.losses import cross_entropy_sum
+from bertforge.ops import cross_entropy_sum
 
 
 def _logits(n: int = 101, v: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:

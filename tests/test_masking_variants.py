@@ -22,8 +22,8 @@ from conftest import make_document, run_cli
 from bertforge.config import DataConfig, RunConfig
 from bertforge.data.loader import ShardedSequences
 from bertforge.data.masking import Masker, build_masker, span_lengths
+from bertforge.data.tokenizer import load_tokenizer, train_tokenizer
 from bertforge.errors import BertforgeError
-from bertforge.tokenizer import load_tokenizer, train_tokenizer
 
 P, MAX = 0.2, 10
 # SpanBERT's truncated geometric: E[L] = sum l p q^(l-1) / sum p q^(l-1), l = 1..10 (3.80).

@@ -152,7 +152,7 @@ def test_base_preset_has_bert_base_parameter_count():
 
 
 def test_cpu_dropout_rate_scale_gradient_and_seeding():
-    from bertforge.model import dropout
+    from bertforge.ops import dropout
 
     x = torch.ones(500, 1000, requires_grad=True)
     torch.manual_seed(5)

@@ -237,8 +237,8 @@ def test_task_has_two_loss_terms_each_with_its_count(objective, data_dir):
     cfg = tiny_config(objective)
     cfg.model.vocab_size = 200
     task = MLMTask(cfg, data_dir, torch.device("cpu"))
-    (micro,) = task.micro_batches(0)
-    count = task.count(micro)
+    batch = task.batch(0)
+    (micro,), count = batch.micro, batch.counts
     labels = micro.next_sentence_label
     assert count == {"mlm": micro.targets.numel(), kind: int((labels != IGNORE).sum())}
     assert count[kind] >= 12 and micro.token_type_ids is not None
@@ -256,7 +256,7 @@ def test_task_has_two_loss_terms_each_with_its_count(objective, data_dir):
     assert extra[f"{kind}_accuracy"] == (pair_logits.argmax(-1) == labels).sum()
     assert set(extra) == {"mlm_accuracy", f"{kind}_accuracy"}
     # Held-out pairs are built with a fixed seed: the same metrics on every call.
-    first, second = task.evaluate(model.eval()), task.evaluate(model)
+    first, second = task.evaluate(model.eval(), 0), task.evaluate(model, 0)
     assert first == second and 0 < first[f"{kind}_pairs"] and f"{kind}_loss" in first
 
 

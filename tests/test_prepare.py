@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bertforge.data.prepare import load_manifest, open_split, prepare
+from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 from bertforge.errors import BertforgeError
-from bertforge.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer
 
 PAD, CLS, SEP = 0, 2, 3
 WORDS = ("the a of and to in is was for on with as by at from that this it river mountain "

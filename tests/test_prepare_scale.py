@@ -17,8 +17,8 @@ from bertforge.data.encode import BatchEncoder, sequential_tokenizers
 from bertforge.data.loader import PretrainBatches, ShardedSequences
 from bertforge.data.masking import Masker
 from bertforge.data.prepare import load_manifest, open_split, prepare
+from bertforge.data.tokenizer import load_tokenizer, train_tokenizer
 from bertforge.errors import BertforgeError
-from bertforge.tokenizer import load_tokenizer, train_tokenizer
 from conftest import make_document, run_cli
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
@@ -293,7 +293,7 @@ def test_pretrain_and_evaluate_on_several_dirs(parts, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["pretrain", "--data", parts[0], "--data", parts[1], "--out", run, "--preset",
             "tiny", "--seq-len", "32", "--batch-size", "8", "--micro-batch-size", "4",
-            "--quiet"]
+            "--schedule", "constant", "--warmup-steps", "1", "--quiet"]
     code, out, err = run_cli(capsys, *args, "--max-steps", "2")
     assert code == 0, err
     import yaml

@@ -50,11 +50,11 @@ SLOW_CLI = """
 import sys, time
 from bertforge import pretrain
 from bertforge.cli import main
-real = pretrain.MLMTask.micro_batches
+real = pretrain.MLMTask.batch
 def slow(self, step):
     time.sleep({delay})
     return real(self, step)
-pretrain.MLMTask.micro_batches = slow
+pretrain.MLMTask.batch = slow
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -420,8 +420,10 @@ def _poison(monkeypatch, step: int) -> None:
 
     def loss_sum(self, model, micro):
         calls.append(1)
-        loss, extra = real(self, model, micro)
-        return (loss * float("nan") if len(calls) == (step - 1) * 4 + 2 else loss), extra
+        losses, extra = real(self, model, micro)
+        if len(calls) == (step - 1) * 4 + 2:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        return losses, extra
 
     monkeypatch.setattr(MLMTask, "loss_sum", loss_sum)
 
@@ -463,7 +465,7 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path, data_dir, capsys, mon
 def other_data(tmp_path_factory, corpus_file, tokenizer_dir) -> dict[str, Path]:
     """Data with another sequence length, and data made by another tokenizer."""
     from bertforge.data.prepare import prepare
-    from bertforge.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("other")
     prepare([str(corpus_file)], tokenizer_dir, root / "seq64", seq_len=64,
@@ -503,7 +505,7 @@ def test_resume_with_the_same_command_and_config_file_is_accepted(tmp_path, data
                          "train:\n  lr: 1e-4\n  batch_size: 8\n")  # 1e-4: a string to PyYAML
     args = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny",
             "--config", str(yaml_file), "--seq-len", "32", "--max-position-embeddings", "64",
-            "--quiet"]
+            "--schedule", "constant", "--warmup-steps", "1", "--quiet"]
     assert run_cli(capsys, *args, "--max-steps", "2")[0] == 0
     code, _, err = run_cli(capsys, *args, "--max-steps", "3", "--resume")
     assert code == 0, err

@@ -5,9 +5,9 @@ import random
 
 import pytest
 
-from bertforge.errors import BertforgeError
-from bertforge.tokenizer import (load_tokenizer, special_token_ids, tokenizer_hash,
+from bertforge.data.tokenizer import (load_tokenizer, special_token_ids, tokenizer_hash,
                                  train_tokenizer)
+from bertforge.errors import BertforgeError
 
 WORDS = ("the a of and to in is was for on with as by at from that this it his her they "
          "river mountain village city castle garden history music painting science language "

@@ -101,15 +101,23 @@ class MaskedBatch:
     next_sentence_label: torch.Tensor | None = None
 
     @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
+    def real_tokens(self) -> int:
+        """Input tokens that are not padding (host-side batches only)."""
+        if self.attention_mask is None:
+            return self.input_ids.numel()
+        return int(self.attention_mask.sum())
+
+    def _map(self, f: Any) -> MaskedBatch:
+        return MaskedBatch(*(None if t is None else f(t) for t in (
+            self.input_ids, self.masked_positions, self.targets, self.attention_mask,
+            self.token_type_ids, self.next_sentence_label)))
 
     def to(self, device: torch.device) -> MaskedBatch:
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
-        return MaskedBatch(move(self.input_ids), move(self.masked_positions), move(self.targets),
-                           move(self.attention_mask), move(self.token_type_ids),
-                           move(self.next_sentence_label))
+        """On `device`; the copy does not block when the batch is in pinned memory."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> MaskedBatch:
+        return self._map(torch.Tensor.pin_memory)
 
 
 @dataclass
@@ -241,7 +249,7 @@ class Masker:
 
 def continuation_table(tokenizer_dir: str | os.PathLike, vocab_size: int) -> np.ndarray:
     """(V,) bool: which ids of the tokenizer in `tokenizer_dir` are "##" continuation pieces."""
-    from bertforge.tokenizer import load_tokenizer
+    from bertforge.data.tokenizer import load_tokenizer
 
     vocab = load_tokenizer(tokenizer_dir).get_vocab(with_added_tokens=True)
     if len(vocab) != vocab_size:

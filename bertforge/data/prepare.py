@@ -51,9 +51,9 @@ from bertforge.config import DOCUMENT_BOUNDARIES
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
                                    resolve_corpus)
 from bertforge.data.encode import default_workers, encode_batches
+from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
+                                      tokenizer_hash)
 from bertforge.errors import BertforgeError
-from bertforge.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_token_ids,
-                                 tokenizer_hash)
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         if valid_fraction > 0 and packers["valid"].documents == 0:
             log.warning("corpus has a single document: the validation split is empty")
 
-        _copy_tokenizer(Path(tokenizer_dir), tmp / "tokenizer")
+        copy_tokenizer(tokenizer_dir, tmp / "tokenizer")
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -218,14 +218,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 def _sibling(out: Path, kind: str) -> Path:
     """A fresh hidden path next to `out`, on the same filesystem so renames are atomic."""
     return out.parent / f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}"
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    src = src if src.is_dir() else src.parent
-    dst.mkdir()
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
 
 
 def _total_bytes(files: list[Path | str]) -> int | None:

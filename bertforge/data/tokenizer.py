@@ -22,6 +22,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -31,8 +32,9 @@ from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, process
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
-from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
+from bertforge.data.corpus import (CorpusOptions, CorpusStats, iter_documents, resolve_corpus)
 from bertforge.errors import BertforgeError
+from bertforge.fileio import write_text_atomic
 
 # Order fixes the ids: the trainer assigns special tokens ids 0.. in list order.
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
@@ -151,17 +153,43 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) 
         "clean_up_tokenization_spaces": True,
         **special_map,
     }
-    _write_atomic(out / "vocab.txt", "".join(f"{t}\n" for t, _ in vocab))
-    _write_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
-    _write_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
+    write_text_atomic(out / "vocab.txt", "".join(f"{t}\n" for t, _ in vocab))
+    write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_text_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
+                   model_max_length: int | None = None) -> Path:
+    """Copy the tokenizer files (TOKENIZER_FILES) of directory `src`, or of the directory of
+    a tokenizer.json, into directory `dst`; other files there (an HF model's config.json,
+    weights) are left alone. A new `dst` appears whole or not at all; in an existing one
+    each file is replaced atomically. With `model_max_length`, tokenizer_config.json
+    says it (the model's max_position_embeddings), so that a transformers pipeline
+    truncates to what the model can take."""
+    src, dst = Path(src), Path(dst)
+    src = src if src.is_dir() else src.parent
+    tmp = dst.with_name(f".{dst.name}.tokenizer.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
+        settings = tmp / "tokenizer_config.json"
+        if model_max_length is not None and settings.is_file():
+            config = json.loads(settings.read_text())
+            config["model_max_length"] = model_max_length
+            settings.write_text(json.dumps(config, indent=2) + "\n")
+        if not dst.exists():
+            os.replace(tmp, dst)
+            return dst
+        for path in tmp.iterdir():
+            os.replace(path, dst / path.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:

@@ -1,0 +1,189 @@
+"""The kernels that differ between the CPU and GPUs, each picked by its tensor's device.
+
+Every device-specific kernel of the model and the training step lives here, and nothing
+else in bertforge branches on the device type for speed:
+
+| op                  | CPU path (hand-tuned)                      | GPU path (PyTorch's fused kernels)  |
+|---------------------|--------------------------------------------|-------------------------------------|
+| `attention`         | two batched matmuls and a softmax          | `F.scaled_dot_product_attention`    |
+| `dropout`           | a {0, 1} mask from numpy SFC64 bits        | `F.dropout`                         |
+| `cross_entropy_sum` | fp32 in cache-sized chunks, softmax kept   | `F.cross_entropy` on fp32 logits    |
+| (`..._and_hits`)    | hits from the chunks' row maxima           | hits from one `amax`                |
+| `grad_norm_squared` | float64 sums of float32 chunk norms        | `torch._foreach_norm`, one launch   |
+
+The CPU paths exist because the generic kernels are slow there (measured with torch 2.13,
+bf16, BERT's shapes): SDPA's CPU backward is about 3x slower than two matmuls at head
+size 64, `F.dropout` draws one Mersenne-Twister number per element on one thread, and
+`F.cross_entropy` on (N, 30522) fp32 copies streams several 75 MB tensors through memory.
+On a GPU none of that holds, and the fused kernels are what to use: SDPA takes its flash
+kernel when there is no mask (packed batches) and its memory-efficient kernel with the
+boolean mask of padded ones.
+
+`use_kernels("gpu")` runs the GPU paths on the CPU too, which is how the test suite
+checks them without a GPU; nothing else sets it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("bertforge_kernels",
+                                                                     default=None)
+PATHS = ("cpu", "gpu")
+
+
+@contextlib.contextmanager
+def use_kernels(path: str) -> Iterator[None]:
+    """Within the block, take the `path` kernels ('cpu' or 'gpu') whatever the device."""
+    if path not in PATHS:
+        raise ValueError(f"kernel path {path!r}: must be one of {', '.join(PATHS)}")
+    token = _FORCED.set(path)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def kernel_path(t: torch.Tensor) -> str:
+    """'cpu' for tensors on the CPU, 'gpu' for any accelerator (CUDA, ROCm, MPS, XPU)."""
+    return _FORCED.get() or ("cpu" if t.device.type == "cpu" else "gpu")
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for q, k, v (B, nh, T, hd); attn_mask (B, 1, 1, T) bool,
+    True = attend, or None (every token real: the flash kernel's case)."""
+    if kernel_path(q) == "gpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, T, T)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = dropout(scores.softmax(-1), dropout_p)
+    return probs @ v  # (B, nh, T, hd)
+
+
+# ------------------------------------------------------------------------------- dropout
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout; on the CPU with a faster mask.
+
+    The CPU path draws one 64-bit seed from torch's global generator (so `torch.manual_seed`
+    and the RNG state saved in checkpoints govern it as they govern F.dropout), expands it
+    with numpy's SFC64 into 16 random bits per element, and turns those into a {0, 1} mask
+    in x's dtype with three vectorised integer passes; forward and backward are then one
+    multiply each. An element is kept when its 16 bits reach a threshold, so p is rounded
+    to a multiple of 1/65536.
+    """
+    if not training or p == 0.0:
+        return x
+    if kernel_path(x) == "gpu":
+        return F.dropout(x, p, training=True)
+    n = x.numel()
+    seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
+    words = np.random.SFC64(seed).random_raw(-(-n // 4))  # (ceil(n / 4),) uint64
+    bits = torch.from_numpy(words.view(np.int16)[:n]).view(x.shape)  # uniform int16
+    threshold = round(p * 65536) - 32768  # keep where bits >= threshold
+    keep = bits.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(x.dtype)  # 0 or 1
+    return (x * keep).mul_(1.0 / (1.0 - p))
+
+
+# ------------------------------------------------------------------------- cross-entropy
+
+_CHUNK_ROWS = 32  # (32, 30522) fp32 is 3.9 MB: in a CPU core's cache
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """The CPU cross-entropy. `F.cross_entropy(logits.float(), ...)` on (N, V) bf16 logits
+    materialises several fp32 (N, V) tensors (the upcast, the log-probabilities, their
+    gradient) and streams each through memory. Here rows go in chunks that stay in cache,
+    and the forward pass, which has the exponentials at hand anyway, writes the softmax
+    straight into the gradient buffer (in the logits' dtype); backward only subtracts 1 at
+    the targets and scales, one pass instead of recomputing the softmax. The loss equals
+    F.cross_entropy in fp32; the gradient is rounded once more (to the logits' dtype
+    before the scaling), within one ulp of it. The row maxima the softmax needs also give
+    the hits for free (an argmax over bf16 logits costs more than this whole pass)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        top = torch.empty_like(lse)  # (N,) row maxima
+        keep = ctx.needs_input_grad[0]  # no softmax to keep under no_grad (evaluation)
+        probs = torch.empty_like(logits) if keep else None  # (N, V), becomes the gradient
+        for start in range(0, logits.shape[0], _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            x = logits[rows].float()  # (c, V)
+            top[rows] = x.amax(dim=1)
+            total = x.sub_(top[rows, None]).exp_().sum(dim=1, keepdim=True)
+            lse[rows] = top[rows] + total.squeeze(1).log()
+            if keep:
+                probs[rows] = x.div_(total)
+        target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
+        hits = (target_logits == top).sum()
+        ctx.mark_non_differentiable(hits)
+        if keep:
+            ctx.save_for_backward(probs, targets, target_logits - lse)
+        return (lse - target_logits).sum(), hits
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
+        probs, targets, target_log_probs = ctx.saved_tensors  # backward runs once: in place
+        rows = torch.arange(probs.shape[0], device=probs.device)
+        probs[rows, targets] = (target_log_probs.exp() - 1.0).to(probs.dtype)  # p - 1, fp32
+        return probs.mul_(grad), None
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """sum_i -log softmax(logits_i)[targets_i], in fp32, for (N, V) logits of any dtype."""
+    return cross_entropy_and_hits(logits, targets)[0]
+
+
+def cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed fp32 cross-entropy of (N, V) logits, the rows whose target has the
+    largest logit): loss and accuracy in one pass. A tie with another token counts as a
+    hit, on every path (an argmax would pick the first)."""
+    if kernel_path(logits) == "gpu" or logits.dtype == torch.float32 or logits.shape[0] == 0:
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        with torch.no_grad():
+            target_logits = logits.gather(1, targets[:, None]).squeeze(1)
+            hits = (target_logits == logits.amax(dim=1)).sum()
+        return loss, hits
+    return _ChunkedCrossEntropy.apply(logits, targets)
+
+
+# ------------------------------------------------------------------------- gradient norm
+
+def grad_norm_squared(grads: list[torch.Tensor]) -> torch.Tensor:
+    """sum over `grads` of sum(g**2), a float64 0-dim tensor on their device (no host sync).
+
+    CPU: float32 norms of rows of 16,384 elements, squared and summed in float64; a
+    float32 reduction of one large gradient (the word embeddings) is off by up to 1e-3
+    relative on the CPU, differently for each sharding, and under FSDP that made the
+    clipped losses drift from one process's. GPU: one `_foreach_norm` launch (tree
+    reductions, ~1e-7 relative) instead of several kernels per gradient.
+    """
+    if not grads:
+        return torch.zeros((), dtype=torch.float64)
+    if kernel_path(grads[0]) == "gpu":
+        norms = torch._foreach_norm(grads)
+        return torch.stack(norms).double().square().sum()
+    return torch.stack([_chunked_squares(g) for g in grads]).sum()
+
+
+def _chunked_squares(t: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+    flat = t.detach().reshape(-1)
+    whole = flat.numel() // chunk * chunk
+    total = flat[whole:].double().square().sum()
+    if whole:
+        rows = torch.linalg.vector_norm(flat[:whole].view(-1, chunk), dim=1)  # (n / chunk,)
+        total = total + rows.double().square().sum()
+    return total

@@ -1,0 +1,216 @@
+"""One optimizer step, and the batches that feed it.
+
+- `StepBatch`: this process's share of one step's global batch, on the host: the
+  micro-batches, how many loss terms of each kind they hold, and their real tokens.
+  A task builds it from the step alone (`Task.batch(step)`), which is what makes resume
+  exact and O(1).
+- `prefetch`: the batches of the steps to come, built ahead of time by a
+  `torch.utils.data.DataLoader` over step indices: in `num_workers` background
+  processes, into pinned memory when the device is a GPU, so that the masking of step
+  t + 1 overlaps the compute of step t and the copy to the device does not block.
+- `train_step`: forward and backward over the micro-batches, each loss term normalised
+  by its count over the whole global batch; gradient clipping; the non-finite guard and
+  the `on_nan` policy; the update. It returns a `StepResult`.
+
+Host-device synchronisation on a GPU: one per optimizer step, in `train_step` after the
+backward passes and the gradient norm, where the step's loss sums, metrics and gradient
+norm (and under torchrun the global counts, the stop flag and rank 0's clock) come to
+the host as one tensor. It is needed there, once: whether the update may be applied (a
+finite loss and gradient norm) and whether the run stops are decisions the host makes
+before `optimizer.step()`. Nothing in the micro-batch loop reads a device value: the
+counts that normalise the loss come from the host side of the batch, metrics stay
+tensors until that one read, and the clipping factor is applied on the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bertforge.config import TrainConfig
+from bertforge.distributed import Distributed
+from bertforge.errors import NonFiniteStep
+from bertforge.runtime import autocast, default_workers
+
+
+@dataclass
+class StepBatch:
+    """This process's share of the global batch of one step, on the host."""
+
+    micro: list[Any]  # micro-batches, each with .to(device) and .pin_memory()
+    counts: dict[str, int]  # loss terms of each kind in `micro` (masked tokens, pairs, ...)
+    tokens: int  # real input tokens in `micro` (padding excluded)
+
+    def pin_memory(self) -> StepBatch:
+        return StepBatch([m.pin_memory() for m in self.micro], self.counts, self.tokens)
+
+
+LossFn = Callable[[torch.nn.Module, Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+
+
+class Task(Protocol):
+    """What `fit` trains on."""
+
+    def batch(self, step: int) -> StepBatch:
+        """This process's share of the global batch at `step`: a pure function of it."""
+
+    def loss_sum(self, model: torch.nn.Module, micro: Any
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The summed (not averaged) loss of each term of a micro-batch on the device,
+        keyed like `StepBatch.counts`, and extra summed metrics as device tensors. A
+        metric named TERM_... is normalised by TERM's count, any other by the first
+        term's."""
+
+    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
+        """Held-out metrics of the model after `step` steps."""
+
+    def epoch_at(self, step: int) -> float:
+        ...
+
+
+@dataclass
+class StepResult:
+    """What one `train_step` did, on the host."""
+
+    terms: dict[str, float]  # each loss term over the global batch, normalised by its count
+    metrics: dict[str, float]  # the task's extra metrics, normalised likewise
+    grad_norm: float  # before clipping
+    applied: bool  # False: the loss or the gradient norm was not finite; no update
+    tokens: int  # real tokens of the global batch
+    stop: bool = False  # some rank was signalled: every rank stops after this step
+    elapsed_s: float | None = None  # rank 0's training clock at the end of the step
+    counts: dict[str, float] = field(default_factory=dict)  # global counts of each term
+
+    @property
+    def loss(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def problem(self) -> str:
+        """What was not finite, e.g. 'loss (nan)' or 'gradient norm (inf)'."""
+        if not math.isfinite(self.loss):
+            return f"loss ({self.loss})"
+        return f"gradient norm ({self.grad_norm})"
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
+               batch: StepBatch, *, lr: float, cfg: TrainConfig, device: torch.device,
+               dtype: torch.dtype | None, dist: Distributed | None = None, step: int = 0,
+               stop_requested: Callable[[], bool] | None = None,
+               clock: Callable[[], float] | None = None
+               ) -> StepResult:
+    """One optimizer step on `batch` at learning rate `lr` (see the module docstring).
+
+    `model` is what runs forward and backward (possibly DDP-wrapped or compiled); the
+    gradients clipped and applied are those of the optimizer's parameters. `step` is the
+    number of steps done before this one. `stop_requested` and `clock` tell whether this
+    process was asked to stop and its training time, read at the end of the step; under
+    torchrun they are shared in the step's one sync, so every rank stops after the same
+    step and sees rank 0's time. A non-finite loss or
+    gradient norm never reaches the weights: with on_nan 'stop' NonFiniteStep is raised,
+    with 'skip' the result says `applied=False`.
+    """
+    dist = dist if dist is not None else Distributed()
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    names = list(batch.counts)
+    if dist.enabled:  # the global counts, queued on the device: no host sync
+        counts_t = dist.reduce_sum(dist.host_values([*batch.counts.values(), batch.tokens]))
+        divisors = dict(zip(names, counts_t[:-1].float().clamp(min=1).to(device).unbind()))
+    else:
+        divisors = {k: float(max(v, 1)) for k, v in batch.counts.items()}
+
+    sums: dict[str, torch.Tensor] = {}
+    extra: dict[str, torch.Tensor] = {}
+    last = len(batch.micro) - 1
+    for i, micro in enumerate(batch.micro):
+        micro = micro.to(device)
+        with dist.sync_gradients(i == last):
+            with autocast(device, dtype):
+                losses, more = loss_fn(model, micro)
+            loss = sum(v / divisors[k] for k, v in losses.items())
+            # DDP and FSDP average gradients over ranks; the global batch sums them.
+            (loss * dist.world_size if dist.enabled else loss).backward()
+        for bucket, values in ((sums, losses), (extra, more)):
+            for k, v in values.items():
+                v = v.detach()
+                bucket[k] = bucket[k] + v if k in bucket else v
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    norm = dist.clip_grad_norm(params, cfg.grad_clip)
+
+    # The step's one host sync.
+    local = torch.stack([v.double() for v in (*sums.values(), *extra.values())])
+    signalled = stop_requested is not None and stop_requested()
+    if dist.enabled:
+        control = dist.host_values([float(signalled),
+                                    clock() if (clock is not None and dist.is_main) else 0.0])
+        shared = dist.reduce_sum(torch.cat([local.to(control.device), control]))
+        read = torch.cat([shared, counts_t, norm.reshape(1).to(shared.device)]).tolist()
+        stop, elapsed = read[-len(names) - 4] > 0, read[-len(names) - 3]
+        counts = dict(zip(names, read[-len(names) - 2:-2]))
+        tokens = int(read[-2])
+    else:
+        read = torch.cat([local, norm.reshape(1).to(local.device)]).tolist()
+        stop, elapsed = signalled, (clock() if clock is not None else None)
+        counts, tokens = {k: float(v) for k, v in batch.counts.items()}, batch.tokens
+    grad_norm = read[-1]
+    n = len(sums)
+    terms = {k: v / max(counts[k], 1.0) for k, v in zip(sums, read[:n])}
+    metrics = {k: v / max(counts.get(k.split("_")[0], counts[names[0]]), 1.0)
+               for k, v in zip(extra, read[n:n + len(extra)])}
+    result = StepResult(terms, metrics, grad_norm, applied=False, tokens=tokens, stop=stop,
+                        elapsed_s=elapsed, counts=counts)
+    result.applied = math.isfinite(result.loss) and math.isfinite(grad_norm)
+    if result.applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not result.applied and cfg.on_nan == "stop":
+        raise NonFiniteStep(step + 1, result.problem)
+    return result
+
+
+# --------------------------------------------------------------------------- prefetching
+
+class _Steps(Dataset):
+    """A task seen by a DataLoader: item `step` is that step's StepBatch."""
+
+    def __init__(self, task: Task):
+        self.task = task
+
+    def __getitem__(self, step: int) -> StepBatch:
+        return self.task.batch(step)
+
+
+def _as_is(batch: StepBatch) -> StepBatch:  # collate: a StepBatch is a batch already
+    return batch
+
+
+@contextlib.contextmanager
+def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device
+             ) -> Iterator[Iterator[StepBatch]]:
+    """The StepBatches of steps start, start + 1, ... (up to max_steps when set), built
+    ahead by cfg.num_workers background processes (default: `default_workers(device)`)
+    and pinned when `device` is a GPU. Batches depend on the step alone, so the workers
+    change no result; with 0 workers each batch is built when it is asked for."""
+    workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
+    steps = range(start, cfg.max_steps) if cfg.max_steps else itertools.count(start)
+    # A generator of its own: the loader draws its workers' base seed from it, which must
+    # not consume the global RNG that dropout (and so exact resume) depends on.
+    loader = DataLoader(_Steps(task), sampler=steps, batch_size=None, collate_fn=_as_is,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None,
+                        generator=torch.Generator().manual_seed(0))
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:  # now, not when the iterator is collected
+            shutdown()
