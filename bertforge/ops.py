@@ -3,13 +3,14 @@
 Every device-specific kernel of the model and the training step lives here, and nothing
 else in bertforge branches on the device type for speed:
 
-| op                  | CPU path (hand-tuned)                      | GPU path (PyTorch's fused kernels)  |
-|---------------------|--------------------------------------------|-------------------------------------|
-| `attention`         | two batched matmuls and a softmax          | `F.scaled_dot_product_attention`    |
-| `dropout`           | a {0, 1} mask from numpy SFC64 bits        | `F.dropout`                         |
-| `cross_entropy_sum` | fp32 in cache-sized chunks, softmax kept   | `F.cross_entropy` on fp32 logits    |
-| (`..._and_hits`)    | hits from the chunks' row maxima           | hits from one `amax`                |
-| `grad_norm_squared` | float64 sums of float32 chunk norms        | `torch._foreach_norm`, one launch   |
+- `attention`: CPU, two batched matmuls and a softmax; GPU,
+  `F.scaled_dot_product_attention`.
+- `dropout`: CPU, a {0, 1} mask from numpy SFC64 bits; GPU, `F.dropout`.
+- `cross_entropy_and_hits` (and `cross_entropy_sum`): CPU, fp32 in cache-sized chunks
+  with the softmax kept for backward and the hits read off the row maxima; GPU,
+  `F.cross_entropy` on fp32 logits and one `amax`.
+- `grad_norm_squared`: CPU, float64 sums of float32 chunk norms; GPU, one
+  `torch._foreach_norm` launch.
 
 The CPU paths exist because the generic kernels are slow there (measured with torch 2.13,
 bf16, BERT's shapes): SDPA's CPU backward is about 3x slower than two matmuls at head

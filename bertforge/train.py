@@ -140,6 +140,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if not cfg.max_steps and not cfg.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
     dist = dist if dist is not None else Distributed()
+    run_dir = Path(run_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     found = _find_checkpoint(ckpt_dir, resume, dist.is_main)
     if found is not None:  # weights go in before sharding: every rank reads the full file

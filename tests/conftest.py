@@ -92,3 +92,15 @@ def tiny_run_config(objective: str = "mlm", **train):
     values.update(train)
     return RunConfig(model=model, data=DataConfig(seq_len=32, objective=objective),
                      train=TrainConfig(**values))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, on a machine without a CUDA GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

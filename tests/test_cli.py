@@ -82,3 +82,64 @@ def test_console_entry_point_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert one_line_error(proc.stderr).startswith("bertforge: error:")
+
+
+
+# Every flag of bertforge 0.1.0, by command: users' scripts rely on them.
+FLAGS_0_1 = {
+    "bench": """--batch-size --compile --device --dropout --json --preset --seq-len --steps
+        --vocab-size --vs-hf --warmup""",
+    "evaluate": """--checkpoint --data --device --max-sequences --out --precision --split""",
+    "export": """--out""",
+    "fill-mask": """--json --top-k""",
+    "finetune": """--batch-size --data-dir --device --dropout --epochs --eval-batch-size
+        --from-scratch --grad-clip --keep-last --label-column --length-grouping
+        --log-every --lr --max-length --max-steps --max-train-examples
+        --micro-batch-size --out --precision --quiet --regression --resume --seed
+        --task --text-column --text-pair-column --train --validation --warmup
+        --weight-decay""",
+    "glue": """--batch-size --data-dir --device --dropout --epochs --eval-batch-size
+        --from-scratch --grad-clip --json --keep-last --length-grouping --log-every
+        --lr --max-length --max-steps --max-train-examples --micro-batch-size --out
+        --precision --quiet --results --seed --tasks --warmup --weight-decay""",
+    "predict": """--batch-size --device --input --max-length --output --text-column
+        --text-pair-column""",
+    "prepare": """--dedup --document-boundary --num-shards --one-doc-per-line --out --quiet
+        --seq-len --shard-index --text-column --text-field --tokenizer
+        --valid-fraction --workers""",
+    "pretrain": """--adam-beta1 --adam-beta2 --adam-eps --batch-size --cased --checkpoint-every
+        --compile --config --corpus --data --dedup --device --document-boundary
+        --dropout --eval-every --eval-sequences --grad-clip --hidden-size
+        --intermediate-size --keep-last --log-every --lr --mask-rate
+        --mask-token-ratio --masking --max-position-embeddings --max-steps
+        --micro-batch-size --num-attention-heads --num-hidden-layers --objective
+        --on-nan --one-doc-per-line --out --precision --preset --quiet
+        --random-token-ratio --resume --sample-bytes --schedule --seed --seq-len
+        --span-max --span-p --strategy --text-column --text-field --time-budget
+        --valid-fraction --vocab-size --warmup --weight-decay""",
+    "report": """--out""",
+    "tokenizer": """--cased --dedup --min-frequency --one-doc-per-line --out --quiet
+        --sample-bytes --text-column --text-field --vocab-size""",
+}
+
+
+def _flags(command: str) -> set[str]:
+    import argparse
+
+    from bertforge.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {o for a in sub.choices[command]._actions for o in a.option_strings}
+
+
+@pytest.mark.parametrize("command", sorted(FLAGS_0_1))
+def test_every_earlier_flag_is_still_there(command):
+    assert set(FLAGS_0_1[command].split()) <= _flags(command)
+
+
+def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
+    code, _, err = run_cli(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "run",
+                           "--preset", "tiny", "--max-steps", "2", "--log-every", "0")
+    assert code == 2
+    assert err.strip() == "bertforge: error: TrainConfig.log_every=0: must be >= 1"
+    assert not (tmp_path / "run").exists()

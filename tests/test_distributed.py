@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="this torch build has no torch.distributed")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="this torch build has no torch.distributed"),
+              pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 20
 # Constant lr after a fixed warmup: a run stopped at step 10 and resumed to 20 follows

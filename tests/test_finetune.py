@@ -266,6 +266,53 @@ class _Scripted(torch.nn.Module):
         return torch.nn.functional.one_hot(last, 2).float()
 
 
+def test_tokens_count_the_real_tokens_trained_on(sst2_run):
+    """`tokens` is real input tokens, padding excluded, as in pretraining."""
+    from bertforge.finetune import load_tokenizer_any
+
+    sst2_run, task_dir = sst2_run
+    data = load_glue_task("sst2", task_dir)
+    tok = load_tokenizer_any(sst2_run / "tokenizer", 32)
+    lengths = sum(len(tok.encode(t).ids) for t in data.train.texts)
+    assert metrics_lines(sst2_run, "train")[-1]["tokens"] == 3 * lengths  # 3 epochs
+
+
+def test_a_run_shorter_than_an_epoch_records_its_last_step_as_best(tmp_path, tiny_run):
+    """max_steps not a multiple of the epoch (16 steps): the best is step 5, not 6."""
+    data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2"))
+    summary = run_finetune(tiny_run, data, tmp_path / "out", tiny_finetune(max_steps=5),
+                           show_progress=False)
+    assert summary["steps"] == summary["best_step"] == 5
+    assert [e["epoch"] for e in summary["epochs"]] == [round(5 / 16, 4)]
+
+
+def test_the_training_options_of_pretraining_reach_fine_tuning(tmp_path, tiny_run, capsys):
+    """FinetuneConfig is composed from TrainConfig: schedule, Adam betas, on_nan, compile..."""
+    task_dir = write_sst2(tmp_path / "SST-2")
+    code, _, err = run_cli(capsys, "finetune", tiny_run, "--task", "sst2", "--data-dir",
+                           task_dir, "--out", tmp_path / "out", "--max-steps", "2",
+                           "--schedule", "cosine", "--adam-beta2", "0.98", "--on-nan", "skip",
+                           "--warmup", "1", "--max-length", "32", "--quiet")
+    assert code == 0, err
+    spec = json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]
+    assert spec["train"]["schedule"] == "cosine" and spec["train"]["adam_beta2"] == 0.98
+    assert spec["train"]["on_nan"] == "skip" and spec["train"]["warmup_steps"] == 1
+    assert spec["train"]["lr"] == 2e-5 and spec["max_length"] == 32  # fine-tuning's default
+    # --resume with the same flags is accepted; with another schedule refused.
+    args = ["finetune", tiny_run, "--task", "sst2", "--data-dir", task_dir, "--out",
+            tmp_path / "out", "--max-length", "32", "--quiet", "--resume"]
+    assert run_cli(capsys, *args, "--schedule", "cosine")[0] == 0
+    code, _, err = run_cli(capsys, *args, "--schedule", "linear")
+    assert code == 2 and "schedule was 'cosine'" in err
+
+
+def test_an_earlier_flat_finetune_config_still_reads():
+    cfg = FinetuneConfig.from_dict({"lr": 3e-5, "epochs": 2, "warmup": 0.2, "seed": 4,
+                                    "max_length": 64})
+    assert (cfg.train.lr, cfg.train.warmup_fraction, cfg.train.seed) == (3e-5, 0.2, 4)
+    assert (cfg.epochs, cfg.max_length, cfg.train.batch_size) == (2, 64, 32)
+
+
 def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
     """A later, worse epoch does not replace the best one's weights."""
     from bertforge.finetune import load_tokenizer_any

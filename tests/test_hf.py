@@ -168,3 +168,22 @@ def test_import_errors_are_clear(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(model_config_to_hf(ModelConfig(**TINY))))
     with pytest.raises(BertforgeError, match="no weights"):
         import_model(tmp_path)
+
+
+def test_exported_tokenizer_truncates_to_the_position_table(tmp_path, tokenizer_dir):
+    """tokenizer_config.json's model_max_length is the model's max_position_embeddings,
+    so a pipeline that truncates stays within the 64 positions of this model."""
+    torch.manual_seed(0)
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    model = BertForPreTraining(ModelConfig(**{**TINY, "vocab_size": len(vocab)})).eval()
+    out = export_model(model, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
+    settings = json.loads((out / "tokenizer_config.json").read_text())
+    assert settings["model_max_length"] == 64
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    text = "the [MASK] cat sees the dog near the river. " * 40  # ~400 tokens
+    assert len(tok(text, truncation=True)["input_ids"]) == 64
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), device="cpu")
+    assert len(fill(text, tokenizer_kwargs={"truncation": True})) > 0  # no position overflow
+    # The run's own tokenizer directory is left as it was.
+    assert json.loads((tokenizer_dir / "tokenizer_config.json").read_text())[
+        "model_max_length"] == 512

@@ -52,13 +52,52 @@ def test_losses_do_not_depend_on_micro_batch_size(tmp_path, data_dir):
                                atol=1e-5, rtol=0)
 
 
-def test_save_load_identical_logits(tmp_path, data_dir):
+def test_checkpoint_and_export_hold_what_was_trained(tmp_path, data_dir):
+    """The model in memory at the end of `fit`, its checkpoint and its export give the
+    same logits."""
+    from bertforge.hf import export_model, import_model
+    from bertforge.pretrain import MLMTask, pretraining_model
+    from bertforge.train import fit
+
+    cfg = tiny_config(max_steps=3, eval_every=0)
+    cfg.model.vocab_size = 200
     run = tmp_path / "run"
-    run_pretrain(run, tiny_config(max_steps=3), data_dir=data_dir, show_progress=False)
-    model, cfg, _ = load_run_model(run)
-    again, _, _ = load_run_model(run)
+    torch.manual_seed(0)
+    trained = pretraining_model(cfg.model, "mlm")
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    fit(trained, task, cfg.train, run, torch.device("cpu"), None, show_progress=False)
+    cfg.save(run / "config.yaml")  # what run_pretrain would have written around fit
+    loaded, _, _ = load_run_model(run)
     ids = torch.randint(5, cfg.model.vocab_size, (2, 32))
-    torch.testing.assert_close(model(ids)[0], again(ids)[0], atol=0, rtol=0)
+    trained.eval()
+    with torch.no_grad():
+        expected = trained(ids)[0]
+        torch.testing.assert_close(loaded(ids)[0], expected, atol=0, rtol=0)
+        exported, _ = import_model(export_model(loaded, tmp_path / "hf"))
+        torch.testing.assert_close(exported.eval()(ids)[0], expected, atol=1e-6, rtol=0)
+    untrained = pretraining_model(cfg.model, "mlm").eval()
+    with torch.no_grad():
+        assert not torch.allclose(untrained(ids)[0], expected)  # the test can fail
+
+
+def test_tokens_count_real_tokens_not_padding(tmp_path, corpus_file, tokenizer_dir):
+    """With document_boundary 'new' each document's last sequence is padded; `tokens`
+    counts the real ones (the same meaning as in fine-tuning)."""
+    from bertforge.data.loader import PretrainBatches, ShardedSequences
+    from bertforge.data.prepare import prepare
+
+    data = tmp_path / "data"
+    prepare([str(corpus_file)], tokenizer_dir, data, seq_len=32, valid_fraction=0.05,
+            show_progress=False, document_boundary="new")
+    cfg = tiny_config(max_steps=4, eval_every=0)
+    cfg.data.document_boundary = "new"
+    run_pretrain(tmp_path / "run", cfg, data_dir=data, show_progress=False)
+    train = ShardedSequences(data, "train")
+    batches = PretrainBatches(train, None, 16, 16, seed=0)
+    real = sum(int((train.take(batches.global_indices(s)[0]) != 0).sum()) for s in range(4))
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+            .splitlines() if json.loads(x)["kind"] == "train"][-1]
+    assert last["tokens"] == real < 4 * 16 * 32
 
 
 def test_resume_is_exact(tmp_path, data_dir):
@@ -97,6 +136,7 @@ def test_bf16_tracks_fp32(tmp_path, data_dir):
     assert max(abs(x - y) for x, y in zip(la, lb)) < 0.1, (la, lb)
 
 
+@pytest.mark.slow
 def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path, data_dir):
     from safetensors import safe_open
 

@@ -151,6 +151,7 @@ def complete_checkpoints(run: Path) -> list[str]:
 
 # ---------------------------------------------------------------- 1, 5: signals, exact resume
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, data_dir, reference, capsys,
                                                        sig, status):
@@ -174,6 +175,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, data_dir, refer
 
 # ---------------------------------------------------------------- 2: kill -9 at any moment
 
+@pytest.mark.slow
 def test_kill_9_twice_then_resume_is_exact(tmp_path, data_dir, reference, capsys):
     run = tmp_path / "run"
     rng = random.Random(0)

@@ -51,14 +51,14 @@ from bertforge.errors import BertforgeError
 if TYPE_CHECKING:
     from bertforge.config import DataConfig
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _STREAM_SELECT, _STREAM_ACTION, _STREAM_TOKEN = 1, 2, 3
 _STREAM_SPAN_START, _STREAM_SPAN_LENGTH, _STREAM_SPAN_BUDGET = 4, 5, 6  # streams < 16
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser: a bijective avalanche on uint64 (wrapping arithmetic)."""
     x = (x ^ (x >> np.uint64(30))) * _M1
     x = (x ^ (x >> np.uint64(27))) * _M2
@@ -72,10 +72,12 @@ def hash_uniform(seed: int, epoch: np.ndarray, index: np.ndarray, seq_len: int,
     epoch and index are (B,) arrays (epoch may be a scalar).
     """
     epoch = np.broadcast_to(np.asarray(epoch, dtype=np.uint64), index.shape)
-    key = _mix((np.uint64(seed) << np.uint64(20)) ^ (epoch << np.uint64(4)) ^ np.uint64(stream))
+    key = splitmix64((np.uint64(seed) << np.uint64(20)) ^ (epoch << np.uint64(4))
+                     ^ np.uint64(stream))
     pos = np.arange(seq_len, dtype=np.uint64)
-    x = _mix(index.astype(np.uint64) * _GOLDEN ^ key)[:, None] + pos[None, :] * _GOLDEN
-    return (_mix(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+    x = (splitmix64(index.astype(np.uint64) * GOLDEN_GAMMA ^ key)[:, None]
+         + pos[None, :] * GOLDEN_GAMMA)
+    return (splitmix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def span_lengths(u: np.ndarray, p: float, max_len: int) -> np.ndarray:

@@ -39,15 +39,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from bertforge.data.masking import MaskedBatch
+from bertforge.data.masking import GOLDEN_GAMMA, MaskedBatch, splitmix64
 
 IGNORE = -100  # label of a sequence that could not be made into a pair
 _CANDIDATES = 4  # NSP: sequences tried for a segment long enough to replace B
 _DRAWS = 2 + 2 * _CANDIDATES  # per sequence: coin, cut, then (sequence, offset) per candidate
 _KINDS = {"mlm+nsp": "nsp", "mlm+sop": "sop"}
 _STREAM = 0x5041_4952  # "PAIR": keeps these draws apart from the masks' hash
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def pair_kind(objective: str) -> str | None:
@@ -55,19 +53,14 @@ def pair_kind(objective: str) -> str | None:
     return _KINDS.get(objective)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser on a uint64 array (wrapping arithmetic)."""
-    x = (x ^ (x >> np.uint64(30))) * _M1
-    x = (x ^ (x >> np.uint64(27))) * _M2
-    return x ^ (x >> np.uint64(31))
-
-
 def pair_uniforms(seed: int, epoch: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """(B, n) uniform [0, 1) floats: row b depends only on (seed, epoch[b], index[b])."""
-    key = _mix(np.array([_STREAM], dtype=np.uint64) ^ _mix(np.array([seed], dtype=np.uint64)))
-    x = _mix(key + epoch.astype(np.uint64) * _GOLDEN)  # (B,)
-    x = _mix(x ^ _mix(index.astype(np.uint64) + _GOLDEN))  # (B,)
-    x = _mix(x[:, None] + np.arange(1, n + 1, dtype=np.uint64)[None, :] * _GOLDEN)  # (B, n)
+    key = splitmix64(np.array([_STREAM], dtype=np.uint64)
+                     ^ splitmix64(np.array([seed], dtype=np.uint64)))
+    x = splitmix64(key + epoch.astype(np.uint64) * GOLDEN_GAMMA)  # (B,)
+    x = splitmix64(x ^ splitmix64(index.astype(np.uint64) + GOLDEN_GAMMA))  # (B,)
+    steps = np.arange(1, n + 1, dtype=np.uint64)[None, :] * GOLDEN_GAMMA  # (1, n)
+    x = splitmix64(x[:, None] + steps)  # (B, n)
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

@@ -211,8 +211,7 @@ def _lines(f: BinaryIO, stats: CorpusStats, limit: int, skip_long: bool) -> Iter
             if (len(parts[0]) > limit or len(raw) > limit) and max(map(len, parts)) > limit:
                 parts = list(_fit(parts, stats, limit, skip_long, continued))
             continued = False
-            lines = [part.decode("utf-8", _COUNT_REPLACE) for part in parts]
-            stats.decode_errors += _take_replaced()
+            lines = [_decode_counting(part, stats) for part in parts]
             yield from ([_clean(line, stats) for line in lines] if dirty else lines)
         if len(carry) > limit:
             if skip_long:
@@ -229,32 +228,22 @@ def _lines(f: BinaryIO, stats: CorpusStats, limit: int, skip_long: bool) -> Iter
             return
 
 
-def _count_replace(e: UnicodeError) -> tuple[str, int]:
-    """The "replace" error handler, counting: only the U+FFFD it inserts are decode
-    errors, not those already in the text. Reading is single-threaded (`_replaced`)."""
-    if not isinstance(e, UnicodeDecodeError):
-        raise e
-    _replaced[0] += 1
-    return REPLACEMENT, e.end
-
-
-_COUNT_REPLACE = "bertforge.count-replace"
-codecs.register_error(_COUNT_REPLACE, _count_replace)
-
-
-_replaced = [0]  # U+FFFD inserted by _count_replace, not yet added to a CorpusStats
-
-
-def _take_replaced() -> int:
-    n, _replaced[0] = _replaced[0], 0
-    return n
+def _decode_counting(data: bytes, stats: CorpusStats) -> str:
+    """UTF-8 with invalid bytes replaced by U+FFFD, each replacement counted in `stats`:
+    the U+FFFD of the result less those the bytes already held (EF BF BD, which always
+    decodes to one U+FFFD: EF never continues another sequence)."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "replace")
+        stats.decode_errors += text.count(REPLACEMENT) - data.count(_ENCODED_REPLACEMENT)
+        return text
 
 
 def _decode(data: bytes, stats: CorpusStats) -> str:
     """UTF-8 with invalid bytes replaced by U+FFFD and control characters removed, both
     counted."""
-    text = data.decode("utf-8", _COUNT_REPLACE)
-    stats.decode_errors += _take_replaced()
+    text = _decode_counting(data, stats)
     return _clean(text, stats) if _has_control(data) else text
 
 
@@ -448,10 +437,7 @@ def _parquet_documents(path: Path, compression: str, stats: CorpusStats,
                     yield ""  # counted as an empty document
                     continue
                 if isinstance(value, bytes):
-                    text = value.decode("utf-8", errors="replace")
-                    stats.decode_errors += (text.count(REPLACEMENT)
-                                            - value.count(_ENCODED_REPLACEMENT))
-                    value = text
+                    value = _decode_counting(value, stats)
                 yield _clean(value, stats)
 
 

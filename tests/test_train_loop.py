@@ -1,0 +1,191 @@
+"""The training loop's contract: host syncs, prefetch workers, the NaN guard, the state,
+and what stays off CUDA on a CPU run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_run_config
+from torch.overrides import TorchFunctionMode
+
+from bertforge import ops
+from bertforge.config import TrainConfig
+from bertforge.errors import BertforgeError
+from bertforge.optim import build_optimizer
+from bertforge.pretrain import MLMTask, pretraining_model, run_pretrain
+from bertforge.step import StepBatch, train_step
+from bertforge.train import TrainState, fit
+
+# Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
+HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
+
+
+class _CountHostReads(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.reads.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _losses(run: Path) -> list[float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x["loss"] for x in lines if x["kind"] == "train"]
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm+nsp"])
+def test_train_step_reads_the_device_once_per_step(objective, data_dir):
+    """The GPU kernels on CPU tensors: one host read a step (the step's sums, metrics
+    and gradient norm together), none per micro-batch."""
+    cfg = tiny_run_config(objective, batch_size=12, micro_batch_size=4)  # 3 micro-batches
+    cfg.model.vocab_size = 200
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = pretraining_model(cfg.model, objective)
+    optimizer = build_optimizer(model, cfg.train)
+    batches = [task.batch(step) for step in range(3)]
+    assert len(batches[0].micro) == 3
+    with ops.use_kernels("gpu"):
+        for step, batch in enumerate(batches):
+            with _CountHostReads() as counter:
+                result = train_step(model, optimizer, task.loss_sum, batch, lr=1e-3,
+                                    cfg=cfg.train, device=torch.device("cpu"), dtype=None,
+                                    step=step, clock=lambda: 0.0)
+            assert counter.reads == ["tolist"], counter.reads
+            assert result.applied and result.counts == batch.counts
+
+
+def test_prefetch_workers_change_no_result(tmp_path, data_dir):
+    """Batches are built in two background processes: the same losses, dropout included."""
+    runs = {}
+    for workers in (0, 2):
+        cfg = tiny_run_config(max_steps=6, micro_batch_size=8, eval_every=0,
+                              num_workers=workers)
+        cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.1
+        runs[workers] = tmp_path / f"workers-{workers}"
+        run_pretrain(runs[workers], cfg, data_dir=data_dir, show_progress=False)
+    assert _losses(runs[0]) == _losses(runs[2]) and len(_losses(runs[0])) == 6
+
+
+def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
+    """Even where CUDA is available, a CPU run creates no CUDA context: nothing queries
+    or seeds a GPU (checkpoints hold no CUDA RNG state)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CPU run touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("init", "_lazy_init", "get_rng_state", "set_rng_state", "manual_seed",
+                 "is_bf16_supported", "get_device_name", "synchronize", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    cfg = tiny_run_config(max_steps=4, checkpoint_every=2, device="cpu", eval_every=0)
+    run = tmp_path / "run"
+    run_pretrain(run, cfg, data_dir=data_dir, show_progress=False)
+    state = json.loads((run / "checkpoints" / "step-000004" / "state.json").read_text())
+    assert set(state["rng"]) == {"torch"}
+    cfg.train.max_steps = 4
+    run_pretrain(run, cfg, data_dir=data_dir, resume=True, show_progress=False)
+
+
+def test_train_state_round_trips_with_the_rng():
+    state = TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
+    torch.manual_seed(11)
+    saved = json.loads(json.dumps(state.state_dict(torch.device("cpu"))))
+    expected = torch.rand(3)
+    torch.manual_seed(99)
+    again = TrainState()
+    again.load_state_dict(saved, torch.device("cpu"))
+    assert again == state and torch.equal(torch.rand(3), expected)
+
+
+def test_bench_times_the_training_step(monkeypatch):
+    """`bertforge bench` runs train_step itself, not a copy of it."""
+    from bertforge import bench, step
+    from bertforge.config import preset
+
+    calls = []
+    real = step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = preset("tiny", vocab_size=300)
+    batch = bench.synthetic_batch(cfg, 2, 16)
+    bench.bench_bertforge(cfg, batch, torch.device("cpu"), None, steps=2, warmup=1)
+    assert len(calls) == 3
+
+
+# ------------------------------------------------------------------ the non-finite guard
+
+@dataclass
+class _Micro:
+    def to(self, device: torch.device) -> _Micro:
+        return self
+
+    def pin_memory(self) -> _Micro:
+        return self
+
+
+class _InfiniteGradient(torch.nn.Module):
+    """A finite loss (0) whose gradient is infinite: d/dw sqrt(w - w0) at w = w0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0]))
+
+
+class _InfiniteGradientTask:
+    def batch(self, step: int) -> StepBatch:
+        return StepBatch([_Micro()], {"x": 1}, 1)
+
+    def loss_sum(self, model, micro):
+        return {"x": torch.sqrt(model.w - model.w.detach()).sum()}, {}
+
+    def evaluate(self, model, step):
+        return {}
+
+    def epoch_at(self, step):
+        return 0.0
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_a_non_finite_gradient_never_reaches_the_weights(tmp_path, grad_clip):
+    """--grad-clip 0 turns clipping off, not the guard."""
+    model = _InfiniteGradient()
+    cfg = TrainConfig(max_steps=2, grad_clip=grad_clip, lr=0.1, precision="fp32")
+    with pytest.raises(BertforgeError, match=r"non-finite gradient norm \(inf\) at step 1"):
+        fit(model, _InfiniteGradientTask(), cfg, tmp_path / "stop", torch.device("cpu"), None,
+            show_progress=False)
+    assert model.w.item() == 1.0
+    cfg.on_nan = "skip"
+    result = fit(model, _InfiniteGradientTask(), cfg, tmp_path / "skip", torch.device("cpu"),
+                 None, show_progress=False)
+    assert result["step"] == 2 and model.w.item() == 1.0
+    lines = (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [r["skipped_steps"] for r in records] == [1, 2]
+
+
+# ----------------------------------------------------- the held-out loss, logged and asked
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_logged_and_evaluated_held_out_loss_agree(tmp_path, data_dir, precision):
+    from bertforge.evaluate import evaluate_run
+    from bertforge.runtime import resolve_precision
+
+    if precision == "bf16" and resolve_precision("auto", torch.device("cpu")) is None:
+        pytest.skip("this CPU has no native bf16")
+    run = tmp_path / "run"
+    run_pretrain(run, tiny_run_config(max_steps=6, eval_every=6, precision=precision),
+                 data_dir=data_dir, show_progress=False)
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["kind"] == "eval"][-1]
+    asked = evaluate_run(run)
+    assert logged["precision"] == asked["precision"] == precision
+    assert asked["masked_tokens"] == logged["masked_tokens"]
+    assert asked["mlm_loss"] == pytest.approx(logged["mlm_loss"], abs=1e-6)
+    assert evaluate_run(run, precision="fp32")["precision"] == "fp32"
