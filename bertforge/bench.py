@@ -98,16 +98,20 @@ def _time_steps(step: Callable[[], None], steps: int, warmup: int,
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.bfloat16,
-                n: int = 2048, repeats: int = 10) -> float:
-    """Best achieved FLOP/s of an n x n x n matmul: the machine's practical peak."""
+                n: int | None = None, repeats: int = 10) -> float:
+    """Best achieved FLOP/s of an n x n x n matmul: the machine's practical peak (n: 8192
+    on a GPU, which a smaller product does not fill; 2048 on the CPU)."""
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # warm-up: kernel selection, clocks
+    sync()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
@@ -156,7 +160,7 @@ def bench_bertforge(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
 
 def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
                        attn: str, dtype: torch.dtype | None, steps: int,
-                       warmup: int) -> Measurement:
+                       warmup: int, compile_model: bool = False) -> Measurement:
     """transformers' BertForMaskedLM trained as run_mlm trains it (labels -100 elsewhere)."""
     import transformers
 
@@ -167,6 +171,7 @@ def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.devic
     torch.manual_seed(0)
     model = transformers.BertForMaskedLM._from_config(hf_cfg, attn_implementation=attn)
     model.to(device).train()
+    forward = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     ids = batch.input_ids.to(device)
     labels = torch.full_like(ids, -100)
@@ -174,23 +179,26 @@ def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.devic
 
     def step() -> None:
         with autocast(device, dtype):
-            loss = model(input_ids=ids, labels=labels).loss
+            loss = forward(input_ids=ids, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     with _PeakMemory(device) as mem:
-        seconds = _time_steps(step, steps, warmup, device)
+        seconds = _time_steps(step, steps, warmup + (2 if compile_model else 0), device)
     precision = "bf16" if dtype else "fp32"
-    return Measurement(f"transformers ({attn}, {precision})", seconds,
-                       ids.numel() / seconds, mem.peak)
+    return Measurement(f"transformers ({attn}, {precision}{', compiled' if compile_model else ''})",
+                       seconds, ids.numel() / seconds, mem.peak)
 
 
 def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
               steps: int = 10, warmup: int = 3, device_name: str = "auto",
-              compile_model: bool = False, log: Callable[[str], None] = print
-              ) -> dict[str, Any]:
+              compile_model: bool = False, fp32: bool = True, hf_compile: bool = False,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Time bertforge's training step (bf16 where supported; also compiled with
+    `compile_model`, also in fp32 with `fp32`) and, with `vs_hf`, transformers' in eager
+    and sdpa attention (bf16, and fp32 with `fp32`; also sdpa compiled with `hf_compile`)."""
     from bertforge.runtime import resolve_precision
 
     device = resolve_device(device_name)
@@ -209,25 +217,29 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
     def report(m: Measurement) -> dict[str, Any]:
         row = m.as_dict()
         row["mfu"] = round(m.tokens_per_s * flops / peak, 4)
-        log(f"  {m.name:32s} {m.tokens_per_s:10,.0f} tok/s  {m.seconds_per_step * 1e3:8.1f} "
+        log(f"  {m.name:40s} {m.tokens_per_s:11,.0f} tok/s {m.seconds_per_step * 1e3:8.1f} "
             f"ms/step  MFU {100 * row['mfu']:5.1f}%  peak mem {row['peak_memory_mb']:,.0f} MB")
         return row
 
-    ours = [report(bench_bertforge(cfg, batch, device, bf16, steps, warmup, compile_model))]
-    if bf16 is not None:  # the fp32 path, for reference
-        ours.append(report(bench_bertforge(cfg, batch, device, None, steps, warmup)))
+    dtypes = ([bf16] if bf16 is not None else []) + ([None] if fp32 or bf16 is None else [])
+    ours = [report(bench_bertforge(cfg, batch, device, dtypes[0], steps, warmup))]
+    if compile_model:
+        ours.append(report(bench_bertforge(cfg, batch, device, dtypes[0], steps, warmup,
+                                           compile_model=True)))
+    for dtype in dtypes[1:]:  # the fp32 path, for reference
+        ours.append(report(bench_bertforge(cfg, batch, device, dtype, steps, warmup)))
     result: dict[str, Any] = {
-        "device": device.type, "threads": threads, "keep_freed_memory": kept,
-        "batch_size": batch_size, "seq_len": seq_len, "model": cfg.__dict__, "peak_flops": peak,
-        "flops_per_token": flops, "bertforge": ours}
+        "device": device.type, "device_name": where, "threads": threads,
+        "keep_freed_memory": kept, "batch_size": batch_size, "seq_len": seq_len,
+        "model": cfg.__dict__, "peak_flops": peak, "flops_per_token": flops, "bertforge": ours}
     best_ours = max(ours, key=lambda r: r["tokens_per_s"])
     result["best"] = best_ours
     if vs_hf:
-        hf = []
-        for attn in ("eager", "sdpa"):
-            for dtype in ([bf16] if bf16 else []) + [None]:
-                hf.append(report(bench_transformers(cfg, batch, device, attn, dtype,
-                                                    steps, warmup)))
+        hf = [report(bench_transformers(cfg, batch, device, attn, dtype, steps, warmup))
+              for attn in ("eager", "sdpa") for dtype in dtypes]
+        if hf_compile:
+            hf.append(report(bench_transformers(cfg, batch, device, "sdpa", dtypes[0], steps,
+                                                warmup, compile_model=True)))
         best_hf = max(hf, key=lambda r: r["tokens_per_s"])
         result["transformers"] = hf
         result["best_transformers"] = best_hf
@@ -236,3 +248,48 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
             f"({best_hf['name']}) {best_hf['tokens_per_s']:,.0f} tok/s: "
             f"{result['speedup']:.2f}x")
     return result
+
+
+def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: str = "auto",
+                  steps: int = 3, top: int = 20) -> list[dict[str, Any]]:
+    """Where a bertforge training step spends its time: the `top` operators and kernels
+    by self time on the device (the CPU's time on a CPU), from torch.profiler over
+    `steps` steps after two untimed ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bertforge.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.runtime import resolve_precision
+    from bertforge.step import StepBatch, train_step
+
+    device = resolve_device(device_name)
+    configure(device)
+    dtype = resolve_precision("auto", device)
+    batch = synthetic_batch(cfg, batch_size, seq_len)
+    torch.manual_seed(0)
+    model = pretraining_model(cfg, "mlm").to(device).train()
+    train_cfg = TrainConfig()
+    optimizer = build_optimizer(model, train_cfg)
+    step_batch = StepBatch([batch], {"mlm": batch.targets.numel()}, batch.real_tokens)
+    if device.type == "cuda":
+        step_batch = step_batch.pin_memory()
+
+    def step() -> None:
+        train_step(model, optimizer, mlm_loss_sum, step_batch, lr=train_cfg.lr, cfg=train_cfg,
+                   device=device, dtype=dtype)
+
+    for _ in range(2):
+        step()
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return [{"name": e.key, "ms_per_step": round(getattr(e, key) / 1e3 / steps, 3),
+             "share": round(getattr(e, key) / total, 4), "calls_per_step": e.count / steps}
+            for e in events[:top]]

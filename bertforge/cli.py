@@ -262,7 +262,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     log = (lambda _: None) if args.json else print
     result = run_bench(cfg, args.batch_size, args.seq_len, vs_hf=args.vs_hf, steps=args.steps,
                        warmup=args.warmup, device_name=args.device,
-                       compile_model=args.compile, log=log)
+                       compile_model=args.compile, fp32=not args.no_fp32,
+                       hf_compile=args.hf_compile, log=log)
     if args.json:
         print(json.dumps(result))
     return 0
@@ -368,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     s.add_argument("--vs-hf", action="store_true",
                    help="also time transformers' BertForMaskedLM (its best setting)")
-    s.add_argument("--compile", action="store_true", help="torch.compile bertforge's model")
+    s.add_argument("--compile", action="store_true",
+                   help="also time bertforge's model through torch.compile")
+    s.add_argument("--no-fp32", action="store_true",
+                   help="time bf16 only (fp32 is never the fast setting on a GPU)")
+    s.add_argument("--hf-compile", action="store_true",
+                   help="with --vs-hf, also time transformers' model through torch.compile")
     s.add_argument("--device", default="auto")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)

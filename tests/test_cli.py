@@ -143,3 +143,26 @@ def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
     assert code == 2
     assert err.strip() == "bertforge: error: TrainConfig.log_every=0: must be >= 1"
     assert not (tmp_path / "run").exists()
+
+
+def test_bench_json_rows(capsys):
+    import json
+
+    from bertforge.runtime import resolve_precision
+
+    code, out, err = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2",
+                             "--seq-len", "16", "--vocab-size", "500", "--steps", "1",
+                             "--warmup", "0", "--vs-hf", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    bf16 = resolve_precision("auto", __import__("torch").device("cpu")) is not None
+    names = [r["name"] for r in result["bertforge"] + result["transformers"]]
+    expected = (["bertforge (bf16)", "bertforge (fp32)"] if bf16 else ["bertforge (fp32)"])
+    expected += [f"transformers ({a}, {p})" for a in ("eager", "sdpa")
+                 for p in (["bf16", "fp32"] if bf16 else ["fp32"])]
+    assert names == expected
+    assert result["speedup"] > 0 and all(0 < r["mfu"] for r in result["bertforge"])
+    code, out, _ = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2",
+                           "--seq-len", "16", "--vocab-size", "500", "--steps", "1",
+                           "--warmup", "0", "--no-fp32", "--json")
+    assert [r["name"] for r in json.loads(out)["bertforge"]] == [expected[0]]
