@@ -111,7 +111,7 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
         group.add_argument(flag, dest=f"{section}.{name}",
                            type=parse_duration if name == "time_budget" else base,
                            default=argparse.SUPPRESS,
-                           metavar="DURATION" if name == "time_budget" else base.__name__.upper(),
+                           metavar=f.metadata.get("metavar") or base.__name__.upper(),
                            help=text if default is None else f"{text} (default: {default})")
 
 
@@ -203,10 +203,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     data_dir = [Path(d) for d in args.data] if args.data else None
     if data_dir is not None and len(data_dir) == 1:
         data_dir = data_dir[0]
+    if args.tokenizer and not args.corpus:
+        raise BertforgeError("--tokenizer goes with --corpus (prepared --data has its "
+                             "tokenizer already)")
     result = run_pretrain(Path(args.out), cfg, data_dir=data_dir,
                           corpus=args.corpus, resume=args.resume, lowercase=not args.cased,
                           given=given, show_progress=not args.quiet,
-                          corpus_options=_corpus_options(args), sample_bytes=args.sample_bytes)
+                          corpus_options=_corpus_options(args), sample_bytes=args.sample_bytes,
+                          tokenizer=Path(args.tokenizer) if args.tokenizer else None)
     if _rank() == 0:  # under torchrun, one answer for the job
         print(json.dumps(result))
     return 0
@@ -313,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", action="append", metavar="DATA_DIR",
                      help="a directory written by `bertforge prepare`; repeat it to read "
                      "several (e.g. the parts of one corpus) as one dataset")
+    src.add_argument("--tokenizer", metavar="DIR",
+                     help="with --corpus: use this tokenizer (a bertforge tokenizer directory "
+                     "or any BERT model directory with tokenizer.json or vocab.txt) instead "
+                     "of training one; training one is not bit-for-bit reproducible, reusing "
+                     "one is")
     s.add_argument("--out", required=True, help="run directory")
     s.add_argument("--preset", default=None,
                    help=f"model size: {', '.join(PRESETS)} (default: mini)")

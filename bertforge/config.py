@@ -21,9 +21,9 @@ import yaml
 from bertforge.errors import BertforgeError
 
 
-def _help(text: str, **kw: Any) -> Any:
-    """A dataclass field whose help text the CLI shows."""
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, metavar: str | None = None, **kw: Any) -> Any:
+    """A dataclass field whose help text (and metavar) the CLI shows."""
+    return field(metadata={"help": text, "metavar": metavar}, **kw)
 
 
 @dataclass
@@ -159,7 +159,8 @@ class TrainConfig:
     max_steps: int | None = _help("Optimizer steps to run.", default=None)
     time_budget: float | None = _help("Training-time budget (seconds, or 90s/30m/2h; evaluation "
                                       "and checkpoints are off the clock); the "
-                                      "schedule reaches zero at the deadline.", default=None)
+                                      "schedule reaches zero at the deadline.",
+                                      metavar="DURATION", default=None)
     grad_clip: float = _help("Clip the gradient norm to this (0 disables).", default=1.0)
     seed: int = _help("Seed for initialisation, data order and masks.", default=0)
     eval_every: int = _help("Evaluate on held-out data every N steps (0: only at the end).",
@@ -185,6 +186,16 @@ class TrainConfig:
     num_workers: int | None = _help("Background processes that build (mask) the batches of "
                                     "the next steps while the current one computes; "
                                     "default: 2 on a GPU, 0 on the CPU.", default=None)
+    init: str | None = _help("Start from this model instead of a random initialisation: a "
+                             "Hugging Face BERT directory, a bertforge run directory or one "
+                             "of its checkpoints. Its architecture and tokenizer come with it; "
+                             "heads it lacks start fresh.", metavar="MODEL", default=None)
+    tensorboard: bool = _help("Also write the metrics as TensorBoard event files in "
+                              "RUN_DIR/tensorboard (needs bertforge[tensorboard]).",
+                              default=False)
+    wandb: str | None = _help("Also log the metrics and the config to this Weights & Biases "
+                              "project (needs bertforge[wandb]; offline where WANDB_MODE=offline "
+                              "or there is no network).", metavar="PROJECT", default=None)
 
     def __post_init__(self) -> None:
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")

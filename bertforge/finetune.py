@@ -240,25 +240,11 @@ def load_encoder(path: Path, weights: bool = True
 
 
 def load_tokenizer_any(tok_dir: Path, max_length: int) -> Any:
-    """tokenizer.json, or a BERT vocab.txt (with tokenizer_config.json's do_lower_case),
-    set to truncate to `max_length` (longest first, for pairs) and not to pad."""
-    from tokenizers.models import WordPiece
+    """The tokenizer of a run or HF directory (tokenizer.json, or a BERT vocab.txt), set to
+    truncate to `max_length` (longest first, for pairs) and not to pad."""
+    from bertforge.data.tokenizer import load_tokenizer
 
-    from bertforge.data.tokenizer import _set_template, build_tokenizer, load_tokenizer
-
-    tok_dir = Path(tok_dir)
-    if (tok_dir / "tokenizer.json").is_file():
-        tok = load_tokenizer(tok_dir)
-    elif (tok_dir / "vocab.txt").is_file():
-        settings = tok_dir / "tokenizer_config.json"
-        lower = json.loads(settings.read_text()).get("do_lower_case", True) \
-            if settings.is_file() else True
-        tok = build_tokenizer(lowercase=lower)
-        tok.model = WordPiece.from_file(str(tok_dir / "vocab.txt"), unk_token="[UNK]")
-        _set_template(tok)
-    else:
-        raise BertforgeError(f"{tok_dir}: no tokenizer (tokenizer.json or vocab.txt)")
-    tok.no_padding()
+    tok = load_tokenizer(Path(tok_dir))
     tok.enable_truncation(max_length)
     return tok
 
@@ -292,6 +278,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     from bertforge.hf import classifier_config_to_hf, export_model
     from bertforge.model import BertForSequenceClassification
     from bertforge.runtime import configure, resolve_device, resolve_precision
+    from bertforge.tracking import check_available
     from bertforge.train import fit
 
     start = time.monotonic()
@@ -304,6 +291,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     elif (out / rundir.CHECKPOINTS).exists():
         raise BertforgeError(f"{out} already holds a fine-tuning run; pass --resume to "
                              f"continue it or choose another --out")
+    check_available(cfg.train)  # a missing tracker package, before any work
     if not resume:  # a best/ left by an attempt killed before its first checkpoint
         shutil.rmtree(out / BEST, ignore_errors=True)
     config, encoder, tok_src = load_encoder(Path(model_path), weights=not from_scratch)
@@ -315,9 +303,11 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     tok = load_tokenizer_any(tok_dir, cfg.max_length)
     pad_id = config.pad_token_id
     train_examples = data.train.head(cfg.max_train_examples)
+    t0 = time.monotonic()
     train = Encoded(tok, train_examples.texts, train_examples.pairs, train_examples.y, pad_id)
     valid = {name: Encoded(tok, ex.texts, ex.pairs, ex.y, pad_id)
              for name, ex in data.validation.items()}
+    tokenize_s = time.monotonic() - t0
     (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
                                        indent=1) + "\n")
 
@@ -338,13 +328,15 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
           f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
           f"{where}, {'bf16' if dtype else 'fp32'}", file=sys.stderr)
     result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
-                 show_progress=show_progress, name=f"finetune {data.name}")
+                 show_progress=show_progress, name=f"finetune {data.name}",
+                 run_config={**spec, "config": dataclasses.asdict(cfg)})
 
     best = json.loads((out / BEST / "state.json").read_text())
     load_model_weights(model, load_file(str(out / BEST / best["weights"])))
     export_model(model.cpu(), out / rundir.HF, tokenizer_dir=tok_dir,
                  extra_config=classifier_config_to_hf(data.labels))
     summary = _summary(out, data, spec, cfg, result, time.monotonic() - start)
+    summary["tokenize_time_s"] = round(tokenize_s, 3)
     (out / METRICS_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 

@@ -23,7 +23,7 @@ from bertforge.errors import BertforgeError
 FINETUNE_DEFAULTS: dict[str, Any] = {"lr": 2e-5, "batch_size": 32, "micro_batch_size": 32,
                                      "warmup_fraction": 0.1, "keep_last": 1}
 # TrainConfig fields the epoch structure sets, or that only pretraining reads.
-NOT_FOR_FINETUNING = ("eval_every", "checkpoint_every", "eval_sequences", "strategy")
+NOT_FOR_FINETUNING = ("eval_every", "checkpoint_every", "eval_sequences", "strategy", "init")
 # Help texts that read differently for fine-tuning.
 FINETUNE_HELP = {
     "lr": "Peak learning rate (2e-5 to 5e-5 suit base-sized models; small ones such as mini "

@@ -153,6 +153,10 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
     """Fine-tune `model` on each task into OUT/<task>/; the results and their average."""
     from bertforge.finetune import run_finetune
 
+    from bertforge.tracking import check_available
+
+    if cfg is not None:
+        check_available(cfg.train)  # a missing tracker package, before any work
     names = [glue_task(t).name for t in tasks] if tasks else present_tasks(data_dir)
     if not names:
         raise BertforgeError(f"no GLUE task directories in {data_dir} (expected e.g. "

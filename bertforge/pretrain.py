@@ -7,6 +7,7 @@ a second call, or a resume, skips them.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from bertforge.data.corpus import CorpusOptions
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
 from bertforge.data.masking import MaskedBatch, build_masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
-from bertforge.data.tokenizer import copy_tokenizer
+from bertforge.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError
 from bertforge.evaluate import heldout_metrics
@@ -39,7 +40,8 @@ from bertforge.train import fit
 RESUMABLE_OVERRIDES = {("train", k) for k in ("max_steps", "time_budget", "eval_every",
                                               "checkpoint_every", "log_every", "keep_last",
                                               "device", "on_nan", "strategy", "compile",
-                                              "num_workers")} | {("data", "path")}
+                                              "num_workers", "tensorboard", "wandb")} \
+    | {("data", "path")}
 
 
 class MLMTask:
@@ -177,12 +179,16 @@ def check_data(data_dir: Path | list[Path], cfg: RunConfig,
                                  f"{cfg.data.document_boundary!r} (--document-boundary)")
         found = manifest.get("tokenizer_hash") or tokenizer_hash(Path(data_dir) / "tokenizer")
         if expected and found != expected:
+            hint = (f" ({cfg.train.init}'s); prepare the data with --tokenizer "
+                    f"{cfg.train.init}" if cfg.train.init else "")
             raise BertforgeError(f"data.tokenizer_hash: {data_dir} was made with tokenizer "
-                                 f"{found}, but the run uses tokenizer {expected}")
-        if run_dir is not None and int(manifest["vocab_size"]) != cfg.model.vocab_size:
+                                 f"{found}, but the run uses tokenizer {expected}{hint}")
+        vocab = int(manifest["vocab_size"])
+        # A model's embedding table may have rows past its tokenizer's (padded vocabularies).
+        if run_dir is not None and (vocab > cfg.model.vocab_size if cfg.train.init
+                                    else vocab != cfg.model.vocab_size):
             raise BertforgeError(f"model.vocab_size: {data_dir} has a vocabulary of "
-                                 f"{manifest['vocab_size']}, but the run has "
-                                 f"{cfg.model.vocab_size}")
+                                 f"{vocab}, but the run has {cfg.model.vocab_size}")
         manifest["tokenizer_hash"] = expected = found  # the next must match this one
     return manifests[0]
 
@@ -234,14 +240,19 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
                  corpus: list[str] | None = None, resume: bool = False,
                  lowercase: bool = True, given: dict[str, dict[str, Any]] | None = None,
                  show_progress: bool = True, corpus_options: CorpusOptions | None = None,
-                 sample_bytes: int | None = None) -> dict[str, Any]:
+                 sample_bytes: int | None = None,
+                 tokenizer: Path | None = None) -> dict[str, Any]:
     """Pretrain into `run_dir`; returns the final metrics.
 
-    Under torchrun every rank calls this: rank 0 prepares the run directory (config, data,
-    tokenizer) while the others wait, then all train; rank 0 alone writes.
+    With `corpus`, the tokenizer is `tokenizer` (a tokenizer or model directory), or with
+    cfg.train.init the model's, or else trained on the corpus. Under torchrun every rank
+    calls this: rank 0 prepares the run directory (config, data, tokenizer) while the
+    others wait, then all train; rank 0 alone writes.
     """
     from bertforge.distributed import init_from_env, launched, shutdown
+    from bertforge.tracking import check_available
 
+    check_available(cfg.train)  # a missing tracker package, before any work
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
     if launched() and device.type == "cuda" and device.index is None:
@@ -250,7 +261,7 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
     if dist.is_main:
         try:
             data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase, given,
-                                    show_progress, corpus_options, sample_bytes)
+                                    show_progress, corpus_options, sample_bytes, tokenizer)
         finally:
             dist.barrier()  # on an error too: the others then fail on the missing config
     else:
@@ -271,10 +282,12 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
                  corpus: list[str] | None, resume: bool, lowercase: bool,
                  given: dict[str, dict[str, Any]] | None, show_progress: bool,
                  corpus_options: CorpusOptions | None = None,
-                 sample_bytes: int | None = None) -> list[Path]:
+                 sample_bytes: int | None = None,
+                 tokenizer: Path | None = None) -> list[Path]:
     """Resolve the config (forced from config.yaml on resume), build or check the data,
     copy the tokenizer and save the config; returns the data directories. `cfg` is updated
     in place."""
+    source = None  # a tokenizer to use, not to train: --tokenizer's, or --init's model's
     if resume:
         rundir.require_run_dir(run_dir)
         saved = resolve_resume(run_dir, cfg, given or {})
@@ -283,8 +296,22 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
     elif (run_dir / rundir.CHECKPOINTS).exists():
         raise BertforgeError(f"{run_dir} already holds a run; pass --resume to continue it "
                              f"or choose another --out")
+    elif cfg.train.init:
+        if tokenizer is not None:
+            raise BertforgeError("give --init or --tokenizer, not both: --init brings the "
+                                 "model's own tokenizer")
+        source = apply_init(cfg, (given or {}).get("model", {}))
+    if tokenizer is not None and not resume:
+        source = Path(tokenizer)
     check_lengths(cfg)  # before any work: building the data can take a while
     run_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = run_dir / rundir.TOKENIZER
+    if source is not None and not tok_dir.exists():
+        copy_tokenizer(source, tok_dir)
+    if source is not None and not cfg.train.init:  # the vocabulary is the given tokenizer's
+        tok = load_tokenizer(tok_dir)
+        cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        cfg.model.pad_token_id = special_token_ids(tok)["pad"]
     if corpus:
         data_dir = build_data(run_dir, corpus, cfg.model.vocab_size, lowercase, cfg,
                               show_progress, corpus_options, sample_bytes)
@@ -292,15 +319,56 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
         data_dir = cfg.data.path or run_dir / rundir.DATA  # one directory or a list
     dirs = [d.resolve() for d in as_dirs(data_dir)]
     cfg.data.path = str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs]
-    manifest = check_data(dirs, cfg, run_dir if resume else None)
-    tok_dir = run_dir / rundir.TOKENIZER
+    manifest = check_data(dirs, cfg, run_dir if resume or source is not None else None)
     if not tok_dir.exists():  # copied whole or not at all
         copy_tokenizer(dirs[0] / "tokenizer", tok_dir)  # the directories share it
-    cfg.model.vocab_size = int(manifest["vocab_size"])
-    cfg.model.pad_token_id = int(manifest["special_token_ids"]["pad"])
+    if not cfg.train.init:  # an initialised run keeps its model's vocabulary and ids
+        cfg.model.vocab_size = int(manifest["vocab_size"])
+        cfg.model.pad_token_id = int(manifest["special_token_ids"]["pad"])
     cfg.data.tokenizer_hash = manifest["tokenizer_hash"]  # checked on every resume
     cfg.save(run_dir / rundir.CONFIG)
     return dirs
+
+
+# ModelConfig fields that make the architecture: a run started from a model keeps them.
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size",
+                "layer_norm_eps")
+
+
+def apply_init(cfg: RunConfig, given_model: dict[str, Any]) -> Path:
+    """Make cfg.model the architecture of cfg.train.init's model (the dropout and other
+    values the user gave stay); refuse a given architecture field that contradicts it.
+    Returns the directory of the model's tokenizer."""
+    init = Path(cfg.train.init).expanduser()
+    model, tokenizer = rundir.init_source(init)
+    for key in ARCHITECTURE:
+        if key in given_model and given_model[key] != getattr(model, key):
+            raise BertforgeError(f"--init: model.{key} is {getattr(model, key)!r} in {init}, "
+                                 f"but the flags or --config say {given_model[key]!r}; a "
+                                 f"continued run keeps its model's architecture")
+    cfg.model = dataclasses.replace(model, **{k: v for k, v in given_model.items()
+                                              if k not in ARCHITECTURE})
+    cfg.train.init = str(init.resolve())
+    return tokenizer
+
+
+def load_init(model: torch.nn.Module, init: str, is_main: bool) -> None:
+    """Load `init`'s weights into `model` (a fresh BertForPreTraining); what the source has
+    no weights for keeps its fresh initialisation, and the run says so."""
+    weights, missing = rundir.init_weights(Path(init))
+    _, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise BertforgeError(f"--init {init}: weights the model has no place for: "
+                             f"{', '.join(unexpected[:3])}")
+    if is_main:
+        parts = {"mlm.": "the MLM head", "seq_relationship.": "the NSP head",
+                 "bert.pooler.": "the pooler"}
+        fresh = sorted({name for prefix, name in parts.items()
+                        if any(k.startswith(prefix) for k in missing)})
+        print(f"pretrain: weights from {init}"
+              + (f"; it has none for {' and '.join(fresh)}, initialised fresh" if fresh else ""),
+              file=sys.stderr)
 
 
 def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.device,
@@ -310,7 +378,10 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
     where = configure(device)
     dtype = resolve_precision(cfg.train.precision, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    model = pretraining_model(cfg.model, cfg.data.objective).to(device)
+    model = pretraining_model(cfg.model, cfg.data.objective)
+    if cfg.train.init:  # before a resume's checkpoint, which fit loads over it
+        load_init(model, cfg.train.init, dist.is_main)
+    model.to(device)
     task = MLMTask(cfg, data_dir, device, dist.rank, dist.world_size, dtype)
     if dist.is_main:
         procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
@@ -320,7 +391,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
               f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
-                 show_progress=show_progress, dist=dist)
+                 show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
     weights = dist.model_state(model)  # gathered from the shards under FSDP
     if dist.is_main:
         final = BertForPreTraining(cfg.model)

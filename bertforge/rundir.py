@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from bertforge import checkpoint as ckpt
-from bertforge.config import RunConfig
+from bertforge.config import ModelConfig, RunConfig
 from bertforge.errors import BertforgeError
 
 CONFIG, TOKENIZER, DATA, CHECKPOINTS, METRICS, HF = (
@@ -60,3 +60,40 @@ def load_any_model(path: Path) -> tuple[torch.nn.Module, Path]:
         raise BertforgeError(f"model not found: {path}")
     raise BertforgeError(f"{path} is neither a bertforge run directory ({CONFIG}) nor a "
                          f"Hugging Face model directory (config.json)")
+
+
+def init_source(path: Path) -> tuple[ModelConfig, Path]:
+    """(architecture, tokenizer directory) of a model to start a run from (`--init`): a
+    Hugging Face BERT directory, a bertforge run directory, or one of its checkpoints."""
+    path = Path(path)
+    if (path / ckpt.STATE_FILE).is_file() and is_run_dir(path.parent.parent):
+        path = path.parent.parent  # a checkpoint: the run it belongs to has the rest
+    if is_run_dir(path):
+        return RunConfig.load(path / CONFIG).model, path / TOKENIZER
+    if (path / "config.json").is_file():
+        from bertforge.hf import model_config_from_hf, read_hf_config
+
+        raw = read_hf_config(path)
+        if not isinstance(raw, dict):
+            raise BertforgeError(f"{path / 'config.json'}: not a JSON object")
+        if not ((path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()):
+            raise BertforgeError(f"{path}: no tokenizer (tokenizer.json or vocab.txt)")
+        return model_config_from_hf(raw), path
+    load_any_model(path)  # raises the error that says what is wrong with `path`
+    raise AssertionError("unreachable")
+
+
+def init_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The BertForPreTraining weights of `init_source`'s model, and the keys it lacks (an
+    MLM head from a bare BertModel, an NSP head from a BertForMaskedLM)."""
+    path = Path(path)
+    if (path / ckpt.STATE_FILE).is_file() and is_run_dir(path.parent.parent):
+        ckpt.verify(path)
+        return ckpt.load_weights(path), []
+    if is_run_dir(path):
+        model, _, _ = load_run_model(path)
+        return ckpt.model_state(model), []
+    from bertforge.hf import import_model
+
+    model, _, info = import_model(path, with_info=True)
+    return ckpt.model_state(model), list(info["initialised"])

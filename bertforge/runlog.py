@@ -103,10 +103,15 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, cfg: TrainConfig, start_step: int, resumed: bool,
-                 enabled: bool, show_progress: bool, name: str, elapsed: float):
+                 enabled: bool, show_progress: bool, name: str, elapsed: float,
+                 run_config: dict[str, Any] | None = None):
+        from bertforge.tracking import open_trackers
+
         self.cfg = cfg
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resumed else None,
                                   enabled=enabled)
+        # TensorBoard / W&B, when asked for: they get every record metrics.jsonl gets.
+        self.trackers = open_trackers(run_dir, cfg, run_config, name) if enabled else None
         self.bar = Progress(cfg, start_step, enabled and show_progress, name)
         self.enabled = enabled
         self.window_tokens, self.window_start = 0, elapsed
@@ -117,7 +122,7 @@ class RunLog:
         tps = self.window_tokens / max(elapsed - self.window_start, 1e-9)
         if step % self.cfg.log_every == 0 or step == 1 or not result.applied:
             finite = result.applied
-            self.metrics.write({
+            self._write({
                 "kind": "train", "step": step, "loss": result.loss if finite else None,
                 "lr": lr,
                 **({f"{k}_loss": v for k, v in result.terms.items()}
@@ -135,10 +140,15 @@ class RunLog:
     def eval(self, step: int, tokens: int, elapsed: float, result: dict[str, Any]) -> None:
         if not result:
             return
-        self.metrics.write({"kind": "eval", "step": step, "tokens": tokens,
-                            "elapsed_s": round(elapsed, 3), **result})
+        self._write({"kind": "eval", "step": step, "tokens": tokens,
+                     "elapsed_s": round(elapsed, 3), **result})
         self.bar.write(f"eval step {step}: " + ", ".join(
             f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
     def note(self, text: str) -> None:
         """A line that matters even with --quiet (a skipped update)."""
@@ -147,5 +157,8 @@ class RunLog:
         elif self.enabled:
             print(text, file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """End the progress output and the trackers (a failed run is marked so in W&B)."""
         self.bar.close()
+        if self.trackers is not None:
+            self.trackers.close(failed)

@@ -130,12 +130,14 @@ class _SignalFlag:
 def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         device: torch.device, dtype: torch.dtype | None, *, resume: bool = False,
         show_progress: bool = True, name: str = "train",
-        dist: Distributed | None = None) -> dict[str, Any]:
+        dist: Distributed | None = None,
+        run_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `model` on `task` until max_steps or the time budget; returns the final metrics.
 
     `name` labels the progress output ("pretrain", "finetune sst2", ...). Under torchrun,
     `dist` wraps the model (DDP or FSDP) and every rank calls `fit`; only rank 0 writes
-    metrics, progress and checkpoints.
+    metrics, progress and checkpoints. `run_config`, the run's whole config as a mapping,
+    goes to the experiment trackers (W&B) when cfg asks for them.
     """
     if not cfg.max_steps and not cfg.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
@@ -162,7 +164,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     elif dist.rank > 0:  # same initial weights everywhere, but each rank its own dropout
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
     log = RunLog(run_dir, cfg, state.step, resumed=found is not None, enabled=dist.is_main,
-                 show_progress=show_progress, name=name, elapsed=state.elapsed_s)
+                 show_progress=show_progress, name=name, elapsed=state.elapsed_s,
+                 run_config=run_config)
     clock = Clock(state.elapsed_s)
     saved_at = state.step if found is not None else None
     evaluation, evaluated_at = {}, None
@@ -174,37 +177,40 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         saved_at = state.step
 
     model.train()
-    with _SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches:
-        while not _finished(cfg, state):
-            lr = lr_at(cfg, state.step, state.elapsed_s)
-            try:
-                result = train_step(wrapped, optimizer, task.loss_sum, next(batches), lr=lr,
-                                    cfg=cfg, device=device, dtype=dtype, dist=dist,
-                                    step=state.step, clock=clock,
-                                    stop_requested=lambda: signals.signum is not None)
-            except NonFiniteStep as e:
-                kept = f"step {saved_at}" if saved_at else "none"
-                raise BertforgeError(f"{e}; stopped without saving it (last checkpoint: "
-                                     f"{kept}); lower --lr, check the data, or pass "
-                                     f"--on-nan skip") from None
-            state.advance(result, result.elapsed_s)
-            log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
-                      task.epoch_at(state.step), lr, result)
-            if _due(cfg.eval_every, state.step):
-                with clock.off():
-                    evaluation = _evaluate(model, task, state.step, device, dtype)
-                log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
-                evaluated_at = state.step
-            if _due(cfg.checkpoint_every, state.step) or result.stop:
-                save()
-            if result.stop:
-                log.close()
-                raise Interrupted(signals.signum or signal.SIGTERM, state.step)
-    if evaluated_at != state.step or not evaluation:
-        evaluation = _evaluate(model, task, state.step, device, dtype)
-        log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
-    if saved_at != state.step:
-        save()
+    try:  # the log (and its trackers) closes whatever happens, marked failed on an error
+        with _SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches:
+            while not _finished(cfg, state):
+                lr = lr_at(cfg, state.step, state.elapsed_s)
+                try:
+                    result = train_step(wrapped, optimizer, task.loss_sum, next(batches),
+                                        lr=lr, cfg=cfg, device=device, dtype=dtype, dist=dist,
+                                        step=state.step, clock=clock,
+                                        stop_requested=lambda: signals.signum is not None)
+                except NonFiniteStep as e:
+                    kept = f"step {saved_at}" if saved_at else "none"
+                    raise BertforgeError(f"{e}; stopped without saving it (last checkpoint: "
+                                         f"{kept}); lower --lr, check the data, or pass "
+                                         f"--on-nan skip") from None
+                state.advance(result, result.elapsed_s)
+                log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
+                          task.epoch_at(state.step), lr, result)
+                if _due(cfg.eval_every, state.step):
+                    with clock.off():
+                        evaluation = _evaluate(model, task, state.step, device, dtype)
+                    log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
+                    evaluated_at = state.step
+                if _due(cfg.checkpoint_every, state.step) or result.stop:
+                    save()
+                if result.stop:
+                    raise Interrupted(signals.signum or signal.SIGTERM, state.step)
+        if evaluated_at != state.step or not evaluation:
+            evaluation = _evaluate(model, task, state.step, device, dtype)
+            log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
+        if saved_at != state.step:
+            save()
+    except BaseException:
+        log.close(failed=True)
+        raise
     log.close()
     return {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
             **evaluation}

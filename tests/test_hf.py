@@ -82,9 +82,11 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     model = BertForPreTraining(ModelConfig(**TINY)).eval()
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
-    (tokenizer_dir / "vocab.txt").write_text("[PAD]\n")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "##b"]
+    (tokenizer_dir / "vocab.txt").write_text("".join(t + "\n" for t in vocab))
     export_model(model, tmp_path / "hf", tokenizer_dir=tokenizer_dir)
-    assert (tmp_path / "hf" / "vocab.txt").read_text() == "[PAD]\n"
+    assert (tmp_path / "hf" / "vocab.txt").read_text().split() == vocab
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()  # built from vocab.txt
 
     hf_model, info = transformers.BertForPreTraining.from_pretrained(
         tmp_path / "hf", output_loading_info=True, attn_implementation="eager")

@@ -141,35 +141,30 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) 
     vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise AssertionError("vocabulary ids are not contiguous")
-    special_map = {f"{name}_token": token for name, token in SPECIAL_TOKENS.items()}
-    # transformers rebuilds a BertTokenizer from the vocabulary and these options, so
-    # they must say what our normalizer does.
-    config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": lowercase,
-        "strip_accents": None,
-        "tokenize_chinese_chars": True,
-        "model_max_length": MODEL_MAX_LENGTH,
-        "clean_up_tokenization_spaces": True,
-        **special_map,
-    }
     write_text_atomic(out / "vocab.txt", "".join(f"{t}\n" for t, _ in vocab))
-    write_text_atomic(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    write_text_atomic(out / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    write_text_atomic(out / "tokenizer_config.json",
+                      json.dumps(_tokenizer_config(lowercase), indent=2) + "\n")
+    write_text_atomic(out / "special_tokens_map.json",
+                      json.dumps(_special_map(), indent=2) + "\n")
     write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
     return out
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
                    model_max_length: int | None = None) -> Path:
-    """Copy the tokenizer files (TOKENIZER_FILES) of directory `src`, or of the directory of
-    a tokenizer.json, into directory `dst`; other files there (an HF model's config.json,
-    weights) are left alone. A new `dst` appears whole or not at all; in an existing one
-    each file is replaced atomically. With `model_max_length`, tokenizer_config.json
-    says it (the model's max_position_embeddings), so that a transformers pipeline
-    truncates to what the model can take."""
+    """Copy the tokenizer of directory `src` (bertforge's, or a Hugging Face model's), or of
+    the directory of a tokenizer.json, into directory `dst`: its TOKENIZER_FILES, with
+    tokenizer.json built from vocab.txt when `src` has only that (the same bytes every
+    time, so data and runs made from one source share a tokenizer_hash) and
+    tokenizer_config.json / special_tokens_map.json written when missing. Other files in
+    `dst` (an HF model's config.json, weights) are left alone. A new `dst` appears whole
+    or not at all; in an existing one each file is replaced atomically. With
+    `model_max_length`, tokenizer_config.json says it (the model's
+    max_position_embeddings), so that a transformers pipeline truncates to what the model
+    can take."""
     src, dst = Path(src), Path(dst)
     src = src if src.is_dir() else src.parent
+    tok = load_tokenizer(src)  # refuses what is not a BERT WordPiece tokenizer
     tmp = dst.with_name(f".{dst.name}.tokenizer.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -177,8 +172,16 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
+        if not (tmp / TOKENIZER_FILE).is_file():
+            (tmp / TOKENIZER_FILE).write_text(tok.to_str(pretty=True), encoding="utf-8")
+        if not (tmp / "tokenizer_config.json").is_file():
+            (tmp / "tokenizer_config.json").write_text(
+                json.dumps(_tokenizer_config(lowercases(tok)), indent=2) + "\n")
+        if not (tmp / "special_tokens_map.json").is_file():
+            (tmp / "special_tokens_map.json").write_text(
+                json.dumps(_special_map(), indent=2) + "\n")
         settings = tmp / "tokenizer_config.json"
-        if model_max_length is not None and settings.is_file():
+        if model_max_length is not None:
             config = json.loads(settings.read_text())
             config["model_max_length"] = model_max_length
             settings.write_text(json.dumps(config, indent=2) + "\n")
@@ -192,16 +195,65 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
     return dst
 
 
+def _special_map() -> dict[str, str]:
+    return {f"{name}_token": token for name, token in SPECIAL_TOKENS.items()}
+
+
+def _tokenizer_config(lowercase: bool) -> dict[str, object]:
+    """What transformers rebuilds a BertTokenizer from: it must say what our normalizer does."""
+    return {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+            "strip_accents": None, "tokenize_chinese_chars": True,
+            "model_max_length": MODEL_MAX_LENGTH, "clean_up_tokenization_spaces": True,
+            **_special_map()}
+
+
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer saved in `tokenizer_dir` (a directory or its tokenizer.json)."""
-    path = _tokenizer_file(tokenizer_dir)
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        first_line = (str(e).splitlines() or ["unreadable"])[0]
-        raise BertforgeError(f"{path}: not a valid tokenizer file ({first_line})") from None
+    """The WordPiece tokenizer in `tokenizer_dir`: its tokenizer.json (or that file itself),
+    or a BERT vocab.txt with the lowercasing its tokenizer_config.json says. Truncation and
+    padding a Hugging Face tokenizer.json may carry are turned off: bertforge decides."""
+    path = Path(tokenizer_dir)
+    if path.is_dir() and not (path / TOKENIZER_FILE).is_file() and (path / "vocab.txt").is_file():
+        tok = tokenizer_from_vocab(path)
+    else:
+        path = _tokenizer_file(tokenizer_dir)
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            first_line = (str(e).splitlines() or ["unreadable"])[0]
+            raise BertforgeError(f"{path}: not a valid tokenizer file ({first_line})") from None
     special_token_ids(tok)  # fail early if it is not a BERT tokenizer
+    tok.no_truncation()
+    tok.no_padding()
     return tok
+
+
+def tokenizer_from_vocab(tokenizer_dir: Path) -> Tokenizer:
+    """BERT's tokenizer built from a directory's vocab.txt, lowercasing (and stripping
+    accents) as its tokenizer_config.json's do_lower_case says (default: lowercase)."""
+    settings = tokenizer_dir / "tokenizer_config.json"
+    try:
+        config = json.loads(settings.read_text()) if settings.is_file() else {}
+    except ValueError as e:
+        raise BertforgeError(f"{settings}: not valid JSON ({e})") from None
+    lowercase = config.get("do_lower_case", True) if isinstance(config, dict) else True
+    tok = build_tokenizer(lowercase=bool(lowercase))
+    try:
+        tok.model = WordPiece.from_file(str(tokenizer_dir / "vocab.txt"),
+                                        unk_token=SPECIAL_TOKENS["unk"],
+                                        max_input_chars_per_word=100)
+    except Exception as e:
+        raise BertforgeError(f"{tokenizer_dir / 'vocab.txt'}: not a WordPiece vocabulary "
+                             f"({(str(e).splitlines() or ['unreadable'])[0]})") from None
+    special_token_ids(tok)
+    _set_template(tok)
+    return tok
+
+
+def lowercases(tok: Tokenizer) -> bool:
+    """Whether `tok`'s normalizer lowercases (BertNormalizer's flag, or a Lowercase step)."""
+    normalizer = json.loads(tok.to_str()).get("normalizer") or {}
+    steps = normalizer.get("normalizers", [normalizer])
+    return any(n.get("type") == "Lowercase" or n.get("lowercase") for n in steps)
 
 
 def tokenizer_hash(tokenizer_dir: str | os.PathLike) -> str:
