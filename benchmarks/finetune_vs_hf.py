@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,8 +202,9 @@ def main() -> None:
                          "dev_scores": [r[side]["score"] for r in runs]}
     ratio = summary["bertforge"]["examples_per_s"] / summary["transformers"]["examples_per_s"]
     for side, s in summary.items():
-        print(f"{side:13s} {s['examples_per_s']:8.1f} examples/s  train {s['train_time_s']:6.1f}s"
-              f"  tokenize {s['tokenize_time_s']:.2f}s  dev {', '.join(f'{x:.4f}' for x in s['dev_scores'])}")
+        scores = ", ".join(f"{x:.4f}" for x in s["dev_scores"])
+        print(f"{side:13s} {s['examples_per_s']:8.1f} examples/s  train "
+              f"{s['train_time_s']:6.1f}s  tokenize {s['tokenize_time_s']:.2f}s  dev {scores}")
     print(f"speed-up {ratio:.2f}x ({args.task}, {args.examples} examples x {args.epochs} epoch(s), "
           f"batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, "
           f"{'bf16' if bf16 else 'fp32'}, seeds {args.seeds})")
