@@ -166,6 +166,11 @@ for _ in range(2):
 if d.is_main:
     open(sys.argv[1], "w").write(json.dumps(per_step))
 d.barrier()
+# DDP's reducer (and the comm hook it holds) goes before the process group: torn down the
+# other way round at exit, gloo may abort ("terminate called") on a loaded machine.
+del wrapped
+import gc; gc.collect()
+d.barrier()
 shutdown()
 """
 

@@ -185,13 +185,13 @@ def test_resume_continues_both_trackers(tmp_path, data_dir, wandb_offline):
 
 
 def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, capsys):
-    """An error in training still finishes the W&B run (exit code 1), so the next run in
-    the process starts its own; a run the caller opened is refused, not taken over."""
+    """An error in training still finishes the W&B run, marked failed (exit code 1), so the
+    next run in the process starts its own; a run the caller opened is refused."""
     import wandb
 
-    from bertforge import train
+    from bertforge import tracking, train
 
-    calls = []
+    calls, exit_codes = [], []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -199,17 +199,24 @@ def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, ca
             raise RuntimeError("a failure in the second step")
         return real(*args, **kwargs)
 
-    real = train.train_step
+    def finish(self, failed=False):
+        exit_codes.append(1 if failed else 0)
+        real_close(self, failed)
+
+    real, real_close = train.train_step, tracking._WandB.close
     cfg = tiny_run_config(max_steps=4, eval_every=0)
     cfg.train.wandb = "bertforge-test"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train, "train_step", failing)
+        mp.setattr(tracking._WandB, "close", finish)
         with pytest.raises(RuntimeError, match="second step"):
             run_pretrain(tmp_path / "a", cfg, data_dir=data_dir, show_progress=False)
-    assert wandb.run is None
-    [log] = (tmp_path / "a").glob("wandb/offline-run-*/*.wandb")
-    assert [r.exit.exit_code for r in wandb_records(log)
-            if r.WhichOneof("record_type") == "exit"] == [1]
+    assert exit_codes == [1] and wandb.run is None
+    after = tiny_run_config(max_steps=1, eval_every=0)
+    after.train.wandb = "bertforge-test"
+    run_pretrain(tmp_path / "b", after, data_dir=data_dir, show_progress=False)
+    ids = [json.loads((tmp_path / r / WANDB_STATE).read_text())["id"] for r in "ab"]
+    assert ids[0] != ids[1] and wandb.run is None  # the next run had a W&B run of its own
     theirs = wandb.init(project="theirs", dir=str(tmp_path), mode="offline",
                         settings=wandb.Settings(silent=True, console="off"))
     try:
