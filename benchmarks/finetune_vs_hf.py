@@ -100,7 +100,8 @@ def write_pairs(wiki: Path, folder: Path, examples: int, dev: int = 800) -> tupl
 
     docs = []
     for doc in iter_documents(resolve_corpus([str(wiki)])):
-        sentences = [s for s in re.split(r"(?<=[.!?])\s+", doc) if 15 <= len(s.split()) <= 30]
+        sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", doc)
+                     if 15 <= len(s.split()) <= 30]  # one line each: tabs, newlines gone
         if len(sentences) >= 2:
             docs.append(sentences)
     rng = random.Random(0)
@@ -115,8 +116,7 @@ def write_pairs(wiki: Path, folder: Path, examples: int, dev: int = 800) -> tupl
             rows.append((docs[d][i], rng.choice(other), 0))
     folder.mkdir(parents=True, exist_ok=True)
     for name, part in (("train.tsv", rows[:examples]), ("dev.tsv", rows[examples:])):
-        text = "sentence1\tsentence2\tlabel\n" + "".join(
-            f"{a.replace(chr(9), ' ')}\t{b.replace(chr(9), ' ')}\t{y}\n" for a, b, y in part)
+        text = "sentence1\tsentence2\tlabel\n" + "".join(f"{a}\t{b}\t{y}\n" for a, b, y in part)
         (folder / name).write_text(text, encoding="utf-8")
     return folder / "train.tsv", folder / "dev.tsv"
 

@@ -52,8 +52,9 @@ class FinetuneConfig:
     dropout: float = _help("Dropout on embeddings, attention, sublayers and the classifier "
                            "(replaces the pretrained model's).", default=0.1)
     length_grouping: int = _help("Pad less: sort each run of N batches of the shuffled "
-                                 "examples by length, then shuffle the batches (0: off; "
-                                 "Hugging Face's group_by_length uses 50).", default=0)
+                                 "examples by length, then shuffle the batches (0: off, "
+                                 "each batch a random draw; 50 is also what Hugging Face's "
+                                 "group_by_length uses).", default=50)
     eval_batch_size: int = _help("Examples per forward pass when evaluating.", default=64)
     max_train_examples: int = _help("Train on the first N examples only (0: all).", default=0)
 

@@ -177,10 +177,19 @@ def grad_norm_squared(grads: list[torch.Tensor]) -> torch.Tensor:
     if kernel_path(grads[0]) == "gpu":
         norms = torch._foreach_norm(grads)
         return torch.stack(norms).double().square().sum()
-    return torch.stack([_chunked_squares(g) for g in grads]).sum()
+    # The small gradients (dozens of biases and LayerNorm weights, where a few kernels
+    # apiece cost more than the arithmetic) go end to end into one buffer, chunked as one.
+    small = [g.reshape(-1) for g in grads if g.numel() <= _NORM_CHUNK]
+    parts = [_chunked_squares(g) for g in grads if g.numel() > _NORM_CHUNK]
+    if small:
+        parts.append(_chunked_squares(torch.cat(small)))
+    return torch.stack(parts).sum()
 
 
-def _chunked_squares(t: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
+_NORM_CHUNK = 1 << 14  # float32 sums of this many elements are exact to ~1e-7 relative
+
+
+def _chunked_squares(t: torch.Tensor, chunk: int = _NORM_CHUNK) -> torch.Tensor:
     flat = t.detach().reshape(-1)
     whole = flat.numel() // chunk * chunk
     total = flat[whole:].double().square().sum()

@@ -387,6 +387,21 @@ def test_regression_pair_task_and_resume(tmp_path, tiny_run):
         run_finetune(tiny_run, data, full, cfg, show_progress=False)
 
 
+def test_fine_tuning_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_run):
+    """Each micro-batch is padded to its own longest example and the loss normalised over
+    the whole batch: splitting a batch changes the padding, not the result (fp32)."""
+    data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2"))
+    runs = {}
+    for micro in (8, 2):
+        runs[micro] = run_finetune(tiny_run, data, tmp_path / f"micro-{micro}",
+                                   tiny_finetune(epochs=1, micro_batch_size=micro),
+                                   show_progress=False)
+    a, b = (metrics_lines(tmp_path / f"micro-{m}", "train") for m in (8, 2))
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5
+    assert runs[8]["best"]["eval_loss"] == pytest.approx(runs[2]["best"]["eval_loss"], abs=1e-5)
+    assert runs[8]["score"] == runs[2]["score"]
+
+
 def test_from_scratch_starts_from_random_weights(tmp_path, tiny_run):
     from safetensors.torch import load_file
 
