@@ -1,6 +1,10 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   create .venv, install, and pretrain a real model end to end
 #   make test   create .venv, install, and run the test suite
+# The demo reads DEMO_CORPUS (default: the Wikipedia sample beside this repository) and
+# writes to DEMO_OUT; an earlier demo there is kept, and the new one goes to the first free
+# DEMO_OUT-2, DEMO_OUT-3, ...  Both commands install into .venv: run the CLI as
+# .venv/bin/bertforge, or `source .venv/bin/activate` first.
 
 PYTHON ?= python3
 VENV := .venv

@@ -6,7 +6,8 @@ older checkpoints are pruned only after that. Each file's sha256, and one of sta
 own content, is recorded in state.json and verified on load, so a truncated or corrupted
 checkpoint is detected and the previous good one used instead. A resume takes the newest
 checkpoint that verifies (`latest` names it too, unless a kill fell between the rename
-and the update of `latest`). Nothing pickled is ever loaded without `weights_only=True`.
+and the update of `latest`). Nothing pickled is ever loaded without `weights_only=True`,
+and weights that are not finite (a diverged run) are never written.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bertforge.errors import BertforgeError
-from bertforge.fileio import fsync, write_text_atomic
+from bertforge.fileio import fsync, give_usual_mode, write_text_atomic
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
 _PREFIX = "step-"
@@ -81,11 +83,25 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def require_finite(weights: dict[str, torch.Tensor], doing: str) -> None:
+    """BertforgeError naming the first tensor of `weights` with a NaN or an infinity;
+    `doing` says what is refused ("not saving checkpoint step-000005")."""
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise BertforgeError(f"{doing}: weight {name} is not finite (NaN or infinity): "
+                                 f"training diverged; lower --lr")
+
+
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load weights saved by `model_state` (tied tensors stored once) into `model`;
     BertforgeError naming the keys when they do not fit."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     own = model.state_dict()
+    for name, t in weights.items():
+        if name in own and t.shape != own[name].shape:
+            raise BertforgeError(f"checkpoint does not match the model: {name} has shape "
+                                 f"{tuple(t.shape)}, the model's config says "
+                                 f"{tuple(own[name].shape)}")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     stored = {own[k].data_ptr() for k in weights if k in own}
     truly_missing = [k for k in missing if own[k].data_ptr() not in stored]
     if truly_missing or unexpected:
@@ -101,18 +117,20 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
     `weights` is `model_state(model)` (or the same gathered from shards); `optimizer_state`
     an optimizer's state_dict.
 
-    On any OSError (a full disk, say) nothing that was complete before is touched: the
+    Weights that are not finite are refused (BertforgeError) before anything is written.
+    On a failed write (a full disk, say) nothing that was complete before is touched: the
     partial checkpoint is removed and BertforgeError raised.
     """
     name = _name(step)
     final = ckpt_dir / name
     tmp = ckpt_dir / f".{name}.tmp"
+    require_finite(weights, f"not saving checkpoint {name}")
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_dir.glob(f".{_PREFIX}*.tmp"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_partial(ckpt_dir)
         tmp.mkdir()
         save_file(weights, str(tmp / MODEL_FILE))
+        give_usual_mode(tmp / MODEL_FILE)  # safetensors leaves its private 0600
         files = [MODEL_FILE]
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
@@ -126,12 +144,31 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
         os.replace(tmp, final)
         fsync(ckpt_dir)
         write_text_atomic(ckpt_dir / "latest", name + "\n")
-    except OSError as e:
+    # safetensors and torch.save report a failed write as errors of their own
+    except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BertforgeError(f"could not write checkpoint {final}: {e.strerror or e}; "
+        raise BertforgeError(f"could not write checkpoint {final}: {_write_error(e)}; "
                              f"the previous checkpoint is untouched") from None
     _prune(ckpt_dir, keep_last, step)
     return final
+
+
+def remove_partial(ckpt_dir: Path) -> None:
+    """Remove the partial checkpoints (hidden .tmp directories) a run killed mid-save left."""
+    for stale in ckpt_dir.glob(f".{_PREFIX}*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_error(e: Exception) -> str:
+    """Why a write failed, in a few words: 'No space left on device'."""
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    code = re.search(r"os error (\d+)", str(e))  # safetensors: "...(os error 28)"
+    if code:
+        return os.strerror(int(code.group(1)))
+    # torch.save: "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return "write failed (" + re.sub(r"^\[enforce fail at [^]]*\]\s*\.?\s*", "", first) + ")"
 
 
 def _prune(ckpt_dir: Path, keep_last: int, step: int) -> None:
@@ -159,6 +196,11 @@ def verify(path: Path) -> dict[str, Any]:
     if (not isinstance(checksums, dict) or MODEL_FILE not in checksums
             or (sealed is not None and sealed != _state_digest(state))):
         raise BertforgeError(f"{path / STATE_FILE}: checksum mismatch (corrupted)")
+    step, named = state.get("step"), step_of(path)
+    if (not isinstance(step, int) or isinstance(step, bool) or step < 0
+            or (named is not None and step != named)):
+        raise BertforgeError(f"{path / STATE_FILE}: step {_short(repr(step))} is not the "
+                             f"checkpoint's ({path.name})")
     for f, digest in checksums.items():
         if not (path / f).is_file():
             raise BertforgeError(f"{path / f}: missing")
@@ -189,20 +231,48 @@ def find_latest(ckpt_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_safetensors(path / MODEL_FILE)
+
+
+def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; BertforgeError if it cannot be read."""
     try:
-        return load_file(str(path / MODEL_FILE))
+        return load_file(str(file))
     except Exception as e:  # safetensors raises its own error types
-        raise BertforgeError(f"{path / MODEL_FILE}: cannot be read ({e})") from None
+        raise BertforgeError(f"{file}: cannot be read ({_short(str(e), 200)})") from None
 
 
 def load_optimizer_state(path: Path) -> dict[str, Any]:
-    """The optimizer state; refused (BertforgeError) if unpickling needs anything but
-    tensors and plain containers, which is how a planted file would run code."""
+    """The optimizer state; refused if unpickling needs anything but tensors and plain
+    containers (`load_pickled`)."""
+    return load_pickled(path / OPTIMIZER_FILE)
+
+
+def load_pickled(file: Path) -> Any:
+    """A torch.save file read with weights_only=True; BertforgeError if it needs anything
+    but tensors and plain containers, which is how a planted file would run code.
+
+    The refusal names the global the file asked for. torch's own message goes on to advise
+    loading the file with weights_only=False, i.e. running the code: that is never passed on.
+    """
     try:
-        return torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
         text = str(e).strip()
-        why = re.search(r"Unsupported global: GLOBAL \S+", text)
-        reason = why.group(0) if why else (text.splitlines() or [type(e).__name__])[0]
-        raise BertforgeError(f"{path / OPTIMIZER_FILE}: refused to load, it is not plain tensor "
-                             f"data ({reason})") from None
+        # torch 2.6-2.13: "Unsupported global: GLOBAL x.y was not an allowed global..." or
+        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
+        wanted = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
+        if wanted:
+            reason = f"it asks for the global {wanted.group(1)}"
+        else:  # the first line that is not torch's advice about weights_only
+            lines = [x.strip() for x in text.splitlines() if x.strip()
+                     and "weights_only" not in x and not x.startswith("Check the doc")]
+            reason = (lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
+        raise BertforgeError(f"{file}: refused to load, it is not plain tensor data "
+                             f"({_short(reason)})") from None
+
+
+def _short(text: str, limit: int = 80) -> str:
+    """`text` on one line, cut to `limit` characters: an error stays one short line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -9,7 +9,6 @@ one line on stderr and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -20,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig, RunConfig,
-                              TrainConfig, build, merge, preset, read_yaml)
+                              TrainConfig, build, merge, preset, read_yaml, typed_sections)
 from bertforge.errors import BertforgeError, Interrupted
+from bertforge.fileio import require_utf8
 
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
 MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -149,12 +149,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[
     given: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "train": {}}
     if args.preset:  # typed, not the default
         given["model"].update({k: raw["model"][k] for k in PRESET_FIELDS})
-    if args.config:
-        loaded = read_yaml(Path(args.config))
-        checked = RunConfig.from_dict(copy.deepcopy(loaded), where=args.config)  # keys, types
-        for section, values in loaded.items():
-            values = merge({}, dict(values or {}))  # the old `warmup` in its new form
-            typed = {k: getattr(getattr(checked, section), k) for k in values}
+    if args.config:  # keys and types now; the rest once layered (its sizes with the preset's)
+        for section, typed in typed_sections(read_yaml(Path(args.config)), args.config).items():
             merge(raw[section], typed)
             merge(given[section], typed)
     for section, values in _given(args).items():
@@ -236,6 +232,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bertforge import rundir
     from bertforge.hf import export_model
 
+    require_utf8(args.out, "--out")  # the tokenizer library takes paths as text
     model, _, tok_dir = rundir.load_run_model(Path(args.run_dir))
     export_model(model, Path(args.out), tokenizer_dir=tok_dir)
     print(args.out)
@@ -243,14 +240,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fill_mask(args: argparse.Namespace) -> int:
-    from bertforge.fill_mask import fill_mask
+    from bertforge.fill_mask import fill_mask, numbered
 
     results = fill_mask(Path(args.model), args.text, args.top_k)
     if args.json:
         print(json.dumps(results))
         return 0
+    # The text once, its masks numbered when there are several, then a line per mask.
+    print(numbered(args.text, len(results)))
     for r in results:
-        print(f"[MASK] at {r['position']}: " + ", ".join(
+        label = f"[MASK {r['mask_index'] + 1}]" if len(results) > 1 else "[MASK]"
+        print(f"{label}: " + ", ".join(
             f"{c['token']} ({c['score']:.3f})" for c in r["predictions"]))
     return 0
 
@@ -276,7 +276,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bertforge", description="Pretrain BERT models from scratch on your own "
                 "text, evaluate them and export them to Hugging Face.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"bertforge {_version()}")
+    # Not required: a bare `bertforge` prints the help (main), not a usage error.
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
 
     s = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on a corpus")
     s.add_argument("corpus", nargs="+", help="files, directories or globs")
@@ -393,13 +395,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    """The installed distribution's version, or the source tree's when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bertforge")
+    except PackageNotFoundError:
+        from bertforge import __version__
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command is None:  # a bare `bertforge`: what it can do
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except BertforgeError as e:
         print(f"bertforge: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # what no check foresaw: a full disk, a vanished file, permissions
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"bertforge: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)

@@ -2,13 +2,18 @@
 
 `ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json
 from the Hugging Face world maps onto it one to one. Every config is validated on
-construction; a bad value raises `BertforgeError` naming the field. The resolved
-configs of a run are written to RUN_DIR/config.yaml and forced on resume.
+construction; a bad value raises `BertforgeError` naming the field. No float may be NaN or
+infinite (`--lr inf` passes `lr > 0`), and a model must fit in memory: its parameters are
+counted from the config and refused, before anything is allocated, when their fp32 weights
+alone exceed the memory this machine has available. The resolved configs of a run are
+written to RUN_DIR/config.yaml and forced on resume.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import re
 import types
 import typing
@@ -45,6 +50,7 @@ class ModelConfig:
     pad_token_id: int = _help("Id of [PAD].", default=0)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             _check(self, name, getattr(self, name) >= 1, "must be >= 1")
@@ -56,11 +62,59 @@ class ModelConfig:
             _check(self, name, 0.0 <= getattr(self, name) < 1.0, "must be in [0, 1)")
         _check(self, "initializer_range", self.initializer_range > 0, "must be > 0")
         _check(self, "layer_norm_eps", self.layer_norm_eps > 0, "must be > 0")
+        _check_fits(self)
 
     @property
     def padded_vocab_size(self) -> int:
         """Vocab rounded up to a multiple of 64 for fast matmuls; never exported."""
         return -(-self.vocab_size // 64) * 64
+
+    @property
+    def num_parameters(self) -> int:
+        """The parameters of the BertForPreTraining this config builds (tied decoder once)."""
+        V, H, F = self.padded_vocab_size, self.hidden_size, self.intermediate_size
+        embeddings = (V + self.max_position_embeddings + self.type_vocab_size) * H + 2 * H
+        # fused qkv and output projections, the feed-forward pair, their biases, 2 LayerNorms
+        layer = 4 * H * H + 2 * H * F + 3 * H + H + F + H + 4 * H
+        heads = (H * H + H) + (H * H + H + 2 * H + V) + (2 * H + 2)  # pooler, MLM, NSP
+        return embeddings + self.num_hidden_layers * layer + heads
+
+
+# More parameters than any BERT could sensibly have: refused even where the machine's
+# memory cannot be read.
+MAX_PARAMETERS = 10 ** 12
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process: MemAvailable in /proc/meminfo (Linux),
+    else the machine's physical memory (os.sysconf), else None (unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(config: ModelConfig) -> None:
+    """Refuse a model whose fp32 weights alone would not fit in memory, before anything
+    allocates them: a config.json with a million layers would otherwise allocate until
+    the machine runs out, one with hidden_size 10**9 ask for terabytes at once."""
+    n = config.num_parameters
+    need, have = 4 * n, available_memory()
+    if n > MAX_PARAMETERS or (have is not None and need > have):
+        room = (f"this machine has {have / 1e9:,.1f} GB of memory available"
+                if have is not None and need > have else
+                f"more than {MAX_PARAMETERS:,} parameters is no BERT")
+        raise BertforgeError(
+            f"ModelConfig: {n:,} parameters (hidden_size {config.hidden_size}, "
+            f"num_hidden_layers {config.num_hidden_layers}, intermediate_size "
+            f"{config.intermediate_size}, vocab_size {config.vocab_size}) need "
+            f"{need / 1e9:,.1f} GB for their fp32 weights alone; {room}")
 
 
 # layers, hidden, heads (Turc et al. 2019 sizes); intermediate is 4 x hidden.
@@ -120,6 +174,7 @@ class DataConfig:
                                        default=None)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self, "seq_len", self.seq_len >= 8, "must be >= 8")
         _check(self, "valid_fraction", 0.0 <= self.valid_fraction < 1.0, "must be in [0, 1)")
         _check(self, "mask_rate", 0.0 < self.mask_rate <= 1.0, "must be in (0, 1]")
@@ -198,6 +253,7 @@ class TrainConfig:
                               "or there is no network).", metavar="PROJECT", default=None)
 
     def __post_init__(self) -> None:
+        _check_finite(self)
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
         _check(self, "micro_batch_size", self.micro_batch_size >= 1, "must be >= 1")
         _check(self, "lr", self.lr > 0, "must be > 0")
@@ -280,17 +336,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "config") -> RunConfig:
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
-        if not isinstance(raw, dict):
-            raise BertforgeError(f"{where}: expected a mapping with sections "
-                                 f"{', '.join(sections)}")
-        unknown = set(raw) - set(sections)
-        if unknown:
-            raise BertforgeError(f"{where}: unknown section {sorted(unknown)[0]!r} "
-                                 f"(expected {', '.join(sections)})")
-        built = {name: build(kind, dict(raw.get(name) or {}), f"{where}: {name}")
-                 for name, kind in sections.items()}
-        return cls(**built)
+        return cls(**{name: SECTIONS[name](**values)
+                      for name, values in typed_sections(raw, where).items()})
 
     def save(self, path: Path) -> None:
         """Write atomically: a run killed mid-write must still be resumable."""
@@ -301,6 +348,24 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path) -> RunConfig:
         return cls.from_dict(read_yaml(path), where=str(path))
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+def typed_sections(raw: Any, where: str = "config") -> dict[str, dict[str, Any]]:
+    """The model, data and train sections of a config mapping, each checked by `typed`
+    (keys and types) but not yet built: a file that is layered over a preset is validated
+    as a whole only once the preset is under it (its hidden_size against the preset's
+    heads, say)."""
+    if not isinstance(raw, dict):
+        raise BertforgeError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise BertforgeError(f"{where}: unknown section {sorted(unknown)[0]!r} "
+                             f"(expected {', '.join(SECTIONS)})")
+    return {name: typed(kind, raw.get(name) or {}, f"{where}: {name}")
+            for name, kind in SECTIONS.items()}
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -317,6 +382,13 @@ def read_yaml(path: Path) -> dict[str, Any]:
 def build(kind: type, values: dict[str, Any], where: str) -> Any:
     """Build dataclass `kind` from a mapping, type-checking each value against the field's
     annotation (nested dataclasses from nested mappings)."""
+    return kind(**typed(kind, values, where))
+
+
+def typed(kind: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with every key a field of dataclass `kind` and every value coerced to the
+    field's type (the old `warmup` in its new form); BertforgeError naming `where` if not.
+    The rules across fields are `kind`'s own, applied when it is built."""
     if not isinstance(values, dict):
         raise BertforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name for f in fields(kind)}
@@ -329,7 +401,7 @@ def build(kind: type, values: dict[str, Any], where: str) -> Any:
         if key not in names:
             raise BertforgeError(f"{where}: unknown key {key!r}")
         checked[key] = coerce(value, hints[key], f"{where}.{key}")
-    return kind(**checked)
+    return checked
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -381,6 +453,15 @@ def _short(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: an error line stays one short line."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _check_finite(obj: Any) -> None:
+    """Refuse NaN and infinity in any float field: they pass range checks written as
+    comparisons (inf > 0), and a first update at lr=inf writes NaN into every weight."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        _check(obj, f.name, not isinstance(value, float) or math.isfinite(value),
+               "must be a finite number")
 
 
 def _check(obj: Any, name: str, ok: bool, message: str) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bertforge.data.loader import ShardedSequences, eval_batches
+from bertforge.data.loader import ShardedSequences, eval_batches, verify_data
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
 from bertforge.ops import cross_entropy_and_hits
@@ -152,6 +152,7 @@ def evaluate_run(run_dir: Path, data: list[Path] | None = None, split: str = "va
     model, cfg, _ = rundir.load_run_model(Path(run_dir), checkpoint)
     # One data directory or several (--data DIR --data DIR, or the run's list).
     valid = ShardedSequences(data or cfg.data.path or Path(run_dir) / rundir.DATA, split)
+    verify_data(valid.data_dirs)  # changed shards, or ids outside the vocabulary: refused
     data_dir = valid.data_dirs[0]  # they share the tokenizer the masker reads
     manifest = valid.manifest
     if int(manifest["vocab_size"]) != cfg.model.vocab_size:

@@ -44,7 +44,7 @@ from bertforge.config import ModelConfig, RunConfig
 from bertforge.data.labelled import TaskData
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
-from bertforge.fileio import write_atomic, write_text_atomic
+from bertforge.fileio import hold_lock, write_atomic, write_text_atomic
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.metrics import compute
 from bertforge.step import StepBatch
@@ -199,8 +199,9 @@ class ClassificationTask:
         the previous weights removed: a kill at any point leaves a consistent best/."""
         self.best_dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step:06d}.safetensors"
-        write_atomic(self.best_dir / name,
-                     lambda tmp: save_file(ckpt.model_state(model), str(tmp)))
+        weights = ckpt.model_state(model)
+        ckpt.require_finite(weights, f"not keeping the weights of step {step} as the best")
+        write_atomic(self.best_dir / name, lambda tmp: save_file(weights, str(tmp)))
         self.best = {"step": step, "weights": name, **result}
         write_text_atomic(self.best_dir / "state.json", json.dumps(self.best, indent=1) + "\n")
         for old in self.best_dir.glob("step-*.safetensors"):
@@ -283,62 +284,64 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
 
     start = time.monotonic()
     out = Path(out_dir)
-    cfg = cfg or FinetuneConfig()
-    spec = {"model": str(model_path), "task": data.name, "from_scratch": from_scratch,
-            "labels": data.labels, "regression": data.regression}
-    if resume and (out / SPEC).is_file():
-        cfg = _check_resume(out, spec, given)
-    elif (out / rundir.CHECKPOINTS).exists():
-        raise BertforgeError(f"{out} already holds a fine-tuning run; pass --resume to "
-                             f"continue it or choose another --out")
-    check_available(cfg.train)  # a missing tracker package, before any work
-    if not resume:  # a best/ left by an attempt killed before its first checkpoint
-        shutil.rmtree(out / BEST, ignore_errors=True)
-    config, encoder, tok_src = load_encoder(Path(model_path), weights=not from_scratch)
-    if cfg.max_length > config.max_position_embeddings:
-        raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
-                             f"max_position_embeddings {config.max_position_embeddings}")
-    out.mkdir(parents=True, exist_ok=True)
-    tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
-    tok = load_tokenizer_any(tok_dir, cfg.max_length)
-    pad_id = config.pad_token_id
-    train_examples = data.train.head(cfg.max_train_examples)
-    t0 = time.monotonic()
-    train = Encoded(tok, train_examples.texts, train_examples.pairs, train_examples.y, pad_id)
-    valid = {name: Encoded(tok, ex.texts, ex.pairs, ex.y, pad_id)
-             for name, ex in data.validation.items()}
-    tokenize_s = time.monotonic() - t0
-    (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
-                                       indent=1) + "\n")
+    # One command at a time in OUT: a second is refused, naming this one.
+    with hold_lock(out / rundir.LOCK, f"fine-tuning directory {out}"):
+        cfg = cfg or FinetuneConfig()
+        spec = {"model": str(model_path), "task": data.name, "from_scratch": from_scratch,
+                "labels": data.labels, "regression": data.regression}
+        if resume and (out / SPEC).is_file():
+            cfg = _check_resume(out, spec, given)
+        elif (out / rundir.CHECKPOINTS).exists():
+            raise BertforgeError(f"{out} already holds a fine-tuning run; pass --resume to "
+                                 f"continue it or choose another --out")
+        check_available(cfg.train)  # a missing tracker package, before any work
+        if not resume:  # a best/ left by an attempt killed before its first checkpoint
+            shutil.rmtree(out / BEST, ignore_errors=True)
+        config, encoder, tok_src = load_encoder(Path(model_path), weights=not from_scratch)
+        if cfg.max_length > config.max_position_embeddings:
+            raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
+                                 f"max_position_embeddings {config.max_position_embeddings}")
+        out.mkdir(parents=True, exist_ok=True)
+        tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
+        tok = load_tokenizer_any(tok_dir, cfg.max_length)
+        pad_id = config.pad_token_id
+        train_examples = data.train.head(cfg.max_train_examples)
+        t0 = time.monotonic()
+        train = Encoded(tok, train_examples.texts, train_examples.pairs, train_examples.y, pad_id)
+        valid = {name: Encoded(tok, ex.texts, ex.pairs, ex.y, pad_id)
+                 for name, ex in data.validation.items()}
+        tokenize_s = time.monotonic() - t0
+        (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
+                                           indent=1) + "\n")
 
-    device = resolve_device(cfg.train.device)
-    where = configure(device)
-    dtype = resolve_precision(cfg.train.precision, device)
-    config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
-                                 attention_probs_dropout_prob=cfg.dropout)
-    torch.manual_seed(cfg.train.seed)
-    model = BertForSequenceClassification(config, data.num_labels)
-    if encoder is not None:
-        model.bert.load_state_dict(encoder)
-    model.to(device)
-    task = ClassificationTask(data, train, valid, cfg, device, out / BEST)
-    train_cfg = cfg.train_config(task.steps_per_epoch)
-    print(f"finetune {data.name}: {'from scratch' if from_scratch else model_path}, "
-          f"{len(train):,} training / {sum(map(len, valid.values())):,} validation examples, "
-          f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
-          f"{where}, {'bf16' if dtype else 'fp32'}", file=sys.stderr)
-    result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
-                 show_progress=show_progress, name=f"finetune {data.name}",
-                 run_config={**spec, "config": dataclasses.asdict(cfg)})
+        device = resolve_device(cfg.train.device)
+        where = configure(device)
+        dtype = resolve_precision(cfg.train.precision, device)
+        config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
+                                     attention_probs_dropout_prob=cfg.dropout)
+        torch.manual_seed(cfg.train.seed)
+        model = BertForSequenceClassification(config, data.num_labels)
+        if encoder is not None:
+            model.bert.load_state_dict(encoder)
+        model.to(device)
+        task = ClassificationTask(data, train, valid, cfg, device, out / BEST)
+        train_cfg = cfg.train_config(task.steps_per_epoch)
+        print(f"finetune {data.name}: {'from scratch' if from_scratch else model_path}, "
+              f"{len(train):,} training / {sum(map(len, valid.values())):,} validation examples, "
+              f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
+              f"{where}, {'bf16' if dtype else 'fp32'}", file=sys.stderr)
+        result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
+                     show_progress=show_progress, name=f"finetune {data.name}",
+                     run_config={**spec, "config": dataclasses.asdict(cfg)})
 
-    best = json.loads((out / BEST / "state.json").read_text())
-    load_model_weights(model, load_file(str(out / BEST / best["weights"])))
-    export_model(model.cpu(), out / rundir.HF, tokenizer_dir=tok_dir,
-                 extra_config=classifier_config_to_hf(data.labels))
-    summary = _summary(out, data, spec, cfg, result, time.monotonic() - start)
-    summary["tokenize_time_s"] = round(tokenize_s, 3)
-    (out / METRICS_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-    return summary
+        best = json.loads((out / BEST / "state.json").read_text())
+        load_model_weights(model, load_file(str(out / BEST / best["weights"])))
+        export_model(model.cpu(), out / rundir.HF, tokenizer_dir=tok_dir,
+                     extra_config=classifier_config_to_hf(data.labels))
+        summary = _summary(out, data, spec, cfg, result, time.monotonic() - start)
+        summary["tokenize_time_s"] = round(tokenize_s, 3)
+        (out / METRICS_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
 
 
 def _summary(out: Path, data: TaskData, spec: dict[str, Any], cfg: FinetuneConfig,

@@ -13,10 +13,13 @@ exact reverse of each other. Three things are not one-to-one renames:
   ties them itself on load, so neither do we; older checkpoints that carry them are
   accepted if they really are tied.
 
-An exported directory loads with `transformers.BertForPreTraining`, `BertForMaskedLM`
-and `AutoModel`, and gives the same logits as bertforge's model. A fine-tuned
-BertForSequenceClassification exports through the same map plus `CLASSIFIER_KEY_MAP`,
-with num_labels, id2label/label2id and problem_type in config.json.
+An exported directory is a BertForPreTraining checkpoint: `transformers.BertForPreTraining`
+loads every key, none missing or unexpected, and gives the same logits as bertforge's
+model. `BertForMaskedLM` and `AutoModel` (a bare BertModel) load it with no key missing
+and report the heads they have no place for as unexpected: the pooler and the NSP head
+(`cls.seq_relationship.*`) for BertForMaskedLM, every `cls.*` head for AutoModel. A
+fine-tuned BertForSequenceClassification exports through the same map plus
+`CLASSIFIER_KEY_MAP`, with num_labels, id2label/label2id and problem_type in config.json.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from bertforge.config import ModelConfig
+from bertforge.checkpoint import load_pickled, load_safetensors, require_finite
+from bertforge.config import ModelConfig, build
 from bertforge.errors import BertforgeError
+from bertforge.fileio import give_usual_mode
 from bertforge.model import BertForPreTraining
 
 log = logging.getLogger("bertforge")
@@ -139,7 +144,11 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
         if present and len(present) < 3:
             raise BertforgeError(f"checkpoint has {present[0]!r} but not all of query/key/value")
         if present:
-            out[bf_key] = torch.cat([hf[k] for k in hf_keys], dim=0)  # (3H, ...)
+            parts = [hf[k] for k in hf_keys]
+            if len({p.shape for p in parts}) > 1 or parts[0].dim() == 0:
+                raise BertforgeError(f"checkpoint's query/key/value {hf_keys[0]!r} ... have "
+                                     f"shapes {[tuple(p.shape) for p in parts]}")
+            out[bf_key] = torch.cat(parts, dim=0)  # (3H, ...)
             used.update(hf_keys)
     for bf_key, hf_key in renames.items():
         if hf_key not in hf:
@@ -179,8 +188,9 @@ def _normalise_key(key: str) -> str:
 
 
 def _pad_vocab(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    if tensor.shape[0] != config.vocab_size:
-        raise BertforgeError(f"checkpoint has a vocabulary of {tensor.shape[0]} rows but "
+    rows = tensor.shape[0] if tensor.dim() else 0
+    if rows != config.vocab_size:
+        raise BertforgeError(f"checkpoint has a vocabulary of {rows} rows but "
                              f"config.json says vocab_size={config.vocab_size}")
     padding = tensor.new_zeros((config.padded_vocab_size - config.vocab_size, *tensor.shape[1:]))
     return torch.cat([tensor, padding], dim=0)  # (padded_vocab_size, ...)
@@ -189,8 +199,6 @@ def _pad_vocab(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
 # ---------------------------------------------------------------------------- config.json
 
 _MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
-_FLOAT_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range",
-                 "layer_norm_eps")
 
 
 def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -211,7 +219,10 @@ def model_config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a Hugging Face BERT config.json; refuses what bertforge cannot run."""
+    """A ModelConfig from a Hugging Face BERT config.json; refuses what bertforge cannot run
+    (and, as every ModelConfig, a model too large for this machine's memory)."""
+    if not isinstance(raw, dict):
+        raise BertforgeError(f"config.json: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type", "bert")
     if model_type != "bert":
         raise BertforgeError(f"config.json: model_type {model_type!r} is not supported "
@@ -229,13 +240,7 @@ def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
             raise BertforgeError("config.json: " + message.format(raw[key]))
     values = {name: raw[name] for name in _MODEL_FIELDS
               if raw.get(name) is not None}
-    for name in _FLOAT_FIELDS:
-        if name in values:
-            values[name] = float(values[name])
-    try:
-        return ModelConfig(**values)
-    except TypeError as e:  # a value of the wrong type, e.g. a string for a size
-        raise BertforgeError(f"config.json: {e}") from None
+    return build(ModelConfig, values, "config.json")  # each value of its field's type
 
 
 # ------------------------------------------------------------------------------ directories
@@ -249,6 +254,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     `extra_config=classifier_config_to_hf(...)`; extra_config entries go into config.json.
     """
     out = Path(out_dir)
+    require_finite(model.state_dict(), f"not exporting to {out}")  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     config = model.config
     weights = to_hf_state_dict(model.state_dict(), config)
@@ -256,6 +262,7 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in weights.items()}
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    give_usual_mode(out / "model.safetensors")  # safetensors leaves its temporary file's 0600
     raw = {**model_config_to_hf(config), **(extra_config or {})}
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -276,7 +283,7 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
         raise BertforgeError(f"{hf_dir}: no config.json (not a Hugging Face model directory)")
     try:
         return json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not text
         raise BertforgeError(f"{config_path}: not valid JSON ({e})") from None
 
 
@@ -347,17 +354,40 @@ def import_classifier(hf_dir: str | Path) -> tuple[torch.nn.Module, dict[str, An
 
 
 def _load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights of an HF directory: model.safetensors, the shards its index names, or
+    pytorch_model.bin (weights_only: a planted pickle is refused, naming what it wants)."""
     single = hf_dir / "model.safetensors"
     index = hf_dir / "model.safetensors.index.json"
     pickled = hf_dir / "pytorch_model.bin"
     if single.is_file():
-        return load_file(str(single))
+        return load_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(hf_dir / shard)))
+        for shard in _shards(index):
+            state.update(load_safetensors(hf_dir / shard))
         return state
     if pickled.is_file():
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        state = load_pickled(pickled)
+        if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                for k, v in state.items())):
+            raise BertforgeError(f"{pickled}: not a state dict (names to tensors)")
+        return state
     raise BertforgeError(f"{hf_dir}: no weights (model.safetensors or pytorch_model.bin)")
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard files a model.safetensors.index.json names; refused unless each is a
+    relative path that stays in the index's directory (not ../../etc/passwd). The name is
+    checked, not resolved: HF's cache links the files of a model directory elsewhere."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise BertforgeError(f"{index}: not a safetensors index (no weight_map of names to "
+                             f"shard files)") from None
+    for shard in shards:
+        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() \
+                or ".." in Path(shard).parts:
+            raise BertforgeError(f"{index}: refused shard {shard!r:.80}: not a file in "
+                                 f"{index.parent}")
+    return shards

@@ -7,9 +7,13 @@ a second call, or a resume, skips them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -18,16 +22,18 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import rundir
-from bertforge.checkpoint import load_model_weights
+from bertforge.checkpoint import load_model_weights, remove_partial
 from bertforge.config import ModelConfig, RunConfig, TrainConfig
-from bertforge.data.corpus import CorpusOptions
+from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
 from bertforge.data.masking import MaskedBatch, build_masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
+from bertforge.data.readers import quote
 from bertforge.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError
 from bertforge.evaluate import heldout_metrics
+from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
 from bertforge.model import BertForPreTraining
 from bertforge.ops import cross_entropy_and_hits
 from bertforge.runtime import configure, resolve_device, resolve_precision
@@ -123,26 +129,77 @@ def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | No
     return losses, metrics
 
 
+# What RUN_DIR's cached tokenizer and data were built from (`build_data`), and which of
+# those inputs the tokenizer depends on (the data depends on all of them).
+BUILT_FROM = "built_from.json"
+_TOKENIZER_INPUTS = ("corpus", "corpus_options", "tokenizer", "vocab_size", "lowercase",
+                     "sample_bytes")
+
+
 def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: bool,
                cfg: RunConfig, show_progress: bool, corpus_options: CorpusOptions | None = None,
-               sample_bytes: int | None = None) -> Path:
-    """Tokenizer and shards inside RUN_DIR, each built only if not already there.
+               sample_bytes: int | None = None, tokenizer: Path | None = None) -> Path:
+    """Tokenizer and shards inside RUN_DIR, each built only if not already there from the
+    same input.
 
-    Both read the corpus with `corpus_options` (a CorpusOptions); the tokenizer trains on
-    about `sample_bytes` of it when given.
+    Both read the corpus with `corpus_options` (a CorpusOptions). The tokenizer is a copy
+    of `tokenizer` (a tokenizer or model directory; with cfg.train.init, by default the
+    model's), or else trained on about `sample_bytes` of the corpus. RUN_DIR/BUILT_FROM
+    records the input: the corpus files with their sizes and mtimes, and the options that
+    shape the result. Where that changed, what it shaped is rebuilt while the run has no
+    checkpoint yet, and refused (naming the change) once it has one.
     """
+    from bertforge.checkpoint import any_checkpoint
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
-    from bertforge.data.tokenizer import train_tokenizer
+    from bertforge.data.tokenizer import tokenizer_hash, train_tokenizer
 
     files = [str(p) for p in resolve_corpus(corpus)]
     tok_dir, data_dir = run_dir / rundir.TOKENIZER, run_dir / rundir.DATA
+    if tokenizer is None and cfg.train.init:
+        tokenizer = rundir.init_source(Path(cfg.train.init))[1]
+    record = _build_record(files, corpus_options, cfg)
+    if tokenizer is not None:
+        record["tokenizer"] = _copy_hash(tokenizer)
+    else:
+        record.update(vocab_size=vocab_size, lowercase=lowercase, sample_bytes=sample_bytes)
+    changed, known = _changes(run_dir / BUILT_FROM, record, tok_dir)
+    if not tok_dir.exists():
+        stale_tok = False
+    elif tokenizer is not None:  # a copy: of this tokenizer, and whole?
+        stale_tok = (not (tok_dir / "tokenizer.json").is_file()
+                     or tokenizer_hash(tok_dir) != record["tokenizer"])
+    else:
+        stale_tok = any(k in _TOKENIZER_INPUTS for k in changed)
+    stale_data = data_dir.exists() and bool(changed or stale_tok)
+    if (stale_tok or stale_data) and any_checkpoint(run_dir / rundir.CHECKPOINTS):
+        if known is None:  # a run of an earlier bertforge: what it was built from is unknown
+            print(f"warning: {run_dir} does not record what its tokenizer and data were "
+                  f"built from (an earlier bertforge); using them as they are", file=sys.stderr)
+            return data_dir
+        what = _describe(changed[0] if changed else "tokenizer", known, record)
+        raise BertforgeError(f"{run_dir} was built from other input ({what}) and its "
+                             f"checkpoints were trained on it; give the run's own corpus and "
+                             f"options, or another --out")
+    for stale, path in ((stale_tok, tok_dir), (stale_data, data_dir)):
+        if stale:
+            print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
+            shutil.rmtree(path)
+    write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     if not (tok_dir / "tokenizer.json").is_file():
         t0 = time.monotonic()
-        train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
-                        show_progress=show_progress, options=corpus_options,
-                        sample_bytes=sample_bytes)
-        print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}", file=sys.stderr)
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, tok_dir)
+            if not cfg.train.init:  # _prepare_run read the vocabulary from the stale copy
+                tok = load_tokenizer(tok_dir)
+                cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+                cfg.model.pad_token_id = special_token_ids(tok)["pad"]
+        else:
+            train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
+                            show_progress=show_progress, options=corpus_options,
+                            sample_bytes=sample_bytes)
+            print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}",
+                  file=sys.stderr)
     if not (data_dir / "manifest.json").is_file():
         t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
@@ -153,12 +210,88 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     return data_dir
 
 
+def _build_record(files: list[str], corpus_options: CorpusOptions | None,
+                  cfg: RunConfig) -> dict[str, Any]:
+    """The input of `build_data` but the tokenizer's: each corpus file's absolute path,
+    size and mtime (an hf: dataset by its name), the corpus-reading options, and the
+    data options."""
+    corpus = []
+    for f in files:
+        if f.startswith("hf:"):
+            corpus.append([f, None, None])
+        else:
+            st = os.stat(f)
+            corpus.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    options = dataclasses.asdict(corpus_options or CorpusOptions())
+    return {"corpus": corpus, "corpus_options": options, "tokenizer": None,
+            "vocab_size": None, "lowercase": None, "sample_bytes": None,
+            "seq_len": cfg.data.seq_len, "valid_fraction": cfg.data.valid_fraction,
+            "document_boundary": cfg.data.document_boundary}
+
+
+def _changes(path: Path, record: dict[str, Any], tok_dir: Path
+             ) -> tuple[list[str], dict[str, Any] | None]:
+    """(the inputs in `record` that differ from those recorded at `path`, the recorded
+    ones); with nothing recorded, everything differs."""
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = None
+    if not (isinstance(known, dict) and isinstance(known.get("corpus_options"), dict)
+            and isinstance(known.get("corpus"), list)
+            and all(isinstance(f, list) and len(f) == 3 and isinstance(f[0], str)
+                    for f in known["corpus"])):
+        return list(record), None
+    changed = [k for k, v in record.items() if known.get(k) != v]
+    # A resume passes the run's vocab_size, the trained tokenizer's: it can be smaller
+    # than the size asked for, on a corpus with fewer word pieces.
+    if "vocab_size" in changed and (tok_dir / "tokenizer.json").is_file():
+        if load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True) == record["vocab_size"]:
+            changed.remove("vocab_size")
+    return changed, known
+
+
+def _describe(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """One input that changed, for a message: which corpus file, which option."""
+    if key == "corpus":
+        was = {f[0]: f[1:] for f in old.get("corpus") or []}
+        now = {f[0]: f[1:] for f in new["corpus"]}
+        for name in now:
+            if name not in was:
+                return f"the corpus has a new file {quote(str(name))}"
+            if was[name] != now[name]:
+                return f"corpus file {quote(str(name))} changed (size or modification time)"
+        gone = [name for name in was if name not in now]
+        return (f"corpus file {quote(str(gone[0]))} is no longer in it" if gone
+                else "the corpus files are in another order")
+    if key == "corpus_options":
+        was, now = old[key], new[key]
+        name = next((k for k in now if was.get(k) != now[k]), None)
+        if name is None:
+            return "the corpus options"
+        return f"corpus option {name} was {quote(repr(was.get(name)))}, now {now[name]!r}"
+    if key == "tokenizer":
+        return "another tokenizer (--tokenizer, --init)"
+    return f"{key} was {quote(repr(old.get(key)))}, now {new[key]!r}"
+
+
+def _copy_hash(source: Path) -> str:
+    """The tokenizer_hash a copy of tokenizer `source` has (a directory with only vocab.txt
+    gets a tokenizer.json built, always the same)."""
+    from bertforge.data.tokenizer import tokenizer_hash
+
+    with tempfile.TemporaryDirectory() as tmp:  # not in RUN_DIR: a kill leaves nothing there
+        return tokenizer_hash(copy_tokenizer(source, Path(tmp) / "tokenizer"))
+
+
 def check_data(data_dir: Path | list[Path], cfg: RunConfig,
                run_dir: Path | None = None) -> dict[str, Any]:
     """The manifest of the data directory (the first of several, which must agree with
     each other), refused if it does not fit the run's config; with `run_dir` (a resume),
-    also if it was made with another tokenizer than the run's."""
-    from bertforge.data.loader import as_dirs, load_manifests
+    also if it was made with another tokenizer than the run's. Last, the shards are read
+    once (`verify_data`): content changed since prepare, or ids outside the vocabulary,
+    are refused before any training."""
+    from bertforge.data.loader import as_dirs, load_manifests, verify_data
     from bertforge.data.tokenizer import tokenizer_hash
 
     check_lengths(cfg)
@@ -190,6 +323,7 @@ def check_data(data_dir: Path | list[Path], cfg: RunConfig,
             raise BertforgeError(f"model.vocab_size: {data_dir} has a vocabulary of "
                                  f"{vocab}, but the run has {cfg.model.vocab_size}")
         manifest["tokenizer_hash"] = expected = found  # the next must match this one
+    verify_data(dirs)
     return manifests[0]
 
 
@@ -254,28 +388,36 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
 
     check_available(cfg.train)  # a missing tracker package, before any work
     run_dir = Path(run_dir)
+    require_utf8(run_dir, "--out")  # else the run fails at its end, exporting the tokenizer
     device = resolve_device(cfg.train.device)
     if launched() and device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dist = init_from_env(cfg.train.strategy, device)
-    if dist.is_main:
+    # Rank 0 writes the run directory and holds its lock to the end: a second command on
+    # the same run is refused, naming this one, instead of interleaving with it.
+    with (hold_lock(run_dir / rundir.LOCK, f"run directory {run_dir}") if dist.is_main
+          else contextlib.nullcontext()):
+        if dist.is_main:
+            if resume:  # a kill mid-save left them (the lock says no one is writing one)
+                remove_partial(run_dir / rundir.CHECKPOINTS)
+            try:  # (a failed start leaves no empty --out: the lock removes what it made)
+                data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
+                                        given, show_progress, corpus_options, sample_bytes,
+                                        tokenizer)
+            finally:
+                dist.barrier()  # on an error too: the others then fail on the missing config
+        else:
+            dist.barrier()
+            if not (run_dir / rundir.CONFIG).is_file():
+                raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
+                                     f"(its error says why)")
+            cfg = RunConfig.load(run_dir / rundir.CONFIG)
+            data_dir = as_dirs(cfg.data.path)
         try:
-            data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase, given,
-                                    show_progress, corpus_options, sample_bytes, tokenizer)
+            return _train(run_dir, cfg, data_dir, device, dist, resume,
+                          show_progress and dist.is_main)
         finally:
-            dist.barrier()  # on an error too: the others then fail on the missing config
-    else:
-        dist.barrier()
-        if not (run_dir / rundir.CONFIG).is_file():
-            raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
-                                 f"(its error says why)")
-        cfg = RunConfig.load(run_dir / rundir.CONFIG)
-        data_dir = as_dirs(cfg.data.path)
-    try:
-        return _train(run_dir, cfg, data_dir, device, dist, resume,
-                      show_progress and dist.is_main)
-    finally:
-        shutdown()
+            shutdown()
 
 
 def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | None,
@@ -304,6 +446,16 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
     if tokenizer is not None and not resume:
         source = Path(tokenizer)
     check_lengths(cfg)  # before any work: building the data can take a while
+    # Refused before RUN_DIR is made, so that a failed start leaves nothing behind: a
+    # missing corpus file, a glob that matches nothing, a corpus without a document (its
+    # first document is read, no more), no length of run.
+    if corpus:
+        stats = CorpusStats()
+        if next(iter_documents(resolve_corpus(corpus), stats, corpus_options), None) is None:
+            found = f" ({stats.problems()})" if stats.problems() else ""
+            raise BertforgeError(f"corpus has no documents: {' '.join(corpus)}{found}")
+    if not cfg.train.max_steps and not cfg.train.time_budget:
+        raise BertforgeError("give --max-steps or --time-budget (how long to train)")
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_dir = run_dir / rundir.TOKENIZER
     if source is not None and not tok_dir.exists():
@@ -313,13 +465,24 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
         cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         cfg.model.pad_token_id = special_token_ids(tok)["pad"]
     if corpus:
-        data_dir = build_data(run_dir, corpus, cfg.model.vocab_size, lowercase, cfg,
-                              show_progress, corpus_options, sample_bytes)
+        asked = (given or {}).get("model", {})  # a resume's cfg holds the run's vocab_size
+        data_dir = build_data(run_dir, corpus, asked.get("vocab_size", cfg.model.vocab_size),
+                              lowercase, cfg, show_progress, corpus_options, sample_bytes,
+                              tokenizer)
     elif data_dir is None:
         data_dir = cfg.data.path or run_dir / rundir.DATA  # one directory or a list
     dirs = [d.resolve() for d in as_dirs(data_dir)]
     cfg.data.path = str(dirs[0]) if len(dirs) == 1 else [str(d) for d in dirs]
     manifest = check_data(dirs, cfg, run_dir if resume or source is not None else None)
+    # The held-out split was fixed when the data was prepared: config.yaml records that
+    # fraction, not the default, and a typed one that differs is refused.
+    prepared = float(manifest.get("valid_fraction", cfg.data.valid_fraction))
+    typed = (given or {}).get("data", {}).get("valid_fraction")
+    if typed is not None and typed != prepared:
+        raise BertforgeError(f"data.valid_fraction: {dirs[0]} was prepared with valid_fraction "
+                             f"{prepared}, but the run has {typed} (the held-out split is "
+                             f"chosen by `bertforge prepare --valid-fraction`)")
+    cfg.data.valid_fraction = prepared
     if not tok_dir.exists():  # copied whole or not at all
         copy_tokenizer(dirs[0] / "tokenizer", tok_dir)  # the directories share it
     if not cfg.train.init:  # an initialised run keeps its model's vocabulary and ids
@@ -387,7 +550,8 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
         procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
         print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
-              f"tokens, batch {cfg.train.batch_size} (micro {cfg.train.micro_batch_size}), "
+              f"tokens, batch {cfg.train.batch_size} "
+              f"(micro {min(cfg.train.micro_batch_size, cfg.train.batch_size)}), "
               f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",

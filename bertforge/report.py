@@ -2,19 +2,27 @@
 
 Works for pretraining runs (training loss, held-out MLM loss and accuracy, learning
 rate, tokens/s) and fine-tuning outputs alike (their eval lines hold the task's metrics
-instead). Plots use matplotlib's object-oriented API on the Agg canvas: no display, no
-pyplot global state, safe at the end of a run on a headless machine. matplotlib is an
-optional dependency (`pip install 'bertforge[report]'`); without it, BertforgeError.
+instead). Every figure in report.md names the step it is from (a run's last logged
+training step is often not its last step, where the final evaluation is), and every plot's
+y axis says what it measures, in which unit. A pretraining run's held-out loss is set
+against the unigram-frequency baseline (`bertforge.evaluate.unigram_baseline`) on the same
+masked tokens as the run's own evaluation, so report.md and `bertforge evaluate` agree.
+
+Plots use matplotlib's object-oriented API on the Agg canvas: no display, no pyplot global
+state, safe at the end of a run on a headless machine. matplotlib is an optional
+dependency (`pip install 'bertforge[report]'`); without it, BertforgeError.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bertforge import rundir
+from bertforge.config import PRESETS, RunConfig
 from bertforge.errors import BertforgeError
 
 REPORT = "report"
@@ -50,25 +58,123 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def _plot(path: Path, panels: list[tuple[str, list[tuple[str, list, list, str]]]]) -> None:
-    """One PNG with a panel per (title, [(label, steps, values, style)]), stacked."""
+@dataclass
+class Panel:
+    """One plot against the step: lines of (label, steps, values, style), the y axis's
+    label with its unit, and horizontal reference lines (label, value)."""
+
+    title: str
+    ylabel: str
+    lines: list[tuple[str, list[int], list[float], str]]
+    references: list[tuple[str, float]] = field(default_factory=list)
+
+
+def build_figure(panels: list[Panel]) -> Any:
+    """A matplotlib Figure (on the Agg canvas) with the panels stacked, sharing the x axis."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 2.6 * len(panels)), dpi=100)
     FigureCanvasAgg(fig)
-    for i, (title, lines) in enumerate(panels):
+    for i, panel in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, i + 1)
-        for label, xs, ys, style in lines:
+        for label, xs, ys, style in panel.lines:
             ax.plot(xs, ys, style, label=label, markersize=4)
-        ax.set_title(title, fontsize=10)
+        for label, value in panel.references:
+            ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+        ax.set_title(panel.title, fontsize=10)
+        ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.grid(alpha=0.3)
-        if len(lines) > 1:
+        if len(panel.lines) + len(panel.references) > 1:
             ax.legend(fontsize=8)
         if i == len(panels) - 1:
             ax.set_xlabel("step")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    return fig
+
+
+def _unit(key: str, kind: str) -> str:
+    """The y-axis label of metric `key` (a metrics.jsonl field) of a `kind` run: what it
+    measures and in which unit."""
+    if key == "loss" or key.startswith("eval_loss"):
+        return {"pretrain": "loss (nats per masked token)", "finetune": "loss (nats per example)",
+                "finetune regression": "loss (mean squared error)"}.get(kind, "loss (nats)")
+    if key.startswith("mse"):
+        return "mean squared error"
+    if key == "mlm_loss":
+        return "loss (nats per masked token)"
+    if key in ("nsp_loss", "sop_loss"):
+        return "loss (nats per pair)"
+    if "accuracy" in key:
+        return "accuracy (fraction correct)"
+    if key.startswith("score"):
+        return "score (mean of the task's metrics)"
+    return key  # a task metric (f1, matthews, pearson, ...): a score without a unit
+
+
+def _kind(run_dir: Path) -> str:
+    """'pretrain', 'finetune', 'finetune regression' or '' (neither file is there)."""
+    if (run_dir / rundir.CONFIG).is_file():
+        return "pretrain"
+    spec = run_dir / "finetune.json"
+    if spec.is_file():
+        try:
+            regression = bool(json.loads(spec.read_text()).get("regression"))
+        except (ValueError, AttributeError):
+            regression = False
+        return "finetune regression" if regression else "finetune"
+    return ""
+
+
+def unigram_baseline_loss(run_dir: Path) -> float | None:
+    """The unigram-frequency baseline's loss (nats per masked token) on the held-out
+    masked tokens the run's evaluation scores (its first train.eval_sequences, the fixed
+    evaluation masks), as `bertforge evaluate` reports it; None for a run that is not a
+    pretraining run or whose data is not at hand."""
+    from bertforge.data.loader import ShardedSequences
+    from bertforge.data.masking import build_masker
+    from bertforge.evaluate import unigram_baseline
+
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.CONFIG).is_file():
+        return None
+    try:
+        cfg = RunConfig.load(run_dir / rundir.CONFIG)
+        valid = ShardedSequences(cfg.data.path or run_dir / rundir.DATA, "valid")
+        if len(valid) == 0:
+            return None
+        train = ShardedSequences(valid.data_dirs, "train")
+        masker = build_masker(cfg.data, valid.data_dirs[0], valid.manifest, for_eval=True)
+    except (BertforgeError, OSError, KeyError, ValueError):  # the data moved or is gone
+        return None
+    # Training frequencies are counted over at most unigram_baseline's default number of
+    # training sequences, so a large corpus costs seconds here, as in `evaluate`.
+    return unigram_baseline(train, valid, masker, cfg.train.eval_sequences)
+
+
+def plot_panels(run_dir: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]],
+                baseline: float | None = None) -> dict[str, list[Panel]]:
+    """The panels of each PNG (file name -> panels); the unigram `baseline` is drawn on
+    the held-out MLM loss."""
+    kind = _kind(Path(run_dir))
+    held_out_loss = next((k for k in ("mlm_loss", "eval_loss") if _series(evals, k)[0]), None)
+    # With NSP/SOP the training loss is a sum of terms: compare MLM with MLM.
+    train_loss = "mlm_loss" if _series(train, "mlm_loss")[0] else "loss"
+    reference = ([("unigram-frequency baseline", baseline)]
+                 if baseline is not None and held_out_loss == "mlm_loss" else [])
+    loss_lines = [(f"training ({train_loss})", *_series(train, train_loss), "-")]
+    if held_out_loss:
+        loss_lines.append((f"held-out ({held_out_loss})", *_series(evals, held_out_loss), "o-"))
+    plots = {"loss.png": [Panel("loss", _unit(train_loss, kind), loss_lines, reference)],
+             "lr.png": [Panel("learning rate", "learning rate",
+                              [("lr", *_series(train, "lr"), "-")])],
+             "throughput.png": [Panel("training tokens/s", "tokens/s",
+                                      [("tokens/s", *_series(train, "tokens_per_s"), "-")])]}
+    if evals and _eval_keys(evals):
+        plots["eval.png"] = [Panel(k, _unit(k, kind), [(k, *_series(evals, k), "o-")],
+                                   reference if k == "mlm_loss" else [])
+                             for k in _eval_keys(evals)]
+    return plots
 
 
 def _eval_keys(evals: list[dict[str, Any]]) -> list[str]:
@@ -89,22 +195,11 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     train, evals = read_metrics(run_dir)
     out = Path(out_dir) if out_dir else run_dir / REPORT
     out.mkdir(parents=True, exist_ok=True)
-    held_out_loss = next((k for k in ("mlm_loss", "eval_loss") if _series(evals, k)[0]), None)
-
-    # With NSP/SOP the training loss is a sum of terms: compare MLM with MLM.
-    train_loss = "mlm_loss" if _series(train, "mlm_loss")[0] else "loss"
-    loss_lines = [(f"training ({train_loss})", *_series(train, train_loss), "-")]
-    if held_out_loss:
-        loss_lines.append((f"held-out ({held_out_loss})", *_series(evals, held_out_loss), "o-"))
-    plots = {"loss.png": [("loss", loss_lines)],
-             "lr.png": [("learning rate", [("lr", *_series(train, "lr"), "-")])],
-             "throughput.png": [("training tokens/s", [("tokens/s",
-                                                        *_series(train, "tokens_per_s"), "-")])]}
-    if evals and _eval_keys(evals):
-        plots["eval.png"] = [(k, [(k, *_series(evals, k), "o-")]) for k in _eval_keys(evals)]
+    baseline = unigram_baseline_loss(run_dir) if _series(evals, "mlm_loss")[0] else None
+    plots = plot_panels(run_dir, train, evals, baseline)
     for name, panels in plots.items():
-        _plot(out / name, panels)
-    (out / "report.md").write_text(_markdown(run_dir, train, evals, list(plots)))
+        build_figure(panels).savefig(out / name, format="png")
+    (out / "report.md").write_text(_markdown(run_dir, train, evals, list(plots), baseline))
     return out
 
 
@@ -117,28 +212,72 @@ def _config_text(run_dir: Path) -> tuple[str, str]:
     return "", "(no config.yaml in this directory)\n"
 
 
+def _title(run_dir: Path) -> str:
+    """What the run is, for report.md's heading: its kind, name and size."""
+    name = run_dir.resolve().name
+    kind = _kind(run_dir)
+    if kind == "pretrain":
+        try:
+            cfg = RunConfig.load(run_dir / rundir.CONFIG)
+        except BertforgeError:
+            return f"bertforge pretraining run `{name}`"
+        m = cfg.model
+        size = (m.num_hidden_layers, m.hidden_size, m.num_attention_heads)
+        named = next((f"{p} preset, " for p, v in PRESETS.items()
+                      if v == size and m.intermediate_size == 4 * m.hidden_size), "")
+        return (f"bertforge pretraining run `{name}`: {named}{m.num_hidden_layers} layers, "
+                f"hidden {m.hidden_size}, {m.num_attention_heads} heads, {cfg.data.objective} "
+                f"on sequences of {cfg.data.seq_len} tokens")
+    if kind:
+        try:
+            spec = json.loads((run_dir / "finetune.json").read_text())
+            return f"bertforge fine-tuning run `{name}`: {spec['task']} from {spec['model']}"
+        except (ValueError, KeyError, TypeError):
+            return f"bertforge fine-tuning run `{name}`"
+    return f"bertforge run `{name}`"
+
+
 def _markdown(run_dir: Path, train: list[dict[str, Any]], evals: list[dict[str, Any]],
-              plots: list[str]) -> str:
-    last = train[-1]
-    losses = [r["loss"] for r in train[-10:] if isinstance(r.get("loss"), (int, float))]
+              plots: list[str], baseline: float | None = None) -> str:
+    # The run's last step is the latest logged one, a training or an evaluation line (the
+    # final evaluation runs at the last step, which need not be a logging step).
+    last = max(train + evals, key=lambda r: r["step"])
+    at = f"step {last['step']:,}"
+    loss_key = "mlm_loss" if any(isinstance(r.get("mlm_loss"), (int, float)) for r in train) \
+        else "loss"
+    recent = [r for r in train[-10:] if isinstance(r.get(loss_key), (int, float))]
     speeds = sorted(r["tokens_per_s"] for r in train if r.get("tokens_per_s"))
-    rows = [("steps", f"{last['step']:,}"), ("tokens", f"{last.get('tokens', 0):,}"),
-            ("training time", f"{last.get('elapsed_s', 0) / 60:.1f} min")]
-    if "epoch" in last:
-        rows.append(("epochs", f"{last['epoch']:.2f}"))
-    if losses:
-        rows.append(("final training loss (mean of the last logged steps)",
-                     f"{sum(losses) / len(losses):.4f}"))
+    rows = [("steps", f"{last['step']:,}"),
+            (f"tokens trained on ({at})", f"{last.get('tokens', 0):,}"),
+            (f"training time ({at})", f"{last.get('elapsed_s', 0) / 60:.1f} min")]
+    with_epoch = [r for r in train + evals if isinstance(r.get("epoch"), (int, float))]
+    if with_epoch:
+        latest = max(with_epoch, key=lambda r: r["step"])
+        rows.append((f"epochs (step {latest['step']:,})", f"{latest['epoch']:.2f}"))
+    if recent:
+        steps = (f"step {recent[0]['step']:,}" if len(recent) == 1 else
+                 f"mean of logged steps {recent[0]['step']:,}-{recent[-1]['step']:,}")
+        rows.append((f"training {loss_key} ({steps})",
+                     f"{sum(r[loss_key] for r in recent) / len(recent):.4f}"))
     if speeds:
-        rows.append(("median tokens/s", f"{speeds[len(speeds) // 2]:,.0f}"))
+        rows.append(("median tokens/s (logged training steps)",
+                     f"{speeds[len(speeds) // 2]:,.0f}"))
     if evals:
         final = evals[-1]
         for key in _eval_keys(evals) + (["perplexity"] if "perplexity" in final else []):
             if isinstance(final.get(key), (int, float)):
                 rows.append((f"held-out {key} (step {final['step']:,})", f"{final[key]:.4f}"))
+                if key == "mlm_loss" and baseline is not None:
+                    rows.append(("held-out unigram-frequency baseline (the same masked tokens)",
+                                 f"{baseline:.4f}"))
     lang, config = _config_text(run_dir)
-    lines = [f"# Run report: {run_dir.resolve().name}", "", "| | |", "|---|---:|"]
+    lines = [f"# {_title(run_dir)}", "", "| | |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    if baseline is not None:
+        lines += ["", "Losses are in nats per masked token. The unigram-frequency baseline "
+                  "predicts every masked token from its frequency in the training data; a "
+                  "held-out loss well below it is what the model learned beyond word "
+                  "frequencies."]
     lines += ["", "## Plots", ""] + [f"![{p[:-4]}]({p})" for p in plots]
     lines += ["", "## Config", "", f"```{lang}", config.rstrip(), "```", ""]
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from bertforge.errors import BertforgeError
 
 CONFIG, TOKENIZER, DATA, CHECKPOINTS, METRICS, HF = (
     "config.yaml", "tokenizer", "data", "checkpoints", "metrics.jsonl", "hf")
+LOCK = ".lock"  # held by the command writing the directory (fileio.hold_lock)
 
 
 def is_run_dir(path: Path) -> bool:

@@ -5,7 +5,8 @@
   because batches are a pure function of the step.
 - `fit`: prefetched batches go through `train_step` (bertforge.step: accumulation,
   normalisation, clipping, the NaN policy, the update); the loop around it decides when
-  to log, evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT.
+  to log, evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT: after
+  the step it came in, or, during an evaluation (which changes no weight), at once.
 
 A step synchronises the host with the device once, inside `train_step` (see
 bertforge.step); the loop adds none. Evaluation and checkpoints are off the training
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -55,13 +57,30 @@ class TrainState:
         return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
                 "skipped_steps": self.skipped_steps, "rng": rng_state(device)}
 
-    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
-        """Restore from `state_dict()`'s output; a None or absent "rng" leaves the RNG."""
-        self.step, self.tokens = int(state["step"]), int(state["tokens"])
-        self.elapsed_s = float(state["elapsed_s"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+    def load_state_dict(self, state: dict[str, Any], device: torch.device,
+                        where: str = "state") -> None:
+        """Restore from `state_dict()`'s output; a None or absent "rng" leaves the RNG.
+
+        A value that cannot be restored is refused (BertforgeError naming `where` and the
+        field): a state.json's checksums only say that it is what was sealed.
+        """
+        self.step, self.tokens = _count(state, "step", where), _count(state, "tokens", where)
+        elapsed = state.get("elapsed_s")
+        if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
+                or not math.isfinite(elapsed) or elapsed < 0):
+            raise BertforgeError(f"{where}: elapsed_s {elapsed!r:.40} is not a time in seconds")
+        self.elapsed_s = float(elapsed)
+        self.skipped_steps = _count({"skipped_steps": 0, **state}, "skipped_steps", where)
         if state.get("rng") is not None:
-            set_rng_state(state["rng"], device)
+            set_rng_state(state["rng"], device, where)
+
+
+def _count(state: dict[str, Any], name: str, where: str) -> int:
+    """state[name], which must be an integer that int64 holds, >= 0."""
+    value = state.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise BertforgeError(f"{where}: {name} {value!r:.40} is not a count (an integer >= 0)")
+    return value
 
 
 def rng_state(device: torch.device) -> dict[str, str]:
@@ -75,12 +94,17 @@ def rng_state(device: torch.device) -> dict[str, str]:
     return state
 
 
-def set_rng_state(state: dict[str, str], device: torch.device) -> None:
+def set_rng_state(state: dict[str, str], device: torch.device, where: str = "state") -> None:
+    """Restore `rng_state`'s output; BertforgeError naming `where` if torch refuses it."""
     def dec(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-    torch.set_rng_state(dec(state["torch"]))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(dec(state["cuda"]), device)
+    try:
+        torch.set_rng_state(dec(state["torch"]))
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(dec(state["cuda"]), device)
+    except (KeyError, TypeError, ValueError, RuntimeError):  # base64's errors are ValueErrors
+        raise BertforgeError(f"{where}: rng is not a random generator state torch can "
+                             f"restore") from None
 
 
 class Clock:
@@ -102,12 +126,19 @@ class Clock:
             self.paused += time.monotonic() - t0
 
 
+class _Stop(BaseException):
+    """A signal during an evaluation: raised at once (a BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way swallows it)."""
+
+
 class _SignalFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (never mid-update)."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps (never mid-update); within
+    `interrupting()` a signal raises _Stop instead, wherever the code is."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._raise = False
 
     def __enter__(self) -> _SignalFlag:
         for s in (signal.SIGTERM, signal.SIGINT):
@@ -121,6 +152,20 @@ class _SignalFlag:
         if self.signum is not None:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signum = signum
+        if self._raise:
+            raise _Stop
+
+    @contextlib.contextmanager
+    def interrupting(self, enabled: bool = True) -> Iterator[None]:
+        """A signal within the block (or one already flagged) raises _Stop at once, when
+        `enabled`: for work that changes no weight and may take long (evaluation)."""
+        if enabled and self.signum is not None:
+            raise _Stop
+        self._raise = enabled
+        try:
+            yield
+        finally:
+            self._raise = False
 
     def __exit__(self, *exc: Any) -> None:
         for s, handler in self._previous.items():
@@ -157,7 +202,9 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if found is not None:
         path, saved = found
         dist.load_optimizer_state(model, optimizer, ckpt.load_optimizer_state(path))
-        state.load_state_dict({**saved, "rng": _rank_rng(saved, dist, cfg.seed)}, device)
+        where = str(path / ckpt.STATE_FILE)
+        state.load_state_dict({**saved, "rng": _rank_rng(saved, dist, cfg.seed, where)},
+                              device, where)
         if dist.is_main:
             print(f"resuming from {path.name} (step {state.step}, {state.tokens:,} tokens)",
                   file=sys.stderr)
@@ -175,6 +222,22 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         with clock.off():
             _save(ckpt_dir, model, optimizer, state, task, cfg, dist, device)
         saved_at = state.step
+
+    def evaluate() -> None:
+        """Held-out metrics, logged. A signal stops it at once in one process (it changes
+        no weight, so the step it follows is saved); under torchrun it is finished, and the
+        next step stops: FSDP's forward is a collective, which ranks must not leave at
+        different batches."""
+        nonlocal evaluation, evaluated_at
+        try:
+            with clock.off(), signals.interrupting(enabled=not dist.enabled):
+                evaluation = _evaluate(model, task, state.step, device, dtype)
+        except _Stop:
+            if saved_at != state.step:
+                save()
+            raise Interrupted(signals.signum or signal.SIGTERM, state.step) from None
+        log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
+        evaluated_at = state.step
 
     model.train()
     try:  # the log (and its trackers) closes whatever happens, marked failed on an error
@@ -195,19 +258,16 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
                 log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
                           task.epoch_at(state.step), lr, result)
                 if _due(cfg.eval_every, state.step):
-                    with clock.off():
-                        evaluation = _evaluate(model, task, state.step, device, dtype)
-                    log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
-                    evaluated_at = state.step
+                    evaluate()
                 if _due(cfg.checkpoint_every, state.step) or result.stop:
                     save()
                 if result.stop:
                     raise Interrupted(signals.signum or signal.SIGTERM, state.step)
-        if evaluated_at != state.step or not evaluation:
-            evaluation = _evaluate(model, task, state.step, device, dtype)
-            log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
-        if saved_at != state.step:
-            save()
+            # still under the signal handlers: a signal here, too, saves the last step
+            if evaluated_at != state.step or not evaluation:
+                evaluate()
+            if saved_at != state.step:
+                save()
     except BaseException:
         log.close(failed=True)
         raise
@@ -230,10 +290,11 @@ def _evaluate(model: torch.nn.Module, task: Task, step: int, device: torch.devic
     """Held-out metrics in the training precision; every rank calls it (FSDP's forward is
     a collective)."""
     model.eval()
-    with torch.no_grad(), autocast(device, dtype):
-        result = task.evaluate(model, step)
-    model.train()
-    return result
+    try:
+        with torch.no_grad(), autocast(device, dtype):
+            return task.evaluate(model, step)
+    finally:
+        model.train()
 
 
 def _find_checkpoint(ckpt_dir: Path, resume: bool, is_main: bool
@@ -270,11 +331,14 @@ def _save(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimiz
     dist.barrier()
 
 
-def _rank_rng(state: dict[str, Any], dist: Distributed, seed: int) -> dict[str, str] | None:
+def _rank_rng(state: dict[str, Any], dist: Distributed, seed: int,
+              where: str) -> dict[str, str] | None:
     """This rank's saved RNG when the world size is the one that saved. Otherwise data
     order and masks still continue exactly (they depend on the step alone), but dropout's
     random streams start afresh: each rank is reseeded and None returned."""
-    saved = state.get("rng_ranks") or [state["rng"]]
+    saved = state.get("rng_ranks") or [state.get("rng")]
+    if not isinstance(saved, list) or not all(isinstance(r, dict) for r in saved):
+        raise BertforgeError(f"{where}: rng is missing or not a random generator state")
     if len(saved) == dist.world_size:
         return saved[dist.rank]
     torch.manual_seed(seed + 1_000_003 * dist.rank + state["step"])

@@ -2,7 +2,8 @@
 # The end-to-end demo behind `make demo`: every stage of the pipeline, each timed.
 #   DEMO_CORPUS  text to pretrain on (file, directory or glob)
 #   DEMO_BUDGET  pretraining wall-clock budget (e.g. 10m, 90s)
-#   DEMO_OUT     where the tokenizer, shards, run and export go
+#   DEMO_OUT     where the tokenizer, shards, run and export go; an earlier demo there is
+#                kept, and this one goes to DEMO_OUT-2 (or -3, ...: the first free name)
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 CORPUS=${DEMO_CORPUS:-../shared/data/enwiki-2015-wikiextractor-sample}
@@ -10,18 +11,42 @@ BUDGET=${DEMO_BUDGET:-10m}
 OUT=${DEMO_OUT:-runs/demo}
 bf="$BIN/bertforge"
 
+# A quoted '~/corpus/*.txt' arrives with its ~ as it is (no shell expands a quoted ~), so a
+# leading ~ is expanded here, for the check below and for bertforge.
+home() {
+    case $1 in
+        "~") echo "$HOME" ;;
+        "~/"*) echo "$HOME/${1#"~/"}" ;;
+        *) echo "$1" ;;
+    esac
+}
+CORPUS=$(home "$CORPUS")
+OUT=$(home "$OUT")
+OUT=${OUT%/}  # runs/demo/ -> runs/demo, whose next free name is runs/demo-2
+
 if ! compgen -G "$CORPUS" >/dev/null; then
     echo "demo: no corpus at '$CORPUS'." >&2
     echo "demo: point DEMO_CORPUS at your text (files, a directory or a glob), e.g." >&2
-    echo "        make demo DEMO_CORPUS=~/corpus/*.txt" >&2
+    echo "        make demo DEMO_CORPUS='~/corpus/*.txt'" >&2
     exit 2
+fi
+
+# Never delete an earlier demo: a non-empty DEMO_OUT is kept and this run goes beside it.
+kept=""
+if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
+    kept=$OUT
+    n=2
+    while [ -n "$(ls -A "$OUT-$n" 2>/dev/null)" ]; do n=$((n + 1)); done
+    OUT="$OUT-$n"
 fi
 
 stage() { echo; echo "== $1"; }
 timed() { local t0=$SECONDS; "$@"; echo "   ($(( SECONDS - t0 ))s)"; }
 
-rm -rf "$OUT"
 mkdir -p "$OUT"
+if [ -n "$kept" ]; then
+    echo "bertforge demo: $kept holds an earlier demo, kept; this one writes to $OUT"
+fi
 echo "bertforge demo: corpus $CORPUS, budget $BUDGET, output $OUT"
 
 stage "1/6 tokenizer: WordPiece, 30522 tokens, lowercase"

@@ -313,10 +313,11 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
     monkeypatch.setattr(pretrain, "build_data", build_then_stop)
     code, _, err = run_cli(capsys, "pretrain", "--corpus", f, "--out", tmp_path / "run",
                            "--preset", "tiny", "--vocab-size", 120, "--seq-len", 32,
-                           "--text-column", "body", "--dedup", "--sample-bytes", "2k", "--quiet")
+                           "--max-steps", 1, "--text-column", "body", "--dedup",
+                           "--sample-bytes", "2k", "--quiet")
     assert (code, err.strip().splitlines()[-1]) == (
         2, "bertforge: error: stopped after building the data")
-    options, sample_bytes = seen["args"][-2:]
+    options, sample_bytes = seen["args"][6:8]
     assert options == CorpusOptions(text_column="body", dedup=True)
     assert sample_bytes == 2000
     manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())

@@ -109,6 +109,29 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
                         attention_mask=inputs[2]).logits, ours_mlm)
 
 
+def test_which_transformers_classes_load_the_export_clean(tmp_path):
+    """BertForPreTraining takes every key; the classes with fewer heads load every key they
+    have (none missing) and report exactly the heads they lack as unexpected."""
+    torch.manual_seed(0)
+    export_model(BertForPreTraining(ModelConfig(**TINY)), tmp_path / "hf")
+    keys = set(to_hf_state_dict(BertForPreTraining(ModelConfig(**TINY)).state_dict(),
+                                ModelConfig(**TINY)))
+    heads = {k for k in keys if k.startswith("cls.")}
+    expected = {
+        transformers.BertForPreTraining: set(),
+        transformers.BertForMaskedLM: {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
+                                       "cls.seq_relationship.weight",
+                                       "cls.seq_relationship.bias"},
+        transformers.AutoModel: heads,
+    }
+    assert len(heads) == 7  # the MLM transform, its bias, the NSP head
+    for cls, unexpected in expected.items():
+        _, info = cls.from_pretrained(tmp_path / "hf", output_loading_info=True)
+        assert not info["missing_keys"], (cls.__name__, info["missing_keys"])
+        assert set(info["unexpected_keys"]) == unexpected, cls.__name__
+        assert not info["mismatched_keys"] and not info["error_msgs"], cls.__name__
+
+
 def test_import_transformers_pretraining_model(tmp_path):
     hf_model = tiny_hf_model()
     hf_model.save_pretrained(tmp_path)

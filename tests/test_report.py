@@ -10,7 +10,7 @@ import pytest
 from bertforge.cli import main
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.errors import BertforgeError
-from bertforge.report import write_report
+from bertforge.report import build_figure, write_report
 
 pytest.importorskip("matplotlib")
 
@@ -66,3 +66,83 @@ def test_report_error_is_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no metrics.jsonl" in err
+
+
+@pytest.fixture(scope="module")
+def odd_run(tmp_path_factory, data_dir) -> Path:
+    """5 steps logged every 2: the last training line is step 4, the final evaluation step 5."""
+    from bertforge.pretrain import run_pretrain
+    from conftest import tiny_run_config
+
+    out = tmp_path_factory.mktemp("report-odd") / "run"
+    run_pretrain(out, tiny_run_config(batch_size=8, micro_batch_size=8, max_steps=5,
+                                      log_every=2, eval_every=0, eval_sequences=16),
+                 data_dir=data_dir, show_progress=False)
+    return out
+
+
+def test_report_names_the_step_of_each_figure(odd_run):
+    text = (odd_run / "report" / "report.md").read_text()
+    assert text.startswith("# bertforge pretraining run `run`: 2 layers, hidden 64, 2 heads, "
+                           "mlm on sequences of 32 tokens\n")
+    assert "| steps | 5 |" in text  # the run's last step, not the last logged one (4)
+    assert "| tokens trained on (step 5) | 1,280 |" in text
+    assert "| training time (step 5) |" in text
+    assert "| training loss (mean of logged steps 1-4) |" in text
+    assert "| held-out mlm_loss (step 5) |" in text
+
+
+def test_report_sets_the_held_out_loss_against_the_unigram_baseline(odd_run):
+    from bertforge.evaluate import evaluate_run
+
+    baseline = evaluate_run(odd_run)["unigram_baseline_loss"]  # the same masked tokens
+    text = (odd_run / "report" / "report.md").read_text()
+    assert (f"| held-out unigram-frequency baseline (the same masked tokens) | {baseline:.4f} |"
+            in text)
+    assert "nats per masked token" in text
+
+
+def test_every_plot_says_what_its_y_axis_measures(odd_run, tmp_path, monkeypatch):
+    from bertforge import report
+    from bertforge.evaluate import evaluate_run
+
+    figures = []
+    monkeypatch.setattr(report, "build_figure", lambda panels: figures.append(
+        build_figure(panels)) or figures[-1])
+    write_report(odd_run, tmp_path / "r")
+    labels = {ax.get_title(): ax.get_ylabel() for fig in figures for ax in fig.axes}
+    assert labels == {"loss": "loss (nats per masked token)", "learning rate": "learning rate",
+                      "training tokens/s": "tokens/s",
+                      "mlm_loss": "loss (nats per masked token)",
+                      "mlm_accuracy": "accuracy (fraction correct)"}
+    baseline = evaluate_run(odd_run)["unigram_baseline_loss"]
+    for fig in figures:  # a horizontal line at the baseline on both held-out loss plots
+        for ax in fig.axes:
+            lines = [ln for ln in ax.get_lines() if ln.get_label() == "unigram-frequency baseline"]
+            if ax.get_title() in ("loss", "mlm_loss"):
+                assert len(lines) == 1 and set(lines[0].get_ydata()) == {baseline}
+            else:
+                assert not lines
+
+
+def test_fine_tuning_report_labels(tmp_path, monkeypatch):
+    from bertforge import report
+
+    lines = [{"kind": "train", "step": s, "loss": 0.7, "lr": 1e-4, "tokens": 64 * s,
+              "tokens_per_s": 1000.0, "elapsed_s": float(s), "epoch": s / 4} for s in (1, 2)]
+    lines.append({"kind": "eval", "step": 2, "tokens": 128, "elapsed_s": 2.0, "epoch": 0.5,
+                  "accuracy": 0.5, "f1": 0.4, "eval_loss": 0.69, "score": 0.5})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "finetune.json").write_text(json.dumps({"task": "sst2", "model": "runs/demo",
+                                                        "regression": False}))
+    figures = []
+    monkeypatch.setattr(report, "build_figure", lambda panels: figures.append(
+        build_figure(panels)) or figures[-1])
+    out = write_report(tmp_path)
+    labels = {ax.get_title(): ax.get_ylabel() for fig in figures for ax in fig.axes}
+    assert labels["loss"] == "loss (nats per example)"
+    assert labels["eval_loss"] == "loss (nats per example)"
+    assert labels["accuracy"] == "accuracy (fraction correct)" and labels["f1"] == "f1"
+    text = (out / "report.md").read_text()
+    assert text.startswith(f"# bertforge fine-tuning run `{tmp_path.name}`: sst2 from runs/demo")
+    assert "unigram" not in text

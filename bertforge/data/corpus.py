@@ -1,7 +1,8 @@
 """Find the files of a corpus and stream their documents, one at a time.
 
-A corpus is a list of files, directories (walked recursively, hidden entries skipped),
-globs and ``hf:NAME[:CONFIG]`` Hugging Face datasets; `resolve_corpus` turns it into a
+A corpus is a list of files, directories (walked recursively, hidden entries skipped,
+symlinks followed but each real directory entered once, so a symlink loop ends), globs
+and ``hf:NAME[:CONFIG]`` Hugging Face datasets; `resolve_corpus` turns it into a
 deterministic list of sources. The format of a file is told by its name, without a
 compression suffix (``.gz .bz2 .xz .zst``): ``.jsonl``/``.json``, ``.csv``, ``.tsv``,
 ``.parquet``, else plain text or WikiExtractor output (`file_format`); the readers and
@@ -17,6 +18,7 @@ archive, a bad Parquet file) is skipped and named.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import hashlib
 import logging
@@ -138,10 +140,7 @@ def _expand(spec: str) -> list[Path]:
             raise BertforgeError(f"corpus directory has no files: {spec}")
         return found
     if glob.has_magic(spec):
-        found = set()
-        for match in glob.glob(os.path.expanduser(spec), recursive=True):
-            p = Path(match)
-            found.update([p] if p.is_file() else _walk(p) if p.is_dir() else [])
+        found = set(_glob(os.path.expanduser(spec)))
         if not found:
             raise BertforgeError(f"no corpus files match {spec}")
         return sorted(found)
@@ -150,15 +149,64 @@ def _expand(spec: str) -> list[Path]:
     raise BertforgeError(f"corpus path not found: {spec}")
 
 
+def _glob(pattern: str) -> Iterator[Path]:
+    """The files `pattern` matches, and those under the directories it matches.
+
+    A ``**`` component matches any number of directories. glob.glob would follow a
+    symlink loop there until the path is too long (forever, with two loops), so such a
+    pattern is matched against a `_walk` from the directory before its first wildcard.
+    """
+    parts = Path(pattern).parts
+    if "**" not in parts:  # each component matches one level: no loop can be followed
+        for match in glob.glob(pattern):
+            p = Path(match)
+            yield from [p] if p.is_file() else _walk(p) if p.is_dir() else []
+        return
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base, wanted = Path(*parts[:first]), parts[first:]
+    matched: set[Path] = set()  # directories that match: all their files are wanted
+    for directory, names in _walk_dirs(base):
+        rel = directory.relative_to(base).parts
+        if directory.parent in matched or _matches(rel, wanted):
+            matched.add(directory)
+        for name in names:
+            if directory in matched or _matches((*rel, name), wanted):
+                yield directory / name
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether path `parts` match glob `pattern`, component by component ("**": any
+    number of components)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatch(parts[0], pattern[0]) and _matches(parts[1:],
+                                                                             pattern[1:])
+
+
 def _walk(root: Path) -> Iterator[Path]:
     """Regular files under `root`, skipping hidden files and hidden directories (.git...)."""
+    for directory, names in _walk_dirs(root):
+        yield from (directory / name for name in names)
+
+
+def _walk_dirs(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(directory, names of its regular files) for `root` and every directory under it,
+    hidden ones skipped, in a fixed order. Symlinks are followed, but a directory already
+    visited (by its real path) is not entered again: a symlink loop would repeat the
+    files forty levels deep, or never end."""
+    visited = {os.path.realpath(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith("."):
-                p = Path(dirpath, name)
-                if p.is_file():
-                    yield p
+        keep = []
+        for d in sorted(dirnames):
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if not d.startswith(".") and real not in visited:
+                visited.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+        yield Path(dirpath), [name for name in sorted(filenames) if not name.startswith(".")
+                              and os.path.isfile(os.path.join(dirpath, name))]
 
 
 def iter_documents(sources: Iterable[str | os.PathLike], stats: CorpusStats | None = None,

@@ -9,13 +9,20 @@ processes sees the same sequences with the same masks.
 `ShardedSequences` reads one data directory or several (the parts of a corpus prepared
 on several machines, or several corpora) as one dataset, their shards in the order the
 directories are given; they must agree on tokenizer, seq_len and dtype.
+
+`verify_data` is what a run calls when it opens data: one pass over each shard, checking
+its bytes against the digest `prepare` recorded and its token ids against the vocabulary,
+so that changed or hostile shards are refused in one line instead of training silently
+or failing deep inside torch.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from bertforge.data.masking import MaskedBatch, Masker
-from bertforge.data.prepare import load_manifest, open_split
+from bertforge.data.prepare import MANIFEST, SHARD_HASH, load_manifest, open_split
+from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
 
 
@@ -31,6 +39,7 @@ DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
 # What data directories read together must share (the tokenizer fixes the vocabulary and
 # the special ids).
 MUST_MATCH = ("tokenizer_hash", "seq_len", "dtype")
+_SCAN_BYTES = 4 << 20  # read per step by `verify_data`: its memory is this, whatever the shard
 
 
 def as_dirs(data_dirs: DataDirs) -> list[Path]:
@@ -59,6 +68,58 @@ def load_manifests(data_dirs: DataDirs) -> list[dict[str, Any]]:
                                      f"{manifests[0].get(key)!r}; data directories read "
                                      f"together must share {', '.join(MUST_MATCH)}")
     return manifests
+
+
+def verify_data(data_dirs: DataDirs) -> None:
+    """Refuse data directories whose shards are not what `prepare` wrote: a shard whose
+    SHARD_HASH differs from its manifest's, or that holds a token id outside the vocabulary
+    (the manifest's vocab_size, which must be its tokenizer's). Data prepared before shards
+    were hashed gets a warning, and its ids are still checked."""
+    for d in as_dirs(data_dirs):
+        manifest = load_manifest(d)
+        tok_dir = d / "tokenizer"
+        found = tokenizer_hash(tok_dir)
+        if manifest.get("tokenizer_hash", found) != found:
+            raise BertforgeError(f"{tok_dir} is not the tokenizer the manifest names "
+                                 f"(tokenizer_hash); prepare the data again")
+        vocab = int(manifest["vocab_size"])
+        tokens = load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True)
+        dtype = np.dtype(manifest["dtype"])
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        if not all(SHARD_HASH in s for s in shards):
+            print(f"warning: {d} records no shard checksums (prepared by an earlier "
+                  f"bertforge): its token ids are checked, its content cannot be",
+                  file=sys.stderr)
+        for split in manifest["splits"]:
+            open_split(d, split)  # every shard there, at its size
+        for shard in shards:
+            path = d / shard["file"]
+            top, digest = _scan(path, dtype, SHARD_HASH in shard)
+            if top >= min(vocab, tokens):
+                raise BertforgeError(f"{path} holds token id {top}, outside the vocabulary "
+                                     f"(vocab_size {vocab}, tokenizer {tokens} tokens); "
+                                     f"prepare the data again")
+            if digest is not None and digest != shard[SHARD_HASH]:
+                raise BertforgeError(f"{path}: {SHARD_HASH} mismatch, the shard changed "
+                                     f"since it was prepared; prepare the data again")
+        if vocab != tokens:
+            raise BertforgeError(f"{d / MANIFEST}: vocab_size {vocab} is not its tokenizer's "
+                                 f"({tokens} tokens); prepare the data again")
+
+
+def _scan(path: Path, dtype: np.dtype, digest: bool) -> tuple[int, str | None]:
+    """(largest token id, or -1 if none; SHARD_HASH hex digest if `digest`) of a shard,
+    in one pass that reads _SCAN_BYTES at a time into one buffer."""
+    h = hashlib.new(SHARD_HASH) if digest else None
+    buf = bytearray(_SCAN_BYTES)
+    top = -1
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            ids = np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize)
+            top = max(top, int(ids.max()))
+            if h is not None:
+                h.update(memoryview(buf)[:n])
+    return top, None if h is None else h.hexdigest()
 
 
 class ShardedSequences:

@@ -55,6 +55,7 @@ _ENCODED_REPLACEMENT = REPLACEMENT.encode("utf-8")
 BLOCK_BYTES = 1 << 19  # raw bytes read per call; below the line limit, so that only the
 # first line of a block (the end of the previous one) can be too long
 _CUT_WINDOW = 4096  # a long line is cut at the last whitespace this close to the limit
+QUOTE_CHARS = 60  # file content quoted in a message or warning is cut to this length
 
 # C0 controls but tab and newline, DEL and C1 controls. CR is gone by then (a line end).
 # Vertical tab and form feed separate words, so they become spaces; the rest go.
@@ -144,8 +145,19 @@ class _Unreadable(Exception):
 
 
 def _reason(e: BaseException) -> str:
+    """Why reading failed, in one line: a library's message may quote the file's bytes."""
     text = (getattr(e, "strerror", None) or str(e) or type(e).__name__).splitlines()[0]
-    return text[:200]
+    return quote(text, 200)
+
+
+def quote(text: str, limit: int = QUOTE_CHARS) -> str:
+    """File content (or a message that repeats it) fit for one line of a message: cut to
+    `limit` characters, and every character that is not printable (ESC, which drives the
+    terminal, newlines, bidi overrides) written as its escape, so that hostile bytes can
+    neither flood nor forge what the user reads."""
+    cut = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                  for c in text[:limit])
+    return cut + "..." if len(text) > limit else cut
 
 
 def _open(path: Path, compression: str) -> BinaryIO:
@@ -384,13 +396,13 @@ def _csv_documents(lines: Iterator[str], fmt: str, stats: CorpusStats,
         try:
             header = next(reader, None)
         except csv.Error as e:
-            raise _Unreadable(f"bad CSV header ({e})") from None
+            raise _Unreadable(f"bad CSV header ({quote(str(e))})") from None
         if header is None:
             return
         header = [h.strip() for h in header]
         if options.text_column not in header:
             raise _Unreadable(f"no column {options.text_column!r} (columns: "
-                              f"{', '.join(header[:20])}); choose one with --text-column")
+                              f"{quote(', '.join(header[:20]))}); choose one with --text-column")
         index = header.index(options.text_column)
         while True:
             try:
@@ -422,8 +434,9 @@ def _parquet_documents(path: Path, compression: str, stats: CorpusStats,
         schema = pf.schema_arrow
         column = options.text_column
         if column not in schema.names:
-            raise _Unreadable(f"no column {column!r} (columns: {', '.join(schema.names[:20])}); "
-                              f"choose one with --text-column")
+            raise _Unreadable(f"no column {column!r} (columns: "
+                              f"{quote(', '.join(schema.names[:20]))}); choose one with "
+                              f"--text-column")
         typ = schema.field(column).type
         text_types = (pa.types.is_string(typ) or pa.types.is_large_string(typ)
                       or pa.types.is_binary(typ) or pa.types.is_large_binary(typ))
