@@ -20,7 +20,9 @@ useful FLOP/s by the peak bf16 matmul FLOP/s this command measures on the machin
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bertforge.compiling import CompileCounters, compile_loss
 from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.optim import build_optimizer
@@ -122,43 +125,69 @@ class Measurement:
     seconds_per_step: float
     tokens_per_s: float
     peak_memory_bytes: int
+    # Compiled rows: dynamo's graph breaks, and the graphs compiled after the first step
+    compiled: CompileCounters | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "seconds_per_step": round(self.seconds_per_step, 4),
-                "tokens_per_s": round(self.tokens_per_s, 1),
-                "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1)}
+        row = {"name": self.name, "seconds_per_step": round(self.seconds_per_step, 4),
+               "tokens_per_s": round(self.tokens_per_s, 1),
+               "peak_memory_mb": round(self.peak_memory_bytes / 2**20, 1)}
+        if self.compiled is not None:
+            row.update(graph_breaks=self.compiled.graph_breaks,
+                       recompiles=self.compiled.graphs)
+        return row
 
 
-def bench_bertforge(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
+def _time_compiled(step: Callable[[], None], steps: int, warmup: int, device: torch.device
+                   ) -> tuple[float, CompileCounters]:
+    """`_time_steps` of a compiled step, with the graph breaks and the recompilations
+    (graphs compiled after the first step) dynamo counted."""
+    counters = CompileCounters().start()
+    step()  # compiles
+    after_first = counters.read()
+    seconds = _time_steps(step, steps, warmup + 1, device)
+    final = counters.read()
+    return seconds, CompileCounters(final.graph_breaks, final.graphs - after_first.graphs)
+
+
+def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.device,
                     dtype: torch.dtype | None, steps: int, warmup: int,
                     compile_model: bool = False) -> Measurement:
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
-    normalisation, clipping, NaN guard and fused AdamW) on the pretraining model."""
+    normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
+    through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
     from bertforge.pretrain import mlm_loss_sum, pretraining_model
     from bertforge.step import StepBatch, train_step
 
     torch.manual_seed(0)
     model = pretraining_model(cfg, "mlm").to(device).train()
-    forward = torch.compile(model) if compile_model else model
     train_cfg = TrainConfig()
     optimizer = build_optimizer(model, train_cfg)
-    step_batch = StepBatch([batch], {"mlm": batch.targets.numel()}, batch.real_tokens)
-    if device.type == "cuda":  # as training's prefetcher hands it over
-        step_batch = step_batch.pin_memory()
+    step_batches = [StepBatch([b], {"mlm": b.targets.numel()}, b.real_tokens) for b in batches]
+    if device.type == "cuda":  # as training's prefetcher hands them over
+        step_batches = [b.pin_memory() for b in step_batches]
+    loss_fn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
+    if compile_model:
+        loss_fn = compile_loss(loss_fn)
+    cycle = itertools.cycle(step_batches)
 
     def step() -> None:
-        train_step(forward, optimizer, mlm_loss_sum, step_batch, lr=train_cfg.lr,
+        train_step(model, optimizer, loss_fn, next(cycle), lr=train_cfg.lr,
                    cfg=train_cfg, device=device, dtype=dtype)
 
+    counted = None
     with _PeakMemory(device) as mem:
-        seconds = _time_steps(step, steps, warmup + (2 if compile_model else 0), device)
-    tokens = batch.input_ids.numel()
+        if compile_model:
+            seconds, counted = _time_compiled(step, steps, warmup, device)
+        else:
+            seconds = _time_steps(step, steps, warmup, device)
+    tokens = batches[0].input_ids.numel()
     precision = "bf16" if dtype else "fp32"
     return Measurement(f"bertforge ({precision}{', compiled' if compile_model else ''})",
-                       seconds, tokens / seconds, mem.peak)
+                       seconds, tokens / seconds, mem.peak, counted)
 
 
-def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.device,
+def bench_transformers(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.device,
                        attn: str, dtype: torch.dtype | None, steps: int,
                        warmup: int, compile_model: bool = False) -> Measurement:
     """transformers' BertForMaskedLM trained as run_mlm trains it (labels -100 elsewhere)."""
@@ -173,11 +202,16 @@ def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.devic
     model.to(device).train()
     forward = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    ids = batch.input_ids.to(device)
-    labels = torch.full_like(ids, -100)
-    labels.view(-1)[batch.masked_positions.to(device)] = batch.targets.to(device)
+    inputs = []
+    for batch in batches:
+        ids = batch.input_ids.to(device)
+        labels = torch.full_like(ids, -100)
+        labels.view(-1)[batch.masked_positions.to(device)] = batch.targets.to(device)
+        inputs.append((ids, labels))
+    cycle = itertools.cycle(inputs)
 
     def step() -> None:
+        ids, labels = next(cycle)
         with autocast(device, dtype):
             loss = forward(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -185,11 +219,15 @@ def bench_transformers(cfg: ModelConfig, batch: MaskedBatch, device: torch.devic
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    counted = None
     with _PeakMemory(device) as mem:
-        seconds = _time_steps(step, steps, warmup + (2 if compile_model else 0), device)
+        if compile_model:
+            seconds, counted = _time_compiled(step, steps, warmup, device)
+        else:
+            seconds = _time_steps(step, steps, warmup, device)
     precision = "bf16" if dtype else "fp32"
     return Measurement(f"transformers ({attn}, {precision}{', compiled' if compile_model else ''})",
-                       seconds, ids.numel() / seconds, mem.peak)
+                       seconds, inputs[0][0].numel() / seconds, mem.peak, counted)
 
 
 def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
@@ -205,7 +243,8 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
     where = configure(device)
     threads = torch.get_num_threads()
     bf16 = resolve_precision("auto", device)
-    batch = synthetic_batch(cfg, batch_size, seq_len)
+    # Three batches in turn: their masked-token counts differ, as in training.
+    batches = [synthetic_batch(cfg, batch_size, seq_len, seed=s) for s in range(3)]
     peak = matmul_peak(device, bf16 or torch.float32)
     flops = flops_per_token(cfg, seq_len)
     # Process-wide, so both models run with it (see runtime.keep_freed_memory).
@@ -217,17 +256,20 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
     def report(m: Measurement) -> dict[str, Any]:
         row = m.as_dict()
         row["mfu"] = round(m.tokens_per_s * flops / peak, 4)
+        compiled = ("" if m.compiled is None else f"  graph breaks {m.compiled.graph_breaks}, "
+                    f"recompiles {m.compiled.graphs}")
         log(f"  {m.name:40s} {m.tokens_per_s:11,.0f} tok/s {m.seconds_per_step * 1e3:8.1f} "
-            f"ms/step  MFU {100 * row['mfu']:5.1f}%  peak mem {row['peak_memory_mb']:,.0f} MB")
+            f"ms/step  MFU {100 * row['mfu']:5.1f}%  peak mem {row['peak_memory_mb']:,.0f} MB"
+            f"{compiled}")
         return row
 
     dtypes = ([bf16] if bf16 is not None else []) + ([None] if fp32 or bf16 is None else [])
-    ours = [report(bench_bertforge(cfg, batch, device, dtypes[0], steps, warmup))]
+    ours = [report(bench_bertforge(cfg, batches, device, dtypes[0], steps, warmup))]
     if compile_model:
-        ours.append(report(bench_bertforge(cfg, batch, device, dtypes[0], steps, warmup,
+        ours.append(report(bench_bertforge(cfg, batches, device, dtypes[0], steps, warmup,
                                            compile_model=True)))
     for dtype in dtypes[1:]:  # the fp32 path, for reference
-        ours.append(report(bench_bertforge(cfg, batch, device, dtype, steps, warmup)))
+        ours.append(report(bench_bertforge(cfg, batches, device, dtype, steps, warmup)))
     result: dict[str, Any] = {
         "device": device.type, "device_name": where, "threads": threads,
         "keep_freed_memory": kept, "batch_size": batch_size, "seq_len": seq_len,
@@ -235,10 +277,10 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
     best_ours = max(ours, key=lambda r: r["tokens_per_s"])
     result["best"] = best_ours
     if vs_hf:
-        hf = [report(bench_transformers(cfg, batch, device, attn, dtype, steps, warmup))
+        hf = [report(bench_transformers(cfg, batches, device, attn, dtype, steps, warmup))
               for attn in ("eager", "sdpa") for dtype in dtypes]
         if hf_compile:
-            hf.append(report(bench_transformers(cfg, batch, device, "sdpa", dtypes[0], steps,
+            hf.append(report(bench_transformers(cfg, batches, device, "sdpa", dtypes[0], steps,
                                                 warmup, compile_model=True)))
         best_hf = max(hf, key=lambda r: r["tokens_per_s"])
         result["transformers"] = hf
@@ -273,8 +315,10 @@ def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: 
     if device.type == "cuda":
         step_batch = step_batch.pin_memory()
 
+    loss_fn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
+
     def step() -> None:
-        train_step(model, optimizer, mlm_loss_sum, step_batch, lr=train_cfg.lr, cfg=train_cfg,
+        train_step(model, optimizer, loss_fn, step_batch, lr=train_cfg.lr, cfg=train_cfg,
                    device=device, dtype=dtype)
 
     for _ in range(2):

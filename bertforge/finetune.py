@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,6 +60,11 @@ class Batch:
     token_type_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor | None  # (B, T), 1 = real token; None when none is padded
     y: torch.Tensor  # (B,) class ids, or float targets for regression
+
+    # Batches are grouped by length and the epoch's last one is smaller: for
+    # torch.compile (bertforge.compiling), B and T change from batch to batch.
+    DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {
+        "input_ids": (0, 1), "token_type_ids": (0, 1), "attention_mask": (0, 1), "y": (0,)}
 
     def _map(self, f: Any) -> Batch:
         mask = self.attention_mask

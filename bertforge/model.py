@@ -8,8 +8,10 @@ What is notable here:
 - Sparse MLM prediction: given the flat indices of the masked positions, the MLM head
   (transform + vocab decoder, the most expensive matmul in a small BERT) runs on those
   rows only, about 15% of the tokens.
-- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64) so
-  the decoder matmul is well aligned; logits are sliced back to `config.vocab_size`.
+- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64) and
+  the decoder multiplies by all of them, so its rows are aligned; training takes the
+  padded logits and leaves the padding columns out of the loss, everyone else gets a
+  view of the first `config.vocab_size` columns.
 - The MLM decoder is tied to the word embeddings by using the embedding Parameter
   itself, so the state_dict holds that tensor once (no duplicate key to dedupe when
   saving with safetensors).
@@ -163,33 +165,15 @@ class MaskedLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
         self.vocab_size = config.vocab_size
 
-    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor,
+                padded: bool = False) -> torch.Tensor:
+        """Logits (..., vocab_size), or with `padded` all (..., padded_vocab_size) columns."""
         h = self.LayerNorm(F.gelu(self.dense(hidden)))  # (..., H)
-        # The padding rows are no tokens: leave them out of the matmul rather than slicing
-        # its output, whose backward would allocate and copy a padded (N, V) gradient.
-        v = self.vocab_size
-        return F.linear(h, _LeadingRows.apply(decoder_weight, v), self.bias[:v])  # (..., V)
-
-
-class _LeadingRows(torch.autograd.Function):
-    """w[:n], whose backward zeroes only the rows past n of the full-size gradient.
-
-    A plain slice's backward zero-fills the whole (padded_vocab, H) fp32 buffer and then
-    copies the gradient over it: one pass over the embedding-sized matrix too many, every
-    step.
-    """
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, n: int) -> torch.Tensor:
-        ctx.full_shape = w.shape
-        return w.narrow(0, 0, n)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        full = grad.new_empty(ctx.full_shape)
-        full[:grad.shape[0]] = grad
-        full[grad.shape[0]:] = 0
-        return full, None
+        # The matmul always runs on the padded width: rows of a multiple of 64 values are
+        # aligned for the fast GEMM kernels (cuBLAS's among them), and the weight's gradient
+        # comes out whole, with zeros in the padding rows (their logits get no gradient).
+        logits = F.linear(h, decoder_weight, self.bias)  # (..., Vp)
+        return logits if padded else logits[..., :self.vocab_size]
 
 
 class BertForPreTraining(nn.Module):
@@ -211,19 +195,21 @@ class BertForPreTraining(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                masked_positions: torch.Tensor | None = None,
+                masked_positions: torch.Tensor | None = None, padded_vocab: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mlm_logits, nsp_logits (B, 2)).
 
         masked_positions: None for logits at every position, (B, T, vocab_size); or a
         LongTensor (N,) of flat indices into the B*T positions, for logits at those
         positions only, (N, vocab_size), in the order given.
+        padded_vocab: logits over all `padded_vocab_size` columns, contiguous (training's
+        choice: the loss leaves the padding columns out, `ops.cross_entropy_and_hits`).
         """
         sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
         hidden = sequence_output  # (B, T, H)
         if masked_positions is not None:
             hidden = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
-        mlm_logits = self.mlm(hidden, self.decoder_weight)
+        mlm_logits = self.mlm(hidden, self.decoder_weight, padded=padded_vocab)
         return mlm_logits, self.seq_relationship(pooled)
 
 

@@ -20,6 +20,11 @@ On a GPU none of that holds, and the fused kernels are what to use: SDPA takes i
 kernel when there is no mask (packed batches) and its memory-efficient kernel with the
 boolean mask of padded ones.
 
+Under `torch.compile` every function here takes the generic path whatever the device:
+Inductor fuses F.dropout's mask, the softmax and the cross-entropy into the kernels around
+them, which is what the hand-made CPU paths approximate in eager mode, and the generic
+paths trace into one graph (numpy calls and host reads would break it).
+
 `use_kernels("gpu")` runs the GPU paths on the CPU too, which is how the test suite
 checks them without a GPU; nothing else sets it.
 """
@@ -27,15 +32,15 @@ checks them without a GPU; nothing else sets it.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("bertforge_kernels",
-                                                                     default=None)
+# A plain module global, not a ContextVar: torch.compile traces a global read (and guards
+# on its value) but breaks the graph at ContextVar.get.
+_forced: str | None = None
 PATHS = ("cpu", "gpu")
 
 
@@ -44,16 +49,22 @@ def use_kernels(path: str) -> Iterator[None]:
     """Within the block, take the `path` kernels ('cpu' or 'gpu') whatever the device."""
     if path not in PATHS:
         raise ValueError(f"kernel path {path!r}: must be one of {', '.join(PATHS)}")
-    token = _FORCED.set(path)
+    global _forced
+    before, _forced = _forced, path
     try:
         yield
     finally:
-        _FORCED.reset(token)
+        _forced = before
 
 
 def kernel_path(t: torch.Tensor) -> str:
     """'cpu' for tensors on the CPU, 'gpu' for any accelerator (CUDA, ROCm, MPS, XPU)."""
-    return _FORCED.get() or ("cpu" if t.device.type == "cpu" else "gpu")
+    return _forced or ("cpu" if t.device.type == "cpu" else "gpu")
+
+
+def generic(t: torch.Tensor) -> bool:
+    """Whether to take the generic kernels: on GPUs, and whenever torch.compile traces."""
+    return torch.compiler.is_compiling() or kernel_path(t) == "gpu"
 
 
 # ----------------------------------------------------------------------------- attention
@@ -62,7 +73,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v (B, nh, T, hd); attn_mask (B, 1, 1, T) bool,
     True = attend, or None (every token real: the flash kernel's case)."""
-    if kernel_path(q) == "gpu":
+    if kernel_path(q) == "gpu":  # compiled on the CPU, the two matmuls below fuse better
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (B, nh, T, T)
     if attn_mask is not None:
@@ -85,7 +96,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """
     if not training or p == 0.0:
         return x
-    if kernel_path(x) == "gpu":
+    if generic(x):
         return F.dropout(x, p, training=True)
     n = x.numel()
     seed = int(torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64))
@@ -110,23 +121,28 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     the targets and scales, one pass instead of recomputing the softmax. The loss equals
     F.cross_entropy in fp32; the gradient is rounded once more (to the logits' dtype
     before the scaling), within one ulp of it. The row maxima the softmax needs also give
-    the hits for free (an argmax over bf16 logits costs more than this whole pass)."""
+    the hits for free (an argmax over bf16 logits costs more than this whole pass).
+    Columns from `vocab_size` on (a padded vocabulary's) are read by no pass and get a
+    zero gradient."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        v = vocab_size
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         top = torch.empty_like(lse)  # (N,) row maxima
         keep = ctx.needs_input_grad[0]  # no softmax to keep under no_grad (evaluation)
-        probs = torch.empty_like(logits) if keep else None  # (N, V), becomes the gradient
+        probs = torch.empty_like(logits) if keep else None  # (N, W), becomes the gradient
+        if keep and v < logits.shape[1]:
+            probs[:, v:] = 0
         for start in range(0, logits.shape[0], _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
-            x = logits[rows].float()  # (c, V)
+            x = logits[rows, :v].to(torch.float32, copy=True)  # (c, V)
             top[rows] = x.amax(dim=1)
             total = x.sub_(top[rows, None]).exp_().sum(dim=1, keepdim=True)
             lse[rows] = top[rows] + total.squeeze(1).log()
             if keep:
-                probs[rows] = x.div_(total)
+                probs[rows, :v] = x.div_(total)
         target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
         hits = (target_logits == top).sum()
         ctx.mark_non_differentiable(hits)
@@ -135,30 +151,41 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return (lse - target_logits).sum(), hits
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         probs, targets, target_log_probs = ctx.saved_tensors  # backward runs once: in place
         rows = torch.arange(probs.shape[0], device=probs.device)
         probs[rows, targets] = (target_log_probs.exp() - 1.0).to(probs.dtype)  # p - 1, fp32
-        return probs.mul_(grad), None
+        return probs.mul_(grad), None, None
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
+                      vocab_size: int | None = None) -> torch.Tensor:
     """sum_i -log softmax(logits_i)[targets_i], in fp32, for (N, V) logits of any dtype."""
-    return cross_entropy_and_hits(logits, targets)[0]
+    return cross_entropy_and_hits(logits, targets, vocab_size)[0]
 
 
-def cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the summed fp32 cross-entropy of (N, V) logits, the rows whose target has the
+def cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor,
+                           vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed fp32 cross-entropy of (N, W) logits, the rows whose target has the
     largest logit): loss and accuracy in one pass. A tie with another token counts as a
-    hit, on every path (an argmax would pick the first)."""
-    if kernel_path(logits) == "gpu" or logits.dtype == torch.float32 or logits.shape[0] == 0:
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    hit, on every path (an argmax would pick the first).
+
+    vocab_size: the real vocabulary when the logits are `padded_vocab_size` wide (the
+    model's training output: a row stride the fast matmul kernels take). The columns past
+    it are no tokens: they are left out of the softmax and get a zero gradient.
+    """
+    width = logits.shape[1]
+    v = width if vocab_size is None else vocab_size
+    if generic(logits) or logits.dtype == torch.float32 or logits.shape[0] == 0:
+        x = logits.float()  # (N, W)
+        if v < width:
+            x = x.masked_fill(torch.arange(width, device=x.device) >= v, float("-inf"))
+        loss = F.cross_entropy(x, targets, reduction="sum")
         with torch.no_grad():
-            target_logits = logits.gather(1, targets[:, None]).squeeze(1)
-            hits = (target_logits == logits.amax(dim=1)).sum()
+            target_logits = x.gather(1, targets[:, None]).squeeze(1)
+            hits = (target_logits == x.amax(dim=1)).sum()
         return loss, hits
-    return _ChunkedCrossEntropy.apply(logits, targets)
+    return _ChunkedCrossEntropy.apply(logits, targets, v)
 
 
 # ------------------------------------------------------------------------- gradient norm

@@ -77,6 +77,7 @@ class MLMTask:
         self.valid = ShardedSequences(data_dir, "valid")
         self.device, self.dtype = device, dtype
         self.eval_sequences = t.eval_sequences
+        self.vocab_size = cfg.model.vocab_size
 
     def batch(self, step: int) -> StepBatch:
         """This rank's micro-batches of step `step`, masked, with their counts: masked
@@ -89,7 +90,7 @@ class MLMTask:
 
     def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        return mlm_loss_sum(model, micro, self.pair_kind)
+        return mlm_loss_sum(model, micro, self.pair_kind, self.vocab_size)
 
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         if len(self.valid) == 0:
@@ -112,14 +113,17 @@ def pretraining_model(config: ModelConfig, objective: str) -> BertForPreTraining
     return model
 
 
-def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | None = None
+def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | None = None,
+                 vocab_size: int | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The summed MLM loss of a micro-batch (and NSP/SOP's, for `pair_kind`), with the
-    summed accuracies; everything stays on the device."""
+    summed accuracies; everything stays on the device. Given the model's `vocab_size`,
+    the decoder's output stays on the padded vocabulary (see model.MaskedLMHead)."""
     logits, pair_logits = model(micro.input_ids, token_type_ids=micro.token_type_ids,
                                 attention_mask=micro.attention_mask,
-                                masked_positions=micro.masked_positions)  # (N, V), (B, 2)
-    loss, hits = cross_entropy_and_hits(logits, micro.targets)
+                                masked_positions=micro.masked_positions,
+                                padded_vocab=vocab_size is not None)  # (N, Vp), (B, 2)
+    loss, hits = cross_entropy_and_hits(logits, micro.targets, vocab_size)
     losses, metrics = {"mlm": loss}, {"mlm_accuracy": hits}
     if pair_kind is not None:
         labels = micro.next_sentence_label  # (B,)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from bertforge import checkpoint as ckpt
+from bertforge.compiling import compile_loss
 from bertforge.config import TrainConfig
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep
@@ -195,8 +196,12 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if found is not None:  # weights go in before sharding: every rank reads the full file
         ckpt.load_model_weights(model, ckpt.load_weights(found[0]))
     wrapped = dist.wrap(model, device, dtype)
+    loss_fn = task.loss_sum
     if cfg.compile:  # `model` stays the plain module: its state_dict keys carry no _orig_mod.
-        wrapped = torch.compile(wrapped)
+        if dist.enabled:  # DDP and FSDP are compiled as modules, their hooks around them
+            wrapped = torch.compile(wrapped)
+        else:  # the forward pass and the loss as one graph
+            loss_fn = compile_loss(task.loss_sum)
     optimizer = build_optimizer(model, cfg)
     state = TrainState()
     if found is not None:
@@ -245,7 +250,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             while not _finished(cfg, state):
                 lr = lr_at(cfg, state.step, state.elapsed_s)
                 try:
-                    result = train_step(wrapped, optimizer, task.loss_sum, next(batches),
+                    result = train_step(wrapped, optimizer, loss_fn, next(batches),
                                         lr=lr, cfg=cfg, device=device, dtype=dtype, dist=dist,
                                         step=state.step, clock=clock,
                                         stop_requested=lambda: signals.signum is not None)

@@ -115,7 +115,7 @@ def test_bench_times_the_training_step(monkeypatch):
     monkeypatch.setattr(step, "train_step", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = preset("tiny", vocab_size=300)
     batch = bench.synthetic_batch(cfg, 2, 16)
-    bench.bench_bertforge(cfg, batch, torch.device("cpu"), None, steps=2, warmup=1)
+    bench.bench_bertforge(cfg, [batch], torch.device("cpu"), None, steps=2, warmup=1)
     assert len(calls) == 3
 
 

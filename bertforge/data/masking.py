@@ -41,7 +41,7 @@ import bisect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -101,6 +101,11 @@ class MaskedBatch:
     token_type_ids: torch.Tensor | None = None  # (B, T)
     # (B,) int64 for NSP/SOP: 0 = B follows A, 1 = it does not; -100 = no pair (ignored)
     next_sentence_label: torch.Tensor | None = None
+
+    # What changes from batch to batch, for torch.compile (bertforge.compiling): the
+    # number of masked tokens. (B, T) stay; an epoch's padded last batch is a graph apart.
+    DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {"masked_positions": (0,),
+                                                          "targets": (0,)}
 
     @property
     def real_tokens(self) -> int:

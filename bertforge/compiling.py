@@ -1,0 +1,69 @@
+"""torch.compile for the training step: the forward pass and the loss as one graph.
+
+- `compile_loss(loss_fn)`: a task's loss function (model forward + loss, see
+  `bertforge.step.Task.loss_sum`) through torch.compile. Compiling the loss with the
+  model lets Inductor fuse the cross-entropy into the decoder's epilogue and the dropout
+  masks, residual adds, GELU and LayerNorm into the kernels around them. Before each call
+  the dimensions that change from one micro-batch to the next are marked dynamic, so a
+  run compiles once (twice when some micro-batches are padded and others are not):
+  the number of masked positions (a pretraining batch's is random) and the batch and
+  length of padded batches (fine-tuning's, grouped by length).
+- `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
+  how `bertforge bench --compile` and the tests tell whether compilation works.
+
+Everything device-specific stays in bertforge.ops: under compilation it takes the
+generic kernels, which is what Inductor fuses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, Any], Any]
+
+def mark_dynamic(micro: Any) -> None:
+    """Mark the dimensions of `micro` that vary between micro-batches as dynamic, so that
+    a new size does not recompile: its class's `DYNAMIC_DIMS`, {field: dimensions}."""
+    for name, dims in getattr(micro, "DYNAMIC_DIMS", {}).items():
+        t = getattr(micro, name)
+        # Sizes 0 and 1 are always specialised: such a dimension stays static (a rare
+        # micro-batch of one masked token or one example compiles a graph of its own).
+        dims = [d for d in dims if t is not None and t.shape[d] > 1]
+        if dims:
+            torch._dynamo.mark_dynamic(t, dims)
+
+
+def compile_loss(loss_fn: LossFn, **options: Any) -> LossFn:
+    """`loss_fn(model, micro)` compiled, with `micro`'s varying sizes marked dynamic."""
+    compiled = torch.compile(loss_fn, **options)
+
+    def call(model: torch.nn.Module, micro: Any) -> Any:
+        mark_dynamic(micro)
+        return compiled(model, micro)
+
+    return call
+
+
+@dataclasses.dataclass
+class CompileCounters:
+    """Dynamo's graph breaks and compiled graphs since `start()`."""
+
+    graph_breaks: int = 0
+    graphs: int = 0
+
+    @staticmethod
+    def _now() -> tuple[int, int]:
+        counters = torch._dynamo.utils.counters
+        return sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+
+    def start(self) -> CompileCounters:
+        self._base = self._now()
+        return self
+
+    def read(self) -> CompileCounters:
+        breaks, graphs = self._now()
+        return CompileCounters(breaks - self._base[0], graphs - self._base[1])
