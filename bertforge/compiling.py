@@ -8,6 +8,11 @@
   run compiles once (twice when some micro-batches are padded and others are not):
   the number of masked positions (a pretraining batch's is random) and the batch and
   length of padded batches (fine-tuning's, grouped by length).
+- `ordered_scatter(device)`: a compiled CPU step is as deterministic as an eager one.
+  Inductor writes the embedding gradient (a scatter-add over the batch's token ids) with
+  atomic adds in parallel loops, whose order, and so rounding, changes from run to run;
+  in PyTorch's deterministic mode it calls ATen's ordered kernel instead, which is what
+  keeps a resumed compiled run bitwise equal to an uninterrupted one.
 - `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
   how `bertforge bench --compile` and the tests tell whether compilation works.
 
@@ -17,8 +22,9 @@ generic kernels, which is what Inductor fuses.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,6 +52,25 @@ def compile_loss(loss_fn: LossFn, **options: Any) -> LossFn:
         return compiled(model, micro)
 
     return call
+
+
+@contextlib.contextmanager
+def ordered_scatter(device: torch.device) -> Iterator[None]:
+    """Within the block, compiled kernels on the CPU add in a fixed order (see the module
+    docstring). Inductor reads the mode when it generates code, which for the backward
+    pass happens at its first call: the whole training loop runs inside. Eager CPU
+    kernels are deterministic already; only PyTorch's warning for the rare one that is
+    not is turned on (warn_only). GPUs keep their fast atomic kernels."""
+    if device.type != "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 @dataclasses.dataclass

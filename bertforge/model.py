@@ -67,7 +67,19 @@ class BertEmbeddings(nn.Module):
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
-        return self.dropout(self.LayerNorm(x))
+        return self.dropout(_to_autocast_dtype(self.LayerNorm(x)))
+
+
+def _to_autocast_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on (bf16): the residual stream then stays
+    in it, so each layer's matmuls take it as it is instead of casting an fp32 copy, and
+    the adds, dropouts and LayerNorms between them move half the bytes. CPU autocast keeps
+    LayerNorm's output in its input's dtype; CUDA's returns fp32, so there the stream is
+    fp32 again after each LayerNorm."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class SelfAttention(nn.Module):

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bertforge import checkpoint as ckpt
-from bertforge.compiling import compile_loss
+from bertforge.compiling import compile_loss, ordered_scatter
 from bertforge.config import TrainConfig
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep
@@ -246,7 +246,8 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
 
     model.train()
     try:  # the log (and its trackers) closes whatever happens, marked failed on an error
-        with _SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches:
+        with (_SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches,
+              ordered_scatter(device) if cfg.compile else contextlib.nullcontext()):
             while not _finished(cfg, state):
                 lr = lr_at(cfg, state.step, state.elapsed_s)
                 try:

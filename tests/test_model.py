@@ -168,3 +168,30 @@ def test_cpu_dropout_rate_scale_gradient_and_seeding():
     half = torch.ones(64, 64, dtype=torch.bfloat16)
     assert dropout(half, 0.5).dtype == torch.bfloat16
     assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_under_autocast_the_residual_stream_stays_bf16():
+    """No fp32 round trip between layers: each layer gets and returns bf16 activations,
+    and the loss stays within bf16 rounding of fp32's."""
+    from bertforge.ops import cross_entropy_sum
+
+    cfg = preset("tiny", vocab_size=300, hidden_size=64, num_attention_heads=2,
+                 intermediate_size=128, hidden_dropout_prob=0.0,
+                 attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForPreTraining(cfg)
+    ids = torch.randint(5, 300, (4, 24))
+    positions = torch.arange(0, 96, 5)
+    targets = torch.randint(5, 300, (len(positions),))
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype,
+                                                                          out.dtype)))
+             for layer in model.bert.layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, _ = model(ids, masked_positions=positions, padded_vocab=True)
+        low = cross_entropy_sum(logits, targets, 300)
+    for h in hooks:
+        h.remove()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * cfg.num_hidden_layers
+    full = cross_entropy_sum(model(ids, masked_positions=positions)[0], targets)
+    torch.testing.assert_close(low, full, rtol=2e-2, atol=0)

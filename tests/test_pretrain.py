@@ -42,12 +42,16 @@ def test_loss_falls_and_run_dir_layout(tmp_path, data_dir):
     assert [e["step"] for e in evals] == [20, 40]
 
 
-def test_losses_do_not_depend_on_micro_batch_size(tmp_path, data_dir):
+EAGER_AND_COMPILED = [False, pytest.param(True, marks=pytest.mark.slow, id="compiled")]
+
+
+@pytest.mark.parametrize("compiled", EAGER_AND_COMPILED)
+def test_losses_do_not_depend_on_micro_batch_size(tmp_path, data_dir, compiled):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_pretrain(a, tiny_config(max_steps=6, micro_batch_size=16), data_dir=data_dir,
-                 show_progress=False)
-    run_pretrain(b, tiny_config(max_steps=6, micro_batch_size=4), data_dir=data_dir,
-                 show_progress=False)
+    run_pretrain(a, tiny_config(max_steps=6, micro_batch_size=16, compile=compiled),
+                 data_dir=data_dir, show_progress=False)
+    run_pretrain(b, tiny_config(max_steps=6, micro_batch_size=4, compile=compiled),
+                 data_dir=data_dir, show_progress=False)
     torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)),
                                atol=1e-5, rtol=0)
 
@@ -100,11 +104,14 @@ def test_tokens_count_real_tokens_not_padding(tmp_path, corpus_file, tokenizer_d
     assert last["tokens"] == real < 4 * 16 * 32
 
 
-def test_resume_is_exact(tmp_path, data_dir):
-    """Train 8 steps; separately, resume the same run from its step-4 checkpoint to 8."""
+@pytest.mark.parametrize("compiled", EAGER_AND_COMPILED)
+def test_resume_is_exact(tmp_path, data_dir, compiled):
+    """Train 8 steps; separately, resume the same run from its step-4 checkpoint to 8.
+    Compiled, dropout's masks come from Inductor's generator, seeded from torch's: the
+    state a checkpoint restores."""
     full, half = tmp_path / "full", tmp_path / "half"
     cfg = _with_dropout(tiny_config(max_steps=8, micro_batch_size=8, checkpoint_every=4,
-                                    eval_every=0))
+                                    eval_every=0, compile=compiled))
     run_pretrain(full, cfg, data_dir=data_dir, show_progress=False)
     shutil.copytree(full, half)
     shutil.rmtree(half / "checkpoints" / "step-000008")  # as if killed after step 4's save
