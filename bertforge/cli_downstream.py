@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bertforge.config import TrainConfig, merge
+from bertforge.config import TrainConfig, merge, number
 from bertforge.errors import BertforgeError
 from bertforge.finetune_config import (FINETUNE_DEFAULTS, FINETUNE_HELP, NOT_FOR_FINETUNING,
                                        FinetuneConfig, finetune_train_config)
@@ -140,8 +140,8 @@ def add_commands(sub: Any, add_fields: Any, add_legacy_warmup: Any) -> None:
     s.add_argument("--output", help="JSONL file to write (default: stdout)")
     s.add_argument("--text-column", default="text", help="(default: text)")
     s.add_argument("--text-pair-column", help="second text, for sentence-pair tasks")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--max-length", type=int, default=0,
+    s.add_argument("--batch-size", type=number(int, ">= 1"), default=64)
+    s.add_argument("--max-length", type=number(int, ">= 0"), default=0,
                    help="truncate to N tokens (default: the fine-tuning run's)")
     s.add_argument("--device", default="cpu")
     s.set_defaults(func=cmd_predict)
