@@ -41,6 +41,7 @@ from bertforge import checkpoint as ckpt
 from bertforge import rundir
 from bertforge.checkpoint import load_model_weights
 from bertforge.config import ModelConfig, RunConfig
+from bertforge.consistency import check_tokenizer_fits, check_training_fits
 from bertforge.data.labelled import TaskData
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
@@ -223,7 +224,9 @@ def load_encoder(path: Path, weights: bool = True
     path = resolve_model_dir(path)
     if rundir.is_run_dir(path):
         if not weights:
-            return RunConfig.load(path / rundir.CONFIG).model, None, path / rundir.TOKENIZER
+            config = RunConfig.load(path / rundir.CONFIG).model
+            check_tokenizer_fits(config, path / rundir.TOKENIZER)
+            return config, None, path / rundir.TOKENIZER
         model, cfg, tok_dir = rundir.load_run_model(path)
         return cfg.model, model.bert.state_dict(), tok_dir
     if (path / "config.json").is_file():
@@ -233,8 +236,11 @@ def load_encoder(path: Path, weights: bool = True
                 raw = json.loads((path / "config.json").read_text())
             except ValueError as e:
                 raise BertforgeError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-            return model_config_from_hf(raw), None, path
+            config = model_config_from_hf(raw)
+            check_tokenizer_fits(config, path)
+            return config, None, path
         model, config = import_model(path)
+        check_tokenizer_fits(config, path)
         return config, model.bert.state_dict(), path
     rundir.load_any_model(path)  # raises the error that says what is wrong with `path`
     raise AssertionError("unreachable")
@@ -319,6 +325,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         dtype = resolve_precision(cfg.train.precision, device)
         config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
                                      attention_probs_dropout_prob=cfg.dropout)
+        check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
+                            cfg.max_length, device)
         torch.manual_seed(cfg.train.seed)
         model = BertForSequenceClassification(config, data.num_labels)
         if encoder is not None:
@@ -376,6 +384,7 @@ def predict(model_dir: Path, texts: list[str], pairs: list[str] | None = None,
 
     hf_dir = resolve_model_dir(Path(model_dir))
     model, raw = import_classifier(hf_dir)
+    check_tokenizer_fits(model.config, hf_dir)
     if not max_length:
         spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()), None)
         max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
