@@ -73,7 +73,8 @@ def number(kind: type, rule: str, parse: Callable[[str], Any] | None = None
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
         if not satisfies(value, rule):
-            raise argparse.ArgumentTypeError(f"{_short(text, 40)}: {rule_text(rule)}")
+            why = rule_text(rule) if math.isfinite(value) else "must be a finite number"
+            raise argparse.ArgumentTypeError(f"{_short(text, 40)}: {why}")
         return value
 
     convert.rule = rule  # type: ignore[attr-defined]

@@ -370,33 +370,54 @@ def _summary(out: Path, data: TaskData, spec: dict[str, Any], cfg: FinetuneConfi
 
 # ---------------------------------------------------------------------------- predict
 
+class Predictor:
+    """A fine-tuned classifier, loaded once, that predicts batch after batch: from a
+    fine-tuning output directory or its HF export, in fp32.
+
+    max_length 0 (or None): the fine-tuning run's, when its finetune.json is at hand,
+    else the model's max_position_embeddings.
+    """
+
+    def __init__(self, model_dir: Path, max_length: int | None = 0, device: str = "cpu"):
+        from bertforge.hf import import_classifier
+        from bertforge.runtime import resolve_device
+
+        hf_dir = resolve_model_dir(Path(model_dir))
+        model, raw = import_classifier(hf_dir)
+        check_tokenizer_fits(model.config, hf_dir)
+        if not max_length:
+            spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()),
+                        None)
+            max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
+                          else model.config.max_position_embeddings)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.tok = load_tokenizer_any(hf_dir, max_length)
+        self.regression = raw.get("problem_type") == "regression"
+        self.names = [raw.get("id2label", {}).get(str(i), f"LABEL_{i}")
+                      for i in range(model.num_labels)]
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None,
+                 batch_size: int = 64) -> list[dict[str, Any]]:
+        """One {"label", "probabilities"} (classification) or {"score"} (regression) per
+        text, in order."""
+        data = Encoded(self.tok, texts, pairs, None, self.model.config.pad_token_id)
+        logits = predict_logits(self.model, data, batch_size, self.device)
+        if self.regression:
+            return [{"score": float(x)} for x in logits[:, 0]]
+        probs = torch.from_numpy(logits).double().softmax(-1).numpy()
+        return [{"label": self.names[int(p.argmax())],
+                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}}
+                for p in probs]
+
+    def blank(self) -> dict[str, Any]:
+        """The prediction of an empty text: none, so that every input has its output."""
+        return {"score": None} if self.regression else {"label": None, "probabilities": None}
+
+
 def predict(model_dir: Path, texts: list[str], pairs: list[str] | None = None,
             batch_size: int = 64, max_length: int = 0, device: str = "cpu"
             ) -> list[dict[str, Any]]:
-    """One {"label", "probabilities"} (classification) or {"score"} (regression) per text,
-    from a fine-tuning output directory or its HF export, in fp32.
-
-    max_length 0: the fine-tuning run's, when its finetune.json is at hand, else the
-    model's max_position_embeddings.
-    """
-    from bertforge.hf import import_classifier
-    from bertforge.runtime import resolve_device
-
-    hf_dir = resolve_model_dir(Path(model_dir))
-    model, raw = import_classifier(hf_dir)
-    check_tokenizer_fits(model.config, hf_dir)
-    if not max_length:
-        spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()), None)
-        max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
-                      else model.config.max_position_embeddings)
-    target = resolve_device(device)
-    tok = load_tokenizer_any(hf_dir, max_length)
-    data = Encoded(tok, texts, pairs, None, model.config.pad_token_id)
-    logits = predict_logits(model.to(target), data, batch_size, target)
-    if raw.get("problem_type") == "regression":
-        return [{"score": float(x)} for x in logits[:, 0]]
-    names = [raw.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(logits.shape[1])]
-    probs = torch.from_numpy(logits).double().softmax(-1).numpy()
-    return [{"label": names[int(p.argmax())],
-             "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
-            for p in probs]
+    """One {"label", "probabilities"} (classification) or {"score"} (regression) per text
+    (`Predictor`)."""
+    return Predictor(model_dir, max_length, device)(texts, pairs, batch_size)

@@ -102,8 +102,8 @@ FLAGS_0_1 = {
         --from-scratch --grad-clip --json --keep-last --length-grouping --log-every
         --lr --max-length --max-steps --max-train-examples --micro-batch-size --out
         --precision --quiet --results --seed --tasks --warmup --weight-decay""",
-    "predict": """--batch-size --device --input --max-length --output --text-column
-        --text-pair-column""",
+    "predict": """--batch-size --device --input --max-length --no-text --output --quiet
+        --text-column --text-pair-column""",
     "prepare": """--dedup --document-boundary --num-shards --one-doc-per-line --out --quiet
         --seq-len --shard-index --text-column --text-field --tokenizer
         --valid-fraction --workers""",

@@ -8,6 +8,7 @@ sentences hold stray quote characters); CSV files use standard CSV quoting.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -234,35 +235,32 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
                     labels=classes, metrics=metrics, score=score)
 
 
-def read_inputs(path: Path, text_column: str, pair_column: str | None = None
-                ) -> tuple[list[str], list[str] | None]:
-    """Texts to predict on: CSV, TSV or JSONL columns, or a .txt file with one text a line."""
+def iter_inputs(path: Path, text_column: str, pair_column: str | None = None
+                ) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, second text or None) of each input to predict on, in order,
+    read as it streams (bounded memory). A .txt file or stdin ('-') gives one a line,
+    blank lines too (their text empty): lines end at '\n' only (a lone CR stays inside its
+    line), and bytes that are not UTF-8 are replaced, as everywhere. CSV, TSV and JSONL
+    files give one a row (`read_records`)."""
     path = Path(path)
-    if path.suffix.lower() == ".txt" or str(path) == "-":
-        if pair_column:
-            raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
-                                 f"JSONL for text pairs")
-        lines = sys.stdin.read().splitlines() if str(path) == "-" else \
-            [row[0] for _, row in _rows_lines(path)]
-        texts = [t.strip() for t in lines if t.strip()]
-        if not texts:
-            raise BertforgeError(f"{path}: no texts")
-        return texts, None
-    texts, pairs = [], [] if pair_column else None
-    for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
-                                                               else [])):
-        texts.append(_text(values[0], path, number, text_column))
-        if pairs is not None:
-            pairs.append(_text(values[1], path, number, pair_column))
-    if not texts:
-        raise BertforgeError(f"{path}: no examples")
-    return texts, pairs
-
-
-def _rows_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    if path.suffix.lower() != ".txt" and str(path) != "-":
+        for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
+                                                                   else [])):
+            yield (number, _text(values[0], path, number, text_column),
+                   _text(values[1], path, number, pair_column) if pair_column else None)
+        return
+    if pair_column:
+        raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
+                             f"JSONL for text pairs")
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                yield number, [line.rstrip("\r\n")]
+        stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
     except FileNotFoundError:
         raise BertforgeError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise BertforgeError(f"{path} is a directory, not a file") from None
+    with stream if stream is not sys.stdin.buffer else contextlib.nullcontext(stream):
+        for number, raw in enumerate(stream, 1):  # binary lines end at b"\n" only
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            text = raw.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+            yield number, text.strip(), None
