@@ -42,7 +42,7 @@ from bertforge import rundir
 from bertforge.checkpoint import load_model_weights
 from bertforge.config import ModelConfig, RunConfig
 from bertforge.consistency import check_tokenizer_fits, check_training_fits
-from bertforge.data.labelled import TaskData
+from bertforge.data.labelled import TaskData, data_hashes
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
 from bertforge.fileio import hold_lock, write_atomic, write_text_atomic
@@ -265,6 +265,13 @@ def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None
         if saved[key] != spec[key]:
             raise BertforgeError(f"--resume: {key} was {saved[key]!r} in {out}, "
                                  f"cannot change it to {spec[key]!r}")
+    # The data itself, not its name: a file of the same name may hold other examples.
+    # (Runs of earlier versions recorded none.)
+    for split, digest in (saved.get("data_sha256") or {}).items():
+        if spec["data_sha256"].get(split) != digest:
+            raise BertforgeError(f"--resume: the {split} data is not what {out} was trained "
+                                 f"on (its content differs); give the run's own data, or "
+                                 f"another --out")
     cfg = FinetuneConfig.from_dict(saved["config"], where=str(out / SPEC))
     for key, value in (given or {}).items():
         old = getattr(cfg.train, key) if hasattr(cfg.train, key) else getattr(cfg, key)
@@ -294,7 +301,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     with hold_lock(out / rundir.LOCK, f"fine-tuning directory {out}"):
         cfg = cfg or FinetuneConfig()
         spec = {"model": str(model_path), "task": data.name, "from_scratch": from_scratch,
-                "labels": data.labels, "regression": data.regression}
+                "labels": data.labels, "regression": data.regression,
+                "data_sha256": data_hashes(data)}
         if resume and (out / SPEC).is_file():
             cfg = _check_resume(out, spec, given)
         elif (out / rundir.CHECKPOINTS).exists():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 
 # The field-count check below must not trip over long CSV fields.
@@ -64,6 +66,20 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
+
+
+def data_hashes(data: TaskData) -> dict[str, str]:
+    """sha256 of each split's content (texts, second texts, targets), by split ("train",
+    "validation", "validation matched", ...): what a fine-tuning run records, so that a
+    resume on other data (a file of the same name, another task's) is refused."""
+    splits = {"train": data.train, **{" ".join(("validation", k)).strip(): v
+                                      for k, v in data.validation.items()}}
+    out = {}
+    for name, ex in splits.items():
+        h = hashlib.sha256(json.dumps([data.labels, ex.texts, ex.pairs]).encode())
+        h.update(np.ascontiguousarray(ex.y).tobytes())
+        out[name] = h.hexdigest()
+    return out
 
 
 def rows_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -117,7 +133,7 @@ def read_records(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any
     missing = [c for c in columns if c not in header]
     if missing:
         raise BertforgeError(f"{path}, line {first[0]}: no column {missing[0]!r} in the header "
-                             f"(columns: {', '.join(header)})")
+                             f"(columns: {quote(', '.join(header))})")
     index = [header.index(c) for c in columns]
     for number, row in rows:
         if len(row) != len(header):
@@ -144,26 +160,42 @@ def _read_jsonl(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any]
             missing = [c for c in columns if c not in record]
             if missing:
                 raise BertforgeError(f"{path}, line {number}: no field {missing[0]!r} "
-                                     f"(fields: {', '.join(record)})")
+                                     f"(fields: {quote(', '.join(record))})")
             yield number, [record[c] for c in columns]
 
 
 def _text(value: Any, path: Path, number: int, column: str) -> str:
     if not isinstance(value, str):
-        raise BertforgeError(f"{path}, line {number}: {column!r} is {value!r}, not a text")
+        raise BertforgeError(f"{path}, line {number}: {column!r} is {quote(repr(value))}, "
+                             f"not a text")
     return value.strip()
 
 
 def _label_text(value: Any, path: Path, number: int) -> str:
     """A class label as a string: JSON numbers 0 and 0.0 both become '0'."""
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        raise BertforgeError(f"{path}, line {number}: label {value!r} is not a class name")
+        raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is not a "
+                             f"class name")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
     if not text:
         raise BertforgeError(f"{path}, line {number}: empty label")
     return text
+
+
+def _refuse_fractions(labels: list[str], lines: list[int], path: Path) -> None:
+    """Class labels that are fractional numbers are targets of a regression task: read as
+    class names they would make a class of every value seen."""
+    for value, number in zip(labels, lines):
+        try:
+            fractional = not float(value).is_integer()
+        except ValueError:
+            continue
+        if fractional:
+            raise BertforgeError(f"{path}, line {number}: label {quote(value)} is a "
+                                 f"fractional number, not a class name; pass --regression "
+                                 f"for numeric targets")
 
 
 def _sort_labels(names: set[str]) -> list[str]:
@@ -183,17 +215,19 @@ def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
             try:
                 out[i] = float(value)
             except (TypeError, ValueError):
-                raise BertforgeError(f"{path}, line {number}: label {value!r} is not a number "
-                                     f"(a regression task)") from None
+                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
+                                     f"not a number (a regression task)") from None
             if not np.isfinite(out[i]):
-                raise BertforgeError(f"{path}, line {number}: label {value!r} is not finite")
+                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
+                                     f"not finite")
         return out
     ids = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, (value, number) in enumerate(zip(raw, lines)):
         if value not in ids:
-            raise BertforgeError(f"{path}, line {number}: unknown label {value!r} (expected one "
-                                 f"of {', '.join(classes)})")
+            raise BertforgeError(f"{path}, line {number}: unknown label {quote(repr(value))} "
+                                 f"(expected one of {len(classes)}: "
+                                 f"{quote(', '.join(classes))})")
         out[i] = ids[value]
     return out
 
@@ -219,6 +253,9 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
     train, validation = Path(train), Path(validation)
     parts = {p: _read_split(p, text_column, pair_column, label_column, regression)
              for p in (train, validation)}
+    if not regression:
+        for path, (_, _, labels, lines) in parts.items():
+            _refuse_fractions(labels, lines, path)
     classes = None if regression else _sort_labels(set(parts[train][2]))
     if classes is not None and len(classes) < 2:
         raise BertforgeError(f"{train}: every example has the label {classes[0]!r}; a "
