@@ -121,10 +121,11 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
 
 def add_legacy_warmup(parser: argparse.ArgumentParser) -> None:
     """--warmup, the spelling of earlier versions: steps when >= 1, else a fraction."""
-    parser.add_argument("--warmup", dest="train.warmup", type=number(float, ">= 0"), default=argparse.SUPPRESS,
-                        metavar="FLOAT", help="linear warmup, as earlier versions spelled it: "
-                        "a number of steps if >= 1, else a fraction of the run (prefer "
-                        "--warmup-steps or --warmup-fraction)")
+    parser.add_argument("--warmup", dest="train.warmup", type=number(float, ">= 0"),
+                        default=argparse.SUPPRESS, metavar="FLOAT",
+                        help="linear warmup, as earlier versions spelled it: a number of "
+                        "steps if >= 1, else a fraction of the run (prefer --warmup-steps "
+                        "or --warmup-fraction)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

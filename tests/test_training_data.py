@@ -13,7 +13,6 @@ from bertforge.data.labelled import load_own_task
 from bertforge.errors import BertforgeError
 from bertforge.glue import GLUE_TASKS, load_glue_task
 from conftest import run_cli
-from test_consistency import _copy
 from test_finetune import write_sst2
 from test_hostile_run import (classification_files, error_line, hf_dir,  # noqa: F401
                               one_step_run, one_thread)
