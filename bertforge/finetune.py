@@ -315,6 +315,9 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         if cfg.max_length > config.max_position_embeddings:
             raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
                                  f"max_position_embeddings {config.max_position_embeddings}")
+        device = resolve_device(cfg.train.device)
+        check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
+                            cfg.max_length, device)  # before OUT is written to
         out.mkdir(parents=True, exist_ok=True)
         tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
         tok = load_tokenizer_any(tok_dir, cfg.max_length)
@@ -328,13 +331,10 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
                                            indent=1) + "\n")
 
-        device = resolve_device(cfg.train.device)
         where = configure(device)
         dtype = resolve_precision(cfg.train.precision, device)
         config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
                                      attention_probs_dropout_prob=cfg.dropout)
-        check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
-                            cfg.max_length, device)
         torch.manual_seed(cfg.train.seed)
         model = BertForSequenceClassification(config, data.num_labels)
         if encoder is not None:
