@@ -69,6 +69,7 @@ def number(kind: type, rule: str, parse: Callable[[str], Any] | None = None
     `--batch-size -1` or `--lr nan` ends in one line, exit 2, before any work."""
     if not isinstance(rule, str) or _RULE.fullmatch(rule) is None:
         raise ValueError(f"a numeric flag needs a rule, got {rule!r}")
+
     def convert(text: str) -> Any:
         try:
             value = parse(text) if parse else kind(text)

@@ -69,8 +69,8 @@ class TrainState:
         self.step, self.tokens = _count(state, "step", where), _count(state, "tokens", where)
         if max_steps and self.step > max_steps:
             raise BertforgeError(f"{where}: step {self.step} is past the run's max_steps "
-                                 f"{max_steps} (a state from another run); give --max-steps "
-                                 f">= {self.step} to continue past it")
+                                 f"{max_steps} (a state from another run, or --max-steps "
+                                 f"lowered below it)")
         elapsed = state.get("elapsed_s")
         if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
                 or not math.isfinite(elapsed) or elapsed < 0):
