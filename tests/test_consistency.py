@@ -244,9 +244,9 @@ def test_every_training_command_checks_its_memory(tmp_path, capsys, monkeypatch,
                                                   one_step_run, classification_files,
                                                   command):
     monkeypatch.setattr(consistency, "available_memory", lambda: 10 ** 6)  # 1 MB
-    argv = {"pretrain": pretrain(data_dir, tmp_path / "run"),
+    argv = {"pretrain": pretrain(data_dir, tmp_path / "run", "--device", "cpu"),
             "finetune": ["finetune", one_step_run, *classification_files, "--out",
-                         tmp_path / "ft"]}[command]
+                         tmp_path / "ft", "--device", "cpu"]}[command]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert "this machine has 0.0 GB available" in error_line(err)
