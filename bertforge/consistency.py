@@ -76,9 +76,12 @@ def _plain(value: Any) -> Any:
 def check_tokenizer_fits(config: ModelConfig, tok_dir: Path) -> None:
     """Refuse a tokenizer with an id the model has no embedding for: every special token's
     and its vocabulary size must be below config.vocab_size (an HF directory's config.json
-    and tokenizer come from different files, and nothing else ties them)."""
+    and tokenizer come from different files, and nothing else ties them). A directory
+    without a tokenizer has nothing to contradict: what needs one says it is missing."""
     from bertforge.data.tokenizer import load_tokenizer, special_token_ids
 
+    if not tok_dir.exists():
+        return
     tok = load_tokenizer(tok_dir)
     size = tok.get_vocab_size(with_added_tokens=True)
     for name, i in special_token_ids(tok).items():

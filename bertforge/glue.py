@@ -139,7 +139,8 @@ def check_layout(task: GlueTask, path: Path, texts: list[str], pairs: list[str] 
     task's column positions gives (CoLA's files under SST-2/ give its source code,
     'gj04', as every sentence). Labels are checked against the task's by encode_labels."""
     for column, values in ((task.text, texts), (task.pair, pairs)):
-        if column is not None and values is not None and len(values) > 1 \
+        # (a premise may repeat over a few examples, as MNLI's do)
+        if column is not None and values is not None and len(values) >= 4 \
                 and len(set(values)) == 1:
             raise BertforgeError(f"{path}: every example's {column.name} is "
                                  f"{quote(values[0])}; this is not a {task.name} file (another "
