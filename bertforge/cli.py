@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig, RunConfig,
-                              TrainConfig, build, merge, preset, read_yaml, typed_sections)
+                              TrainConfig, build, field_number, merge, number, preset, read_yaml,
+                              typed_sections)
 from bertforge.errors import BertforgeError, Interrupted
 from bertforge.fileio import require_utf8
 
@@ -108,8 +109,11 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
                                default=argparse.SUPPRESS, help=f"{text} (default: off)")
             continue
         default = (defaults or {}).get(name, "from --preset" if section == "model" else f.default)
-        group.add_argument(flag, dest=f"{section}.{name}",
-                           type=parse_duration if name == "time_budget" else base,
+        kind: Any = base
+        if base in (int, float):  # refused in one line at parse time, by the field's rule
+            kind = number(base, f.metadata["rule"],
+                          parse_duration if name == "time_budget" else None)
+        group.add_argument(flag, dest=f"{section}.{name}", type=kind,
                            default=argparse.SUPPRESS,
                            metavar=f.metadata.get("metavar") or base.__name__.upper(),
                            help=text if default is None else f"{text} (default: {default})")
@@ -117,10 +121,11 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
 
 def add_legacy_warmup(parser: argparse.ArgumentParser) -> None:
     """--warmup, the spelling of earlier versions: steps when >= 1, else a fraction."""
-    parser.add_argument("--warmup", dest="train.warmup", type=float, default=argparse.SUPPRESS,
-                        metavar="FLOAT", help="linear warmup, as earlier versions spelled it: "
-                        "a number of steps if >= 1, else a fraction of the run (prefer "
-                        "--warmup-steps or --warmup-fraction)")
+    parser.add_argument("--warmup", dest="train.warmup", type=number(float, ">= 0"),
+                        default=argparse.SUPPRESS, metavar="FLOAT",
+                        help="linear warmup, as earlier versions spelled it: a number of "
+                        "steps if >= 1, else a fraction of the run (prefer --warmup-steps "
+                        "or --warmup-fraction)")
 
 
 def _given(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -179,8 +184,6 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
 
-    if args.seq_len < 8:
-        raise BertforgeError(f"--seq-len {args.seq_len}: must be >= 8")
     files = [str(p) for p in resolve_corpus(args.corpus)]
     prepare(files, Path(args.tokenizer), Path(args.out), seq_len=args.seq_len,
             valid_fraction=args.valid_fraction, show_progress=not args.quiet,
@@ -283,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tokenizer", help="train a WordPiece tokenizer on a corpus")
     s.add_argument("corpus", nargs="+", help="files, directories or globs")
     s.add_argument("--out", required=True, help="directory to write the tokenizer to")
-    s.add_argument("--vocab-size", type=int, default=30522)
-    s.add_argument("--min-frequency", type=int, default=2, help="rarest pair to merge")
+    s.add_argument("--vocab-size", type=field_number(ModelConfig, "vocab_size"), default=30522)
+    s.add_argument("--min-frequency", type=number(int, ">= 1"), default=2,
+                   help="rarest pair to merge")
     s.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     _add_corpus_options(s, sample=True)
@@ -294,18 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("corpus", nargs="+", help="files, directories or globs")
     s.add_argument("--tokenizer", required=True, help="tokenizer directory")
     s.add_argument("--out", required=True, help="data directory to write")
-    s.add_argument("--seq-len", type=int, default=128)
-    s.add_argument("--valid-fraction", type=float, default=0.01,
+    s.add_argument("--seq-len", type=field_number(DataConfig, "seq_len"), default=128)
+    s.add_argument("--valid-fraction", type=field_number(DataConfig, "valid_fraction"),
+                   default=0.01,
                    help="fraction of documents held out (default: 0.01)")
     s.add_argument("--document-boundary", default="cross", choices=["cross", "new"],
                    help="'cross': documents joined by [SEP] across sequences; 'new': each "
                    "document starts a sequence, its last one padded (default: cross)")
-    s.add_argument("--workers", type=int, default=None,
+    s.add_argument("--workers", type=number(int, ">= 1"), default=None,
                    help="tokenizing processes (default: all cores); the output is the same")
-    s.add_argument("--num-shards", type=int, default=1, metavar="N",
+    s.add_argument("--num-shards", type=number(int, ">= 1"), default=1, metavar="N",
                    help="split the corpus into N parts, by document, to prepare on N machines "
                    "(default: 1)")
-    s.add_argument("--shard-index", type=int, default=0, metavar="I",
+    s.add_argument("--shard-index", type=number(int, ">= 0"), default=0, metavar="I",
                    help="the part to prepare, 0 <= I < N; read the parts together with "
                    "pretrain --data DIR --data DIR ... (default: 0)")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -329,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"model size: {', '.join(PRESETS)} (default: mini)")
     s.add_argument("--config", help="YAML file with model/data/train sections")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
-    s.add_argument("--dropout", type=float, help="set both dropout probabilities")
-    s.add_argument("--vocab-size", type=int, help="tokenizer vocabulary with --corpus "
+    s.add_argument("--dropout", type=field_number(ModelConfig, "hidden_dropout_prob"),
+                   help="set both dropout probabilities")
+    s.add_argument("--vocab-size", type=field_number(ModelConfig, "vocab_size"),
+                   help="tokenizer vocabulary with --corpus "
                    "(default: 30522)")
     s.add_argument("--cased", action="store_true", help="cased tokenizer with --corpus")
     s.add_argument("--quiet", action="store_true", help="no progress output")
@@ -348,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data directory, repeatable (default: the run's)")
     s.add_argument("--split", default="valid", help="split to evaluate (default: valid)")
     s.add_argument("--checkpoint", help="a checkpoint directory (default: the newest)")
-    s.add_argument("--max-sequences", type=int, default=None,
+    s.add_argument("--max-sequences", type=number(int, ">= 0"), default=None,
                    help="held-out sequences to score, 0: all (default: the run's "
                    "--eval-sequences, as its logged evaluation)")
     s.add_argument("--device", default="auto")
@@ -365,19 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fill-mask", help="predict the [MASK] tokens of a text")
     s.add_argument("model", help="run directory or Hugging Face directory")
     s.add_argument("text")
-    s.add_argument("--top-k", type=int, default=5)
+    s.add_argument("--top-k", type=number(int, ">= 1"), default=5)
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(func=cmd_fill_mask)
     s = sub.add_parser("bench", help="training tokens/s, MFU and peak memory, optionally "
                        "against transformers")
     s.add_argument("--preset", default="mini", help="model size (default: mini)")
-    s.add_argument("--batch-size", type=int, default=32, help="sequences per step (default: 32)")
-    s.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    s.add_argument("--vocab-size", type=int, default=30522, help="(default: 30522)")
-    s.add_argument("--dropout", type=float, help="dropout for both models (default: the "
-                   "preset's 0.1)")
-    s.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
-    s.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    s.add_argument("--batch-size", type=number(int, ">= 1"), default=32,
+                   help="sequences per step (default: 32)")
+    s.add_argument("--seq-len", type=field_number(DataConfig, "seq_len"), default=128,
+                   help="tokens per sequence (default: 128)")
+    s.add_argument("--vocab-size", type=field_number(ModelConfig, "vocab_size"), default=30522,
+                   help="(default: 30522)")
+    s.add_argument("--dropout", type=field_number(ModelConfig, "hidden_dropout_prob"),
+                   help="dropout for both models (default: the preset's 0.1)")
+    s.add_argument("--steps", type=number(int, ">= 1"), default=10,
+                   help="timed steps (default: 10)")
+    s.add_argument("--warmup", type=number(int, ">= 0"), default=3,
+                   help="untimed steps first (default: 3)")
     s.add_argument("--vs-hf", action="store_true",
                    help="also time transformers' BertForMaskedLM (its best setting)")
     s.add_argument("--compile", action="store_true",

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from bertforge.config import TrainConfig, merge
+from bertforge.config import TrainConfig, field_number, merge, number
 from bertforge.errors import BertforgeError
 from bertforge.finetune_config import (FINETUNE_DEFAULTS, FINETUNE_HELP, NOT_FOR_FINETUNING,
                                        FinetuneConfig, finetune_train_config)
@@ -63,18 +65,56 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from bertforge.data.labelled import read_inputs
-    from bertforge.finetune import predict
+    from bertforge.finetune import Predictor
 
-    texts, pairs = read_inputs(Path(args.input), args.text_column, args.text_pair_column)
-    results = predict(Path(args.model_dir), texts, pairs, batch_size=args.batch_size,
-                      max_length=args.max_length, device=args.device)
-    lines = "".join(json.dumps(r) + "\n" for r in results)
+    predictor = Predictor(Path(args.model_dir), args.max_length, args.device)
     if args.output:
-        Path(args.output).write_text(lines)
+        from bertforge.fileio import write_atomic
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                stream_predictions(args, predictor, f)
+
+        write_atomic(args.output, write)  # no half-written file if interrupted
     else:
-        sys.stdout.write(lines)
+        stream_predictions(args, predictor, sys.stdout)
     return 0
+
+
+PREDICT_CHUNK = 1024  # inputs read, predicted and written at a time: bounded memory
+
+
+def stream_predictions(args: argparse.Namespace, predictor: Any, out: TextIO) -> int:
+    """Write one JSON line per input of args.input to `out`, in input order, each naming
+    its input's line (and text, unless --no-text); an empty text gets a null prediction.
+    Inputs are read, predicted and written a chunk at a time, with progress on stderr."""
+    from bertforge.data.labelled import iter_inputs
+
+    inputs = iter_inputs(Path(args.input), args.text_column, args.text_pair_column)
+    done, start = 0, time.monotonic()
+    while chunk := list(itertools.islice(inputs, max(PREDICT_CHUNK, args.batch_size))):
+        filled = [i for i, (_, text, _) in enumerate(chunk) if text]
+        results = [predictor.blank()] * len(chunk)
+        if filled:
+            pairs = [chunk[i][2] for i in filled] if args.text_pair_column else None
+            for i, r in zip(filled, predictor([chunk[i][1] for i in filled], pairs,
+                                              args.batch_size)):
+                results[i] = r
+        for (line, text, pair), result in zip(chunk, results):
+            record: dict[str, Any] = {"line": line}
+            if not args.no_text:
+                record["text"] = text
+                if pair is not None:
+                    record["text_pair"] = pair
+            out.write(json.dumps({**record, **result}) + "\n")
+        out.flush()
+        done += len(chunk)
+        if not args.quiet and done >= PREDICT_CHUNK:  # small inputs: no progress to show
+            print(f"predict: {done:,} inputs, {time.monotonic() - start:.0f}s",
+                  file=sys.stderr)
+    if done == 0:
+        raise BertforgeError(f"{args.input}: no inputs")
+    return done
 
 
 def cmd_glue(args: argparse.Namespace) -> int:
@@ -137,13 +177,18 @@ def add_commands(sub: Any, add_fields: Any, add_legacy_warmup: Any) -> None:
     s.add_argument("model_dir", help="a `bertforge finetune` output directory or its hf/")
     s.add_argument("--input", required=True, help="CSV, TSV or JSONL file, or .txt with one "
                    "text a line ('-': stdin)")
-    s.add_argument("--output", help="JSONL file to write (default: stdout)")
+    s.add_argument("--output", help="JSONL file to write (default: stdout): one line per "
+                   "input, in order, with the input's line number and text")
     s.add_argument("--text-column", default="text", help="(default: text)")
     s.add_argument("--text-pair-column", help="second text, for sentence-pair tasks")
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--max-length", type=int, default=0,
-                   help="truncate to N tokens (default: the fine-tuning run's)")
+    s.add_argument("--batch-size", type=number(int, ">= 1"), default=64)
+    s.add_argument("--max-length", type=field_number(FinetuneConfig, "max_length"),
+                   default=None, help="truncate to N tokens (default: the fine-tuning run's)")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--no-text", action="store_true",
+                   help="leave each input's text out of its output line (the line number "
+                   "stays)")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("glue", help="fine-tune on several GLUE tasks; a table of scores")

@@ -5,12 +5,15 @@ from the Hugging Face world maps onto it one to one. Every config is validated o
 construction; a bad value raises `BertforgeError` naming the field. No float may be NaN or
 infinite (`--lr inf` passes `lr > 0`), and a model must fit in memory: its parameters are
 counted from the config and refused, before anything is allocated, when their fp32 weights
-alone exceed the memory this machine has available. The resolved configs of a run are
-written to RUN_DIR/config.yaml and forced on resume.
+alone exceed the memory this machine has available (training needs more:
+`consistency.check_training_fits`). A numeric field's range is its `rule`, checked for
+config files and flags alike (`number` parses every numeric flag of every command). The
+resolved configs of a run are written to RUN_DIR/config.yaml and forced on resume.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -19,49 +22,106 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from bertforge.errors import BertforgeError
 
 
-def _help(text: str, metavar: str | None = None, **kw: Any) -> Any:
-    """A dataclass field whose help text (and metavar) the CLI shows."""
-    return field(metadata={"help": text, "metavar": metavar}, **kw)
+def _help(text: str, metavar: str | None = None, rule: str | None = None, **kw: Any) -> Any:
+    """A dataclass field whose help text (and metavar) the CLI shows; a number's `rule`
+    (">= 1", "> 0", "[0, 1)", ...) is checked wherever a value comes from (`check_rules`,
+    and the flag's parser, `number`)."""
+    return field(metadata={"help": text, "metavar": metavar, "rule": rule}, **kw)
+
+
+_RULE = re.compile(r"(?P<op>>=|>)\s*(?P<bound>\S+)"
+                   r"|(?P<open>[\[(])\s*(?P<lo>[^,\s]+)\s*,\s*(?P<hi>[^\])\s]+)\s*(?P<close>[\])])")
+
+
+def satisfies(value: float, rule: str) -> bool:
+    """Whether `value` is a finite number that meets `rule`: '>= 1', '> 0', '[0, 1)',
+    '(0, 1]', '[0, 1]'."""
+    m = _RULE.fullmatch(rule)
+    if m is None:
+        raise ValueError(f"malformed rule {rule!r}")
+    if not math.isfinite(value):
+        return False
+    if m["op"]:
+        bound = float(m["bound"])
+        return value >= bound if m["op"] == ">=" else value > bound
+    lo, hi = float(m["lo"]), float(m["hi"])
+    return ((lo <= value if m["open"] == "[" else lo < value)
+            and (value <= hi if m["close"] == "]" else value < hi))
+
+
+def rule_text(rule: str) -> str:
+    """'must be >= 1', 'must be in [0, 1)': what a refusal says."""
+    return f"must be {rule}" if rule[0] == ">" else f"must be in {rule}"
+
+
+def number(kind: type, rule: str, parse: Callable[[str], Any] | None = None
+           ) -> Callable[[str], Any]:
+    """The argparse `type` of a numeric flag: the text as `kind` (or through `parse`),
+    refused unless it is finite and meets `rule`. Every numeric flag of every command is
+    parsed by one of these (tests/test_flags.py checks that no flag is left out), so that
+    `--batch-size -1` or `--lr nan` ends in one line, exit 2, before any work."""
+    if not isinstance(rule, str) or _RULE.fullmatch(rule) is None:
+        raise ValueError(f"a numeric flag needs a rule, got {rule!r}")
+
+    def convert(text: str) -> Any:
+        try:
+            value = parse(text) if parse else kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not satisfies(value, rule):
+            why = rule_text(rule) if math.isfinite(value) else "must be a finite number"
+            raise argparse.ArgumentTypeError(f"{_short(text, 40)}: {why}")
+        return value
+
+    convert.rule = rule  # type: ignore[attr-defined]
+    convert.__name__ = kind.__name__  # argparse names the type in its messages
+    return convert
+
+
+def field_number(kind: type, name: str) -> Callable[[str], Any]:
+    """`number` for field `name` of dataclass `kind`: its type and rule, so that a flag
+    outside the dataclass (`prepare --seq-len`) keeps the field's rule."""
+    f = next(f for f in fields(kind) if f.name == name)
+    hint = typing.get_type_hints(kind)[name]
+    base = next(a for a in (typing.get_args(hint) or (hint,)) if a is not type(None))
+    return number(base, f.metadata["rule"])
 
 
 @dataclass
 class ModelConfig:
     """The BERT architecture (field names as in transformers.BertConfig)."""
 
-    vocab_size: int = _help("Vocabulary size (the tokenizer's).", default=30522)
-    hidden_size: int = _help("Width of the encoder.", default=768)
-    num_hidden_layers: int = _help("Number of encoder layers.", default=12)
-    num_attention_heads: int = _help("Attention heads per layer.", default=12)
-    intermediate_size: int = _help("Width of the feed-forward layer.", default=3072)
+    vocab_size: int = _help("Vocabulary size (the tokenizer's).", rule=">= 1", default=30522)
+    hidden_size: int = _help("Width of the encoder.", rule=">= 1", default=768)
+    num_hidden_layers: int = _help("Number of encoder layers.", rule=">= 1", default=12)
+    num_attention_heads: int = _help("Attention heads per layer.", rule=">= 1", default=12)
+    intermediate_size: int = _help("Width of the feed-forward layer.", rule=">= 1", default=3072)
     hidden_act: str = _help("Feed-forward activation (only 'gelu').", default="gelu")
-    hidden_dropout_prob: float = _help("Dropout on embeddings and sublayer outputs.", default=0.1)
-    attention_probs_dropout_prob: float = _help("Dropout on attention probabilities.", default=0.1)
-    max_position_embeddings: int = _help("Longest sequence the model can take.", default=512)
-    type_vocab_size: int = _help("Number of segment (token type) ids.", default=2)
-    initializer_range: float = _help("Std of the normal weight initialisation.", default=0.02)
-    layer_norm_eps: float = _help("LayerNorm epsilon.", default=1e-12)
-    pad_token_id: int = _help("Id of [PAD].", default=0)
+    hidden_dropout_prob: float = _help("Dropout on embeddings and sublayer outputs.",
+                                       rule="[0, 1)", default=0.1)
+    attention_probs_dropout_prob: float = _help("Dropout on attention probabilities.",
+                                                rule="[0, 1)", default=0.1)
+    max_position_embeddings: int = _help("Longest sequence the model can take.",
+                                         rule=">= 1", default=512)
+    type_vocab_size: int = _help("Number of segment (token type) ids.", rule=">= 1", default=2)
+    initializer_range: float = _help("Std of the normal weight initialisation.",
+                                     rule="> 0", default=0.02)
+    layer_norm_eps: float = _help("LayerNorm epsilon.", rule="> 0", default=1e-12)
+    pad_token_id: int = _help("Id of [PAD].", rule=">= 0", default=0)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
-            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+        check_rules(self)
         _check(self, "hidden_size", self.hidden_size % self.num_attention_heads == 0,
                f"({self.hidden_size}) must be divisible by num_attention_heads "
                f"({self.num_attention_heads})")
         _check(self, "hidden_act", self.hidden_act == "gelu", "must be 'gelu'")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            _check(self, name, 0.0 <= getattr(self, name) < 1.0, "must be in [0, 1)")
-        _check(self, "initializer_range", self.initializer_range > 0, "must be > 0")
-        _check(self, "layer_norm_eps", self.layer_norm_eps > 0, "must be > 0")
         _check_fits(self)
 
     @property
@@ -152,18 +212,22 @@ class DataConfig:
 
     path: str | list[str] | None = _help("The prepared data directory the run reads, or a "
                                          "list of them read as one dataset.", default=None)
-    seq_len: int = _help("Tokens per sequence, [CLS] and [SEP] included.", default=128)
-    valid_fraction: float = _help("Fraction of documents held out for evaluation.", default=0.01)
-    mask_rate: float = _help("Fraction of tokens selected for MLM prediction.", default=0.15)
+    seq_len: int = _help("Tokens per sequence, [CLS] and [SEP] included.", rule=">= 8", default=128)
+    valid_fraction: float = _help("Fraction of documents held out for evaluation.",
+                                  rule="[0, 1)", default=0.01)
+    mask_rate: float = _help("Fraction of tokens selected for MLM prediction.",
+                             rule="(0, 1]", default=0.15)
     mask_token_ratio: float = _help("Of the selected tokens, the fraction replaced by [MASK].",
-                                    default=0.8)
+                                    rule="[0, 1]", default=0.8)
     random_token_ratio: float = _help("Of the selected tokens, the fraction replaced by a "
-                                      "random token (the rest stay unchanged).", default=0.1)
+                                      "random token (the rest stay unchanged).",
+                                      rule="[0, 1]", default=0.1)
     masking: str = _help("What is masked: 'token' (BERT), 'wwm' (whole words: a word's "
                          "WordPiece pieces together) or 'span' (SpanBERT: whole-word spans of "
                          "geometric length).", default="token")
-    span_p: float = _help("Span masking: parameter p of the geometric span length.", default=0.2)
-    span_max: int = _help("Span masking: longest span, in words.", default=10)
+    span_p: float = _help("Span masking: parameter p of the geometric span length.",
+                          rule="(0, 1]", default=0.2)
+    span_max: int = _help("Span masking: longest span, in words.", rule=">= 1", default=10)
     objective: str = _help("'mlm', 'mlm+nsp' (BERT's next-sentence prediction) or 'mlm+sop' "
                            "(ALBERT's sentence-order prediction).", default="mlm")
     document_boundary: str = _help("Packing when data is prepared: 'cross' (documents joined "
@@ -174,17 +238,10 @@ class DataConfig:
                                        default=None)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self, "seq_len", self.seq_len >= 8, "must be >= 8")
-        _check(self, "valid_fraction", 0.0 <= self.valid_fraction < 1.0, "must be in [0, 1)")
-        _check(self, "mask_rate", 0.0 < self.mask_rate <= 1.0, "must be in (0, 1]")
-        _check(self, "mask_token_ratio", 0.0 <= self.mask_token_ratio <= 1.0, "must be in [0, 1]")
-        _check(self, "random_token_ratio",
-               0.0 <= self.random_token_ratio <= 1.0 - self.mask_token_ratio,
+        check_rules(self)
+        _check(self, "random_token_ratio", self.random_token_ratio <= 1.0 - self.mask_token_ratio,
                "must be in [0, 1 - mask_token_ratio]")
         _check(self, "masking", self.masking in MASKINGS, f"must be one of {', '.join(MASKINGS)}")
-        _check(self, "span_p", 0.0 < self.span_p <= 1.0, "must be in (0, 1]")
-        _check(self, "span_max", self.span_max >= 1, "must be >= 1")
         _check(self, "objective", self.objective in OBJECTIVES,
                f"must be one of {', '.join(OBJECTIVES)}")
         _check(self, "document_boundary", self.document_boundary in DOCUMENT_BOUNDARIES,
@@ -195,37 +252,41 @@ class DataConfig:
 class TrainConfig:
     """The optimisation and the run's schedule of evaluation, logging and checkpoints."""
 
-    batch_size: int = _help("Sequences per optimizer step (the global batch).", default=256)
+    batch_size: int = _help("Sequences per optimizer step (the global batch).",
+                            rule=">= 1", default=256)
     micro_batch_size: int = _help("Sequences per forward/backward; the batch is accumulated "
-                                  "from micro-batches.", default=32)
-    lr: float = _help("Peak learning rate.", default=1e-4)
-    weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm).", default=0.01)
-    adam_beta1: float = _help("Adam beta1.", default=0.9)
-    adam_beta2: float = _help("Adam beta2.", default=0.999)
-    adam_eps: float = _help("Adam epsilon.", default=1e-6)
+                                  "from micro-batches.", rule=">= 1", default=32)
+    lr: float = _help("Peak learning rate.", rule="> 0", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm).",
+                                rule=">= 0", default=0.01)
+    adam_beta1: float = _help("Adam beta1.", rule="[0, 1)", default=0.9)
+    adam_beta2: float = _help("Adam beta2.", rule="[0, 1)", default=0.999)
+    adam_eps: float = _help("Adam epsilon.", rule="> 0", default=1e-6)
     warmup_steps: int | None = _help("Linear warmup over this many steps (instead of "
-                                     "warmup_fraction).", default=None)
+                                     "warmup_fraction).", rule=">= 0", default=None)
     warmup_fraction: float | None = _help("Linear warmup over this fraction of the run (of "
                                           "max_steps, or of the time budget); "
                                           f"{DEFAULT_WARMUP_FRACTION} when warmup_steps is "
-                                          "not given either.", default=None)
+                                          "not given either.", rule="[0, 1)", default=None)
     schedule: str = _help("Learning-rate decay after warmup: 'linear', 'cosine' or 'constant'.",
                           default="linear")
-    max_steps: int | None = _help("Optimizer steps to run.", default=None)
+    max_steps: int | None = _help("Optimizer steps to run.", rule=">= 1", default=None)
     time_budget: float | None = _help("Training-time budget (seconds, or 90s/30m/2h; evaluation "
                                       "and checkpoints are off the clock); the "
                                       "schedule reaches zero at the deadline.",
-                                      metavar="DURATION", default=None)
-    grad_clip: float = _help("Clip the gradient norm to this (0 disables).", default=1.0)
-    seed: int = _help("Seed for initialisation, data order and masks.", default=0)
+                                      metavar="DURATION", rule="> 0", default=None)
+    grad_clip: float = _help("Clip the gradient norm to this (0 disables).",
+                             rule=">= 0", default=1.0)
+    seed: int = _help("Seed for initialisation, data order and masks.", rule=">= 0", default=0)
     eval_every: int = _help("Evaluate on held-out data every N steps (0: only at the end).",
-                            default=0)
-    eval_sequences: int = _help("Held-out sequences per evaluation (0: all).", default=2048)
+                            rule=">= 0", default=0)
+    eval_sequences: int = _help("Held-out sequences per evaluation (0: all).",
+                                rule=">= 0", default=2048)
     checkpoint_every: int = _help("Save a checkpoint every N steps (0: only at the end).",
-                                  default=0)
-    keep_last: int = _help("Checkpoints to keep.", default=3)
+                                  rule=">= 0", default=0)
+    keep_last: int = _help("Checkpoints to keep.", rule=">= 1", default=3)
     log_every: int = _help("Write a train metrics line every N steps (and print progress).",
-                           default=10)
+                           rule=">= 1", default=10)
     precision: str = _help("'auto' (bf16 where the hardware supports it), 'bf16' or 'fp32'.",
                            default="auto")
     device: str = _help("'auto', 'cpu', 'cuda' or 'cuda:N'.", default="auto")
@@ -240,7 +301,7 @@ class TrainConfig:
                           default=False)
     num_workers: int | None = _help("Background processes that build (mask) the batches of "
                                     "the next steps while the current one computes; "
-                                    "default: 2 on a GPU, 0 on the CPU.", default=None)
+                                    "default: 2 on a GPU, 0 on the CPU.", rule=">= 0", default=None)
     init: str | None = _help("Start from this model instead of a random initialisation: a "
                              "Hugging Face BERT directory, a bertforge run directory or one "
                              "of its checkpoints. Its architecture and tokenizer come with it; "
@@ -253,34 +314,13 @@ class TrainConfig:
                               "or there is no network).", metavar="PROJECT", default=None)
 
     def __post_init__(self) -> None:
-        _check_finite(self)
-        _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
-        _check(self, "micro_batch_size", self.micro_batch_size >= 1, "must be >= 1")
-        _check(self, "lr", self.lr > 0, "must be > 0")
-        _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
-        _check(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
-        _check(self, "adam_beta2", 0 <= self.adam_beta2 < 1, "must be in [0, 1)")
-        _check(self, "adam_eps", self.adam_eps > 0, "must be > 0")
-        _check(self, "warmup_steps", self.warmup_steps is None or self.warmup_steps >= 0,
-               "must be >= 0")
-        _check(self, "warmup_fraction",
-               self.warmup_fraction is None or 0 <= self.warmup_fraction < 1, "must be in [0, 1)")
+        check_rules(self)
         _check(self, "warmup_fraction", self.warmup_steps is None or self.warmup_fraction is None,
                "give warmup_steps or warmup_fraction, not both")
         if self.warmup_steps is None and self.warmup_fraction is None:
             self.warmup_fraction = DEFAULT_WARMUP_FRACTION
         _check(self, "schedule", self.schedule in ("linear", "cosine", "constant"),
                "must be 'linear', 'cosine' or 'constant'")
-        _check(self, "max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1")
-        _check(self, "time_budget", self.time_budget is None or self.time_budget > 0, "must be > 0")
-        _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
-        _check(self, "seed", self.seed >= 0, "must be >= 0")
-        for name in ("eval_every", "eval_sequences", "checkpoint_every"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "log_every", self.log_every >= 1, "must be >= 1")
-        _check(self, "num_workers", self.num_workers is None or self.num_workers >= 0,
-               "must be >= 0")
-        _check(self, "keep_last", self.keep_last >= 1, "must be >= 1")
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
                "must be 'auto', 'bf16' or 'fp32'")
         _check(self, "on_nan", self.on_nan in ("stop", "skip"), "must be 'stop' or 'skip'")
@@ -455,13 +495,17 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _check_finite(obj: Any) -> None:
-    """Refuse NaN and infinity in any float field: they pass range checks written as
-    comparisons (inf > 0), and a first update at lr=inf writes NaN into every weight."""
+def check_rules(obj: Any) -> None:
+    """Refuse NaN and infinity in any float field of dataclass `obj` (they pass range checks
+    written as comparisons, inf > 0, and a first update at lr=inf writes NaN into every
+    weight), and any number that breaks its field's rule (`_help`)."""
     for f in fields(obj):
-        value = getattr(obj, f.name)
-        _check(obj, f.name, not isinstance(value, float) or math.isfinite(value),
-               "must be a finite number")
+        value, rule = getattr(obj, f.name), f.metadata.get("rule")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        _check(obj, f.name, math.isfinite(value), "must be a finite number")
+        if rule:
+            _check(obj, f.name, satisfies(value, rule), rule_text(rule))
 
 
 def _check(obj: Any, name: str, ok: bool, message: str) -> None:

@@ -41,7 +41,8 @@ from bertforge import checkpoint as ckpt
 from bertforge import rundir
 from bertforge.checkpoint import load_model_weights
 from bertforge.config import ModelConfig, RunConfig
-from bertforge.data.labelled import TaskData
+from bertforge.consistency import check_tokenizer_fits, check_training_fits
+from bertforge.data.labelled import TaskData, data_hashes
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
 from bertforge.fileio import hold_lock, write_atomic, write_text_atomic
@@ -228,7 +229,9 @@ def load_encoder(path: Path, weights: bool = True
     path = resolve_model_dir(path)
     if rundir.is_run_dir(path):
         if not weights:
-            return RunConfig.load(path / rundir.CONFIG).model, None, path / rundir.TOKENIZER
+            config = RunConfig.load(path / rundir.CONFIG).model
+            check_tokenizer_fits(config, path / rundir.TOKENIZER)
+            return config, None, path / rundir.TOKENIZER
         model, cfg, tok_dir = rundir.load_run_model(path)
         return cfg.model, model.bert.state_dict(), tok_dir
     if (path / "config.json").is_file():
@@ -238,8 +241,11 @@ def load_encoder(path: Path, weights: bool = True
                 raw = json.loads((path / "config.json").read_text())
             except ValueError as e:
                 raise BertforgeError(f"{path / 'config.json'}: not valid JSON ({e})") from None
-            return model_config_from_hf(raw), None, path
+            config = model_config_from_hf(raw)
+            check_tokenizer_fits(config, path)
+            return config, None, path
         model, config = import_model(path)
+        check_tokenizer_fits(config, path)
         return config, model.bert.state_dict(), path
     rundir.load_any_model(path)  # raises the error that says what is wrong with `path`
     raise AssertionError("unreachable")
@@ -264,6 +270,13 @@ def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None
         if saved[key] != spec[key]:
             raise BertforgeError(f"--resume: {key} was {saved[key]!r} in {out}, "
                                  f"cannot change it to {spec[key]!r}")
+    # The data itself, not its name: a file of the same name may hold other examples.
+    # (Runs of earlier versions recorded none.)
+    for split, digest in (saved.get("data_sha256") or {}).items():
+        if spec["data_sha256"].get(split) != digest:
+            raise BertforgeError(f"--resume: the {split} data is not what {out} was trained "
+                                 f"on (its content differs); give the run's own data, or "
+                                 f"another --out")
     cfg = FinetuneConfig.from_dict(saved["config"], where=str(out / SPEC))
     for key, value in (given or {}).items():
         old = getattr(cfg.train, key) if hasattr(cfg.train, key) else getattr(cfg, key)
@@ -293,7 +306,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     with hold_lock(out / rundir.LOCK, f"fine-tuning directory {out}"):
         cfg = cfg or FinetuneConfig()
         spec = {"model": str(model_path), "task": data.name, "from_scratch": from_scratch,
-                "labels": data.labels, "regression": data.regression}
+                "labels": data.labels, "regression": data.regression,
+                "data_sha256": data_hashes(data)}
         if resume and (out / SPEC).is_file():
             cfg = _check_resume(out, spec, given)
         elif (out / rundir.CHECKPOINTS).exists():
@@ -306,6 +320,9 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         if cfg.max_length > config.max_position_embeddings:
             raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
                                  f"max_position_embeddings {config.max_position_embeddings}")
+        device = resolve_device(cfg.train.device)
+        check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
+                            cfg.max_length, device)  # before OUT is written to
         out.mkdir(parents=True, exist_ok=True)
         tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
         tok = load_tokenizer_any(tok_dir, cfg.max_length)
@@ -319,7 +336,6 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
                                            indent=1) + "\n")
 
-        device = resolve_device(cfg.train.device)
         where = configure(device)
         dtype = resolve_precision(cfg.train.precision, device)
         config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
@@ -367,32 +383,54 @@ def _summary(out: Path, data: TaskData, spec: dict[str, Any], cfg: FinetuneConfi
 
 # ---------------------------------------------------------------------------- predict
 
+class Predictor:
+    """A fine-tuned classifier, loaded once, that predicts batch after batch: from a
+    fine-tuning output directory or its HF export, in fp32.
+
+    max_length 0 (or None): the fine-tuning run's, when its finetune.json is at hand,
+    else the model's max_position_embeddings.
+    """
+
+    def __init__(self, model_dir: Path, max_length: int | None = 0, device: str = "cpu"):
+        from bertforge.hf import import_classifier
+        from bertforge.runtime import resolve_device
+
+        hf_dir = resolve_model_dir(Path(model_dir))
+        model, raw = import_classifier(hf_dir)
+        check_tokenizer_fits(model.config, hf_dir)
+        if not max_length:
+            spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()),
+                        None)
+            max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
+                          else model.config.max_position_embeddings)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device)
+        self.tok = load_tokenizer_any(hf_dir, max_length)
+        self.regression = raw.get("problem_type") == "regression"
+        self.names = [raw.get("id2label", {}).get(str(i), f"LABEL_{i}")
+                      for i in range(model.num_labels)]
+
+    def __call__(self, texts: list[str], pairs: list[str] | None = None,
+                 batch_size: int = 64) -> list[dict[str, Any]]:
+        """One {"label", "probabilities"} (classification) or {"score"} (regression) per
+        text, in order."""
+        data = Encoded(self.tok, texts, pairs, None, self.model.config.pad_token_id)
+        logits = predict_logits(self.model, data, batch_size, self.device)
+        if self.regression:
+            return [{"score": float(x)} for x in logits[:, 0]]
+        probs = torch.from_numpy(logits).double().softmax(-1).numpy()
+        return [{"label": self.names[int(p.argmax())],
+                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}}
+                for p in probs]
+
+    def blank(self) -> dict[str, Any]:
+        """The prediction of an empty text: none, so that every input has its output."""
+        return {"score": None} if self.regression else {"label": None, "probabilities": None}
+
+
 def predict(model_dir: Path, texts: list[str], pairs: list[str] | None = None,
             batch_size: int = 64, max_length: int = 0, device: str = "cpu"
             ) -> list[dict[str, Any]]:
-    """One {"label", "probabilities"} (classification) or {"score"} (regression) per text,
-    from a fine-tuning output directory or its HF export, in fp32.
-
-    max_length 0: the fine-tuning run's, when its finetune.json is at hand, else the
-    model's max_position_embeddings.
-    """
-    from bertforge.hf import import_classifier
-    from bertforge.runtime import resolve_device
-
-    hf_dir = resolve_model_dir(Path(model_dir))
-    model, raw = import_classifier(hf_dir)
-    if not max_length:
-        spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()), None)
-        max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
-                      else model.config.max_position_embeddings)
-    target = resolve_device(device)
-    tok = load_tokenizer_any(hf_dir, max_length)
-    data = Encoded(tok, texts, pairs, None, model.config.pad_token_id)
-    logits = predict_logits(model.to(target), data, batch_size, target)
-    if raw.get("problem_type") == "regression":
-        return [{"score": float(x)} for x in logits[:, 0]]
-    names = [raw.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(logits.shape[1])]
-    probs = torch.from_numpy(logits).double().softmax(-1).numpy()
-    return [{"label": names[int(p.argmax())],
-             "probabilities": {n: round(float(x), 6) for n, x in zip(names, p)}}
-            for p in probs]
+    """One {"label", "probabilities"} (classification) or {"score"} (regression) per text
+    (`Predictor`)."""
+    return Predictor(model_dir, max_length, device)(texts, pairs, batch_size)

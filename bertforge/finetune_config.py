@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertforge.config import TrainConfig, _help, build, merge
+from bertforge.config import TrainConfig, _help, build, check_rules, merge
 from bertforge.errors import BertforgeError
 
 # BERT's recipe for base-sized models (Devlin et al. 2019, appendix A.3).
@@ -46,28 +46,22 @@ class FinetuneConfig:
     """Fine-tuning settings; the optimisation is `train`, a TrainConfig."""
 
     train: TrainConfig = field(default_factory=finetune_train_config)
-    epochs: int = _help("Passes over the training set.", default=3)
+    epochs: int = _help("Passes over the training set.", rule=">= 1", default=3)
     max_length: int = _help("Tokens per example, [CLS] and [SEP] included (longer ones "
-                            "are truncated).", default=128)
+                            "are truncated).", rule=">= 8", default=128)
     dropout: float = _help("Dropout on embeddings, attention, sublayers and the classifier "
-                           "(replaces the pretrained model's).", default=0.1)
+                           "(replaces the pretrained model's).", rule="[0, 1)", default=0.1)
     length_grouping: int = _help("Pad less: sort each run of N batches of the shuffled "
                                  "examples by length, then shuffle the batches (0: off, "
                                  "each batch a random draw; 50 is also what Hugging Face's "
-                                 "group_by_length uses).", default=50)
-    eval_batch_size: int = _help("Examples per forward pass when evaluating.", default=64)
-    max_train_examples: int = _help("Train on the first N examples only (0: all).", default=0)
+                                 "group_by_length uses).", rule=">= 0", default=50)
+    eval_batch_size: int = _help("Examples per forward pass when evaluating.",
+                                 rule=">= 1", default=64)
+    max_train_examples: int = _help("Train on the first N examples only (0: all).",
+                                    rule=">= 0", default=0)
 
     def __post_init__(self) -> None:
-        checks = {"epochs": (self.epochs >= 1, "must be >= 1"),
-                  "max_length": (self.max_length >= 8, "must be >= 8"),
-                  "dropout": (0 <= self.dropout < 1, "must be in [0, 1)"),
-                  "length_grouping": (self.length_grouping >= 0, "must be >= 0"),
-                  "eval_batch_size": (self.eval_batch_size >= 1, "must be >= 1"),
-                  "max_train_examples": (self.max_train_examples >= 0, "must be >= 0")}
-        for name, (ok, message) in checks.items():
-            if not ok:
-                raise BertforgeError(f"FinetuneConfig.{name}={getattr(self, name)!r}: {message}")
+        check_rules(self)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "finetune config") -> FinetuneConfig:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.data.labelled import Examples, TaskData, encode_labels, rows_tsv
+from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 
 
@@ -36,6 +37,7 @@ class GlueTask:
     labels: tuple[str, ...] | None  # None: regression
     metrics: tuple[str, ...]
     dev: tuple[tuple[str, str], ...] = (("", "dev.tsv"),)  # (split name, file)
+    scores: tuple[float, float] | None = None  # a regression task's range of targets
 
 
 _BINARY = ("0", "1")
@@ -50,7 +52,7 @@ GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("qqp", "QQP", Column("question1", 3), Column("question2", 4),
              Column("is_duplicate", 5), _BINARY, ("accuracy", "f1")),
     GlueTask("stsb", "STS-B", Column("sentence1", 7), Column("sentence2", 8),
-             Column("score", -1), None, ("pearson", "spearman")),
+             Column("score", -1), None, ("pearson", "spearman"), scores=(0.0, 5.0)),
     GlueTask("mnli", "MNLI", Column("sentence1", 8), Column("sentence2", 9),
              Column("gold_label", -1), ("contradiction", "entailment", "neutral"),
              ("accuracy",), dev=(("matched", "dev_matched.tsv"),
@@ -127,7 +129,29 @@ def read_split(task: GlueTask, path: Path) -> Examples:
     if not texts:
         raise BertforgeError(f"{path}: no examples (only a header)")
     y = encode_labels(labels, lines, list(task.labels) if task.labels else None, path)
+    check_layout(task, path, texts, pairs, y, lines)
     return Examples(path, texts, pairs, y, lines)
+
+
+def check_layout(task: GlueTask, path: Path, texts: list[str], pairs: list[str] | None,
+                 y: Any, lines: list[int]) -> None:
+    """Refuse values the task's layout cannot have: what another task's file read by this
+    task's column positions gives (CoLA's files under SST-2/ give its source code,
+    'gj04', as every sentence). Labels are checked against the task's by encode_labels."""
+    for column, values in ((task.text, texts), (task.pair, pairs)):
+        # (a premise may repeat over a few examples, as MNLI's do)
+        if column is not None and values is not None and len(values) >= 4 \
+                and len(set(values)) == 1:
+            raise BertforgeError(f"{path}: every example's {column.name} is "
+                                 f"{quote(values[0])}; this is not a {task.name} file (another "
+                                 f"task's layout?)")
+    if task.scores is not None:
+        low, high = task.scores
+        for value, number in zip(y.tolist(), lines):
+            if not low <= value <= high:
+                raise BertforgeError(f"{path}, line {number}: {task.label.name} "
+                                     f"{quote(repr(value))} is outside {task.name}'s range "
+                                     f"[{low:g}, {high:g}] (another task's layout?)")
 
 
 def load_glue_task(name: str, data_dir: Path) -> TaskData:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from bertforge import rundir
 from bertforge.checkpoint import load_model_weights, remove_partial
 from bertforge.config import ModelConfig, RunConfig, TrainConfig
+from bertforge.consistency import check_training_fits
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
 from bertforge.data.masking import MaskedBatch, build_masker
@@ -168,20 +169,25 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     else:
         record.update(vocab_size=vocab_size, lowercase=lowercase, sample_bytes=sample_bytes)
     changed, known = _changes(run_dir / BUILT_FROM, record, tok_dir)
+    # The record is checked against what it describes: an edited one must not pass off
+    # another corpus's cached tokenizer and shards as this corpus's.
+    mismatch = None if changed else _cache_mismatch(tok_dir, data_dir, files)
+    if mismatch:
+        changed = ["cache"]
     if not tok_dir.exists():
         stale_tok = False
     elif tokenizer is not None:  # a copy: of this tokenizer, and whole?
         stale_tok = (not (tok_dir / "tokenizer.json").is_file()
                      or tokenizer_hash(tok_dir) != record["tokenizer"])
     else:
-        stale_tok = any(k in _TOKENIZER_INPUTS for k in changed)
+        stale_tok = any(k in (*_TOKENIZER_INPUTS, "cache") for k in changed)
     stale_data = data_dir.exists() and bool(changed or stale_tok)
     if (stale_tok or stale_data) and any_checkpoint(run_dir / rundir.CHECKPOINTS):
         if known is None:  # a run of an earlier bertforge: what it was built from is unknown
             print(f"warning: {run_dir} does not record what its tokenizer and data were "
                   f"built from (an earlier bertforge); using them as they are", file=sys.stderr)
             return data_dir
-        what = _describe(changed[0] if changed else "tokenizer", known, record)
+        what = mismatch or _describe(changed[0] if changed else "tokenizer", known, record)
         raise BertforgeError(f"{run_dir} was built from other input ({what}) and its "
                              f"checkpoints were trained on it; give the run's own corpus and "
                              f"options, or another --out")
@@ -253,6 +259,39 @@ def _changes(path: Path, record: dict[str, Any], tok_dir: Path
         if load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True) == record["vocab_size"]:
             changed.remove("vocab_size")
     return changed, known
+
+
+def _cache_mismatch(tok_dir: Path, data_dir: Path, files: list[str]) -> str | None:
+    """What in RUN_DIR's cached data contradicts BUILT_FROM's record of it (the corpus
+    files its manifest names, the tokenizer it was made with); None when it agrees or
+    there is no data yet."""
+    from bertforge.data.tokenizer import tokenizer_hash
+
+    try:
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None  # no complete data: it is (re)built
+    made_from = manifest.get("corpus_files") if isinstance(manifest, dict) else None
+    if (not isinstance(made_from, list) or len(made_from) != len(files)
+            or not all(isinstance(m, str) and _same_file(m, f)
+                       for m, f in zip(made_from, files))):
+        return (f"{data_dir / 'manifest.json'} names other corpus files than "
+                f"{BUILT_FROM} records")
+    if (tok_dir / "tokenizer.json").is_file() and \
+            manifest.get("tokenizer_hash") != tokenizer_hash(tok_dir):
+        return f"{data_dir} was made with another tokenizer than {tok_dir}'s"
+    return None
+
+
+def _same_file(recorded: str, given: str) -> bool:
+    """Whether a manifest's corpus path (absolute, or relative to where prepare ran) names
+    corpus file `given`."""
+    if recorded.startswith("hf:") or given.startswith("hf:"):
+        return recorded == given
+    if os.path.isabs(recorded):
+        return os.path.abspath(recorded) == os.path.abspath(given)
+    return Path(os.path.abspath(given)).parts[-len(Path(recorded).parts):] == \
+        Path(os.path.normpath(recorded)).parts
 
 
 def _describe(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -544,6 +583,8 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
 
     where = configure(device)
     dtype = resolve_precision(cfg.train.precision, device)
+    check_training_fits(cfg.model, min(cfg.train.micro_batch_size, cfg.train.batch_size),
+                        cfg.data.seq_len, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = pretraining_model(cfg.model, cfg.data.objective)
     if cfg.train.init:  # before a resume's checkpoint, which fit loads over it

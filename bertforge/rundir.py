@@ -1,4 +1,8 @@
-"""The run directory layout (DESIGN.md) and loading a model from a run or HF directory."""
+"""The run directory layout (DESIGN.md) and loading a model from a run or HF directory.
+
+Every model loaded here has its tokenizer checked against its config first
+(`consistency.check_tokenizer_fits`).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import torch
 
 from bertforge import checkpoint as ckpt
 from bertforge.config import ModelConfig, RunConfig
+from bertforge.consistency import check_tokenizer_fits
 from bertforge.errors import BertforgeError
 
 CONFIG, TOKENIZER, DATA, CHECKPOINTS, METRICS, HF = (
@@ -42,6 +47,7 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None
         checkpoint = found[0]
     else:
         ckpt.verify(checkpoint)
+    check_tokenizer_fits(cfg.model, run_dir / TOKENIZER)
     model = BertForPreTraining(cfg.model)
     ckpt.load_model_weights(model, ckpt.load_weights(checkpoint))
     return model.eval(), cfg, run_dir / TOKENIZER
@@ -55,7 +61,8 @@ def load_any_model(path: Path) -> tuple[torch.nn.Module, Path]:
         return model, tok
     if (path / "config.json").is_file():
         from bertforge.hf import import_model
-        model, _ = import_model(path)[:2]
+        model, config = import_model(path)[:2]
+        check_tokenizer_fits(config, path)
         return model.eval(), path
     if not path.exists():
         raise BertforgeError(f"model not found: {path}")
@@ -70,7 +77,9 @@ def init_source(path: Path) -> tuple[ModelConfig, Path]:
     if (path / ckpt.STATE_FILE).is_file() and is_run_dir(path.parent.parent):
         path = path.parent.parent  # a checkpoint: the run it belongs to has the rest
     if is_run_dir(path):
-        return RunConfig.load(path / CONFIG).model, path / TOKENIZER
+        config = RunConfig.load(path / CONFIG).model
+        check_tokenizer_fits(config, path / TOKENIZER)
+        return config, path / TOKENIZER
     if (path / "config.json").is_file():
         from bertforge.hf import model_config_from_hf, read_hf_config
 
@@ -79,7 +88,9 @@ def init_source(path: Path) -> tuple[ModelConfig, Path]:
             raise BertforgeError(f"{path / 'config.json'}: not a JSON object")
         if not ((path / "tokenizer.json").is_file() or (path / "vocab.txt").is_file()):
             raise BertforgeError(f"{path}: no tokenizer (tokenizer.json or vocab.txt)")
-        return model_config_from_hf(raw), path
+        config = model_config_from_hf(raw)
+        check_tokenizer_fits(config, path)
+        return config, path
     load_any_model(path)  # raises the error that says what is wrong with `path`
     raise AssertionError("unreachable")
 

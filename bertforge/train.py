@@ -31,6 +31,7 @@ import torch
 from bertforge import checkpoint as ckpt
 from bertforge.compiling import compile_loss, ordered_scatter
 from bertforge.config import TrainConfig
+from bertforge.consistency import check_optimizer_state
 from bertforge.distributed import Distributed
 from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep
 from bertforge.optim import build_optimizer, lr_at
@@ -59,13 +60,18 @@ class TrainState:
                 "skipped_steps": self.skipped_steps, "rng": rng_state(device)}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device,
-                        where: str = "state") -> None:
+                        where: str = "state", max_steps: int | None = None) -> None:
         """Restore from `state_dict()`'s output; a None or absent "rng" leaves the RNG.
 
         A value that cannot be restored is refused (BertforgeError naming `where` and the
-        field): a state.json's checksums only say that it is what was sealed.
+        field): a state.json's checksums only say that it is what was sealed. So is a
+        step past the run's `max_steps`: no run of this config wrote it.
         """
         self.step, self.tokens = _count(state, "step", where), _count(state, "tokens", where)
+        if max_steps and self.step > max_steps:
+            raise BertforgeError(f"{where}: step {self.step} is past the run's max_steps "
+                                 f"{max_steps} (a state from another run, or --max-steps "
+                                 f"lowered below it)")
         elapsed = state.get("elapsed_s")
         if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
                 or not math.isfinite(elapsed) or elapsed < 0):
@@ -206,10 +212,12 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     state = TrainState()
     if found is not None:
         path, saved = found
-        dist.load_optimizer_state(model, optimizer, ckpt.load_optimizer_state(path))
+        optimizer_state = ckpt.load_optimizer_state(path)
+        check_optimizer_state(optimizer_state, optimizer, str(path / ckpt.OPTIMIZER_FILE))
+        dist.load_optimizer_state(model, optimizer, optimizer_state)
         where = str(path / ckpt.STATE_FILE)
         state.load_state_dict({**saved, "rng": _rank_rng(saved, dist, cfg.seed, where)},
-                              device, where)
+                              device, where, max_steps=cfg.max_steps)
         if dist.is_main:
             print(f"resuming from {path.name} (step {state.step}, {state.tokens:,} tokens)",
                   file=sys.stderr)

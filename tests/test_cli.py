@@ -102,8 +102,8 @@ FLAGS_0_1 = {
         --from-scratch --grad-clip --json --keep-last --length-grouping --log-every
         --lr --max-length --max-steps --max-train-examples --micro-batch-size --out
         --precision --quiet --results --seed --tasks --warmup --weight-decay""",
-    "predict": """--batch-size --device --input --max-length --output --text-column
-        --text-pair-column""",
+    "predict": """--batch-size --device --input --max-length --no-text --output --quiet
+        --text-column --text-pair-column""",
     "prepare": """--dedup --document-boundary --num-shards --one-doc-per-line --out --quiet
         --seq-len --shard-index --text-column --text-field --tokenizer
         --valid-fraction --workers""",
@@ -141,7 +141,7 @@ def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
     code, _, err = run_cli(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "run",
                            "--preset", "tiny", "--max-steps", "2", "--log-every", "0")
     assert code == 2
-    assert err.strip() == "bertforge: error: TrainConfig.log_every=0: must be >= 1"
+    assert err.strip() == "bertforge pretrain: error: argument --log-every: '0': must be >= 1"
     assert not (tmp_path / "run").exists()
 
 

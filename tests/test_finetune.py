@@ -535,7 +535,7 @@ def test_cli_glue_table(capsys, tmp_path, tiny_run):
     (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o"],
      "train.tsv, line 3: 1 fields, expected 2"),
     (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o",
-      "--lr", "0"], "TrainConfig.lr=0.0: must be > 0"),
+      "--lr", "0"], "argument --lr: '0': must be > 0"),
     (["finetune", "{tmp}/nope", "--task", "sst2", "--data-dir", "{tmp}/good", "--out",
       "{tmp}/o"], "model not found"),
     (["predict", "{tmp}/nope", "--input", "{tmp}/x.txt"], "no config.json"),

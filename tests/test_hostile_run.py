@@ -110,10 +110,10 @@ def classification_files(tmp_path_factory) -> list[object]:
 # ----------------------------------------------------------- 14: values that are not finite
 
 @pytest.mark.parametrize("flags, yaml_text, match", [
-    (["--lr", "inf"], None, "TrainConfig.lr=inf: must be a finite number"),
-    (["--lr", "nan"], None, "TrainConfig.lr=nan: must be a finite number"),
-    (["--grad-clip", "inf"], None, "TrainConfig.grad_clip=inf: must be a finite number"),
-    (["--mask-rate", "nan"], None, "DataConfig.mask_rate=nan: must be a finite number"),
+    (["--lr", "inf"], None, "argument --lr: 'inf': must be a finite number"),
+    (["--lr", "nan"], None, "argument --lr: 'nan': must be a finite number"),
+    (["--grad-clip", "inf"], None, "argument --grad-clip: 'inf': must be a finite number"),
+    (["--mask-rate", "nan"], None, "argument --mask-rate: 'nan': must be a finite number"),
     ([], "train:\n  time_budget: .inf\n", "TrainConfig.time_budget=inf: must be a finite"),
     ([], "model:\n  layer_norm_eps: .nan\n", "ModelConfig.layer_norm_eps=nan: must be a finite"),
 ])

@@ -279,4 +279,4 @@ def test_fill_mask_json_names_each_mask(capsys, hf_dir):
 
 def test_fill_mask_refuses_a_top_k_below_one(capsys, hf_dir):
     code, _, err = run_cli(capsys, "fill-mask", hf_dir, "the [MASK].", "--top-k", "0")
-    assert code == 2 and "--top-k 0" in one_line_error(err)
+    assert code == 2 and "--top-k: '0': must be >= 1" in one_line_error(err)

@@ -8,7 +8,9 @@ sentences hold stray quote characters); CSV files use standard CSV quoting.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import sys
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 
 # The field-count check below must not trip over long CSV fields.
@@ -63,6 +66,20 @@ class TaskData:
     @property
     def num_labels(self) -> int:
         return 1 if self.labels is None else len(self.labels)
+
+
+def data_hashes(data: TaskData) -> dict[str, str]:
+    """sha256 of each split's content (texts, second texts, targets), by split ("train",
+    "validation", "validation matched", ...): what a fine-tuning run records, so that a
+    resume on other data (a file of the same name, another task's) is refused."""
+    splits = {"train": data.train, **{" ".join(("validation", k)).strip(): v
+                                      for k, v in data.validation.items()}}
+    out = {}
+    for name, ex in splits.items():
+        h = hashlib.sha256(json.dumps([data.labels, ex.texts, ex.pairs]).encode())
+        h.update(np.ascontiguousarray(ex.y).tobytes())
+        out[name] = h.hexdigest()
+    return out
 
 
 def rows_tsv(path: Path) -> Iterator[tuple[int, list[str]]]:
@@ -116,7 +133,7 @@ def read_records(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any
     missing = [c for c in columns if c not in header]
     if missing:
         raise BertforgeError(f"{path}, line {first[0]}: no column {missing[0]!r} in the header "
-                             f"(columns: {', '.join(header)})")
+                             f"(columns: {quote(', '.join(header))})")
     index = [header.index(c) for c in columns]
     for number, row in rows:
         if len(row) != len(header):
@@ -143,26 +160,42 @@ def _read_jsonl(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any]
             missing = [c for c in columns if c not in record]
             if missing:
                 raise BertforgeError(f"{path}, line {number}: no field {missing[0]!r} "
-                                     f"(fields: {', '.join(record)})")
+                                     f"(fields: {quote(', '.join(record))})")
             yield number, [record[c] for c in columns]
 
 
 def _text(value: Any, path: Path, number: int, column: str) -> str:
     if not isinstance(value, str):
-        raise BertforgeError(f"{path}, line {number}: {column!r} is {value!r}, not a text")
+        raise BertforgeError(f"{path}, line {number}: {column!r} is {quote(repr(value))}, "
+                             f"not a text")
     return value.strip()
 
 
 def _label_text(value: Any, path: Path, number: int) -> str:
     """A class label as a string: JSON numbers 0 and 0.0 both become '0'."""
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        raise BertforgeError(f"{path}, line {number}: label {value!r} is not a class name")
+        raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is not a "
+                             f"class name")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
     if not text:
         raise BertforgeError(f"{path}, line {number}: empty label")
     return text
+
+
+def _refuse_fractions(labels: list[str], lines: list[int], path: Path) -> None:
+    """Class labels that are fractional numbers are targets of a regression task: read as
+    class names they would make a class of every value seen."""
+    for value, number in zip(labels, lines):
+        try:
+            fractional = not float(value).is_integer()
+        except ValueError:
+            continue
+        if fractional:
+            raise BertforgeError(f"{path}, line {number}: label {quote(value)} is a "
+                                 f"fractional number, not a class name; pass --regression "
+                                 f"for numeric targets")
 
 
 def _sort_labels(names: set[str]) -> list[str]:
@@ -182,17 +215,19 @@ def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
             try:
                 out[i] = float(value)
             except (TypeError, ValueError):
-                raise BertforgeError(f"{path}, line {number}: label {value!r} is not a number "
-                                     f"(a regression task)") from None
+                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
+                                     f"not a number (a regression task)") from None
             if not np.isfinite(out[i]):
-                raise BertforgeError(f"{path}, line {number}: label {value!r} is not finite")
+                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
+                                     f"not finite")
         return out
     ids = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, (value, number) in enumerate(zip(raw, lines)):
         if value not in ids:
-            raise BertforgeError(f"{path}, line {number}: unknown label {value!r} (expected one "
-                                 f"of {', '.join(classes)})")
+            raise BertforgeError(f"{path}, line {number}: unknown label {quote(repr(value))} "
+                                 f"(expected one of {len(classes)}: "
+                                 f"{quote(', '.join(classes))})")
         out[i] = ids[value]
     return out
 
@@ -218,6 +253,9 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
     train, validation = Path(train), Path(validation)
     parts = {p: _read_split(p, text_column, pair_column, label_column, regression)
              for p in (train, validation)}
+    if not regression:
+        for path, (_, _, labels, lines) in parts.items():
+            _refuse_fractions(labels, lines, path)
     classes = None if regression else _sort_labels(set(parts[train][2]))
     if classes is not None and len(classes) < 2:
         raise BertforgeError(f"{train}: every example has the label {classes[0]!r}; a "
@@ -234,35 +272,32 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
                     labels=classes, metrics=metrics, score=score)
 
 
-def read_inputs(path: Path, text_column: str, pair_column: str | None = None
-                ) -> tuple[list[str], list[str] | None]:
-    """Texts to predict on: CSV, TSV or JSONL columns, or a .txt file with one text a line."""
+def iter_inputs(path: Path, text_column: str, pair_column: str | None = None
+                ) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, second text or None) of each input to predict on, in order,
+    read as it streams (bounded memory). A .txt file or stdin ('-') gives one a line,
+    blank lines too (their text empty): lines end at '\n' only (a lone CR stays inside its
+    line), and bytes that are not UTF-8 are replaced, as everywhere. CSV, TSV and JSONL
+    files give one a row (`read_records`)."""
     path = Path(path)
-    if path.suffix.lower() == ".txt" or str(path) == "-":
-        if pair_column:
-            raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
-                                 f"JSONL for text pairs")
-        lines = sys.stdin.read().splitlines() if str(path) == "-" else \
-            [row[0] for _, row in _rows_lines(path)]
-        texts = [t.strip() for t in lines if t.strip()]
-        if not texts:
-            raise BertforgeError(f"{path}: no texts")
-        return texts, None
-    texts, pairs = [], [] if pair_column else None
-    for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
-                                                               else [])):
-        texts.append(_text(values[0], path, number, text_column))
-        if pairs is not None:
-            pairs.append(_text(values[1], path, number, pair_column))
-    if not texts:
-        raise BertforgeError(f"{path}: no examples")
-    return texts, pairs
-
-
-def _rows_lines(path: Path) -> Iterator[tuple[int, list[str]]]:
+    if path.suffix.lower() != ".txt" and str(path) != "-":
+        for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
+                                                                   else [])):
+            yield (number, _text(values[0], path, number, text_column),
+                   _text(values[1], path, number, pair_column) if pair_column else None)
+        return
+    if pair_column:
+        raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
+                             f"JSONL for text pairs")
     try:
-        with open(path, encoding="utf-8-sig", errors="replace") as f:
-            for number, line in enumerate(f, 1):
-                yield number, [line.rstrip("\r\n")]
+        stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
     except FileNotFoundError:
         raise BertforgeError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise BertforgeError(f"{path} is a directory, not a file") from None
+    with stream if stream is not sys.stdin.buffer else contextlib.nullcontext(stream):
+        for number, raw in enumerate(stream, 1):  # binary lines end at b"\n" only
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark
+            text = raw.decode("utf-8", errors="replace").removesuffix("\n").removesuffix("\r")
+            yield number, text.strip(), None

@@ -33,6 +33,7 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, iter_documents, resolve_corpus)
+from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 from bertforge.fileio import write_text_atomic
 
@@ -237,6 +238,7 @@ def tokenizer_from_vocab(tokenizer_dir: Path) -> Tokenizer:
         raise BertforgeError(f"{settings}: not valid JSON ({e})") from None
     lowercase = config.get("do_lower_case", True) if isinstance(config, dict) else True
     tok = build_tokenizer(lowercase=bool(lowercase))
+    check_vocab_file(tokenizer_dir / "vocab.txt")
     try:
         tok.model = WordPiece.from_file(str(tokenizer_dir / "vocab.txt"),
                                         unk_token=SPECIAL_TOKENS["unk"],
@@ -245,8 +247,29 @@ def tokenizer_from_vocab(tokenizer_dir: Path) -> Tokenizer:
         raise BertforgeError(f"{tokenizer_dir / 'vocab.txt'}: not a WordPiece vocabulary "
                              f"({(str(e).splitlines() or ['unreadable'])[0]})") from None
     special_token_ids(tok)
+    # As a trained tokenizer has them: "[MASK]" in a text is the mask token, not the
+    # pieces "[", "mask", "]" (fill-mask found no mask in a vocab.txt-only directory).
+    tok.add_special_tokens(list(SPECIAL_TOKENS.values()))
     _set_template(tok)
     return tok
+
+
+def check_vocab_file(path: Path) -> None:
+    """Refuse a vocab.txt with a token on two lines: a token's id is its line number, so
+    the later line silently takes the token and leaves the earlier id unused (and the
+    vocabulary smaller than its line count). The advice keeps the ids a model may have
+    been trained with: the token keeps the later line's id, as tokenizers give it."""
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+        for number, line in enumerate(f, 1):
+            token = line.rstrip()  # as the WordPiece reader takes it
+            if token in seen:
+                raise BertforgeError(
+                    f"{path}, line {number}: token {quote(token)} is also on line "
+                    f"{seen[token]}; a token's id is its line number, so each must be on "
+                    f"one line: replace line {seen[token]} by a placeholder no other line "
+                    f"holds (e.g. [unused{seen[token]}]), which keeps every id as it is")
+            seen[token] = number
 
 
 def lowercases(tok: Tokenizer) -> bool:
