@@ -104,9 +104,14 @@ def _add_fields(parser: argparse.ArgumentParser, kind: type, names: list[str],
         flag, text = f"--{name.replace('_', '-')}", (helps or {}).get(name, f.metadata["help"])
         base = next(a for a in (typing.get_args(hints[name]) or (hints[name],))
                     if a is not type(None))
-        if base is bool:  # a switch: --compile
+        if base is bool:  # a switch: --compile (and --no-compile where None means "auto")
             group.add_argument(flag, dest=f"{section}.{name}", action="store_const", const=True,
-                               default=argparse.SUPPRESS, help=f"{text} (default: off)")
+                               default=argparse.SUPPRESS,
+                               help=text if f.default is None else f"{text} (default: off)")
+            if f.default is None:
+                group.add_argument(f"--no-{name.replace('_', '-')}", dest=f"{section}.{name}",
+                                   action="store_const", const=False, default=argparse.SUPPRESS,
+                                   help=argparse.SUPPRESS)
             continue
         default = (defaults or {}).get(name, "from --preset" if section == "model" else f.default)
         kind: Any = base

@@ -13,6 +13,10 @@
   atomic adds in parallel loops, whose order, and so rounding, changes from run to run;
   in PyTorch's deterministic mode it calls ATen's ordered kernel instead, which is what
   keeps a resumed compiled run bitwise equal to an uninterrupted one.
+- `should_compile(cfg, device)`: whether a run compiles. `--compile` and `--no-compile`
+  decide; by default a run compiles when it is long enough for compiling to pay (at
+  least `AUTO_MIN_STEPS` steps or an `AUTO_MIN_BUDGET_S` budget: compiling takes a minute
+  or more) and the compiler Inductor needs is there.
 - `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
   how `bertforge bench --compile` and the tests tell whether compilation works.
 
@@ -24,7 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
+import shutil
+import sysconfig
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +61,33 @@ def compile_loss(loss_fn: LossFn, **options: Any) -> LossFn:
         return compiled(model, micro)
 
     return call
+
+
+AUTO_MIN_STEPS = 1000
+AUTO_MIN_BUDGET_S = 600.0
+
+
+def should_compile(cfg: Any, device: torch.device) -> bool:
+    """cfg.compile when set (a TrainConfig); else whether the run is long enough and the
+    compiler is there (see the module docstring)."""
+    if cfg.compile is not None:
+        return bool(cfg.compile)
+    long_enough = ((cfg.max_steps or 0) >= AUTO_MIN_STEPS
+                   or (cfg.time_budget or 0.0) >= AUTO_MIN_BUDGET_S)
+    return long_enough and compiler_available(device)
+
+
+def compiler_available(device: torch.device) -> bool:
+    """Whether Inductor can build kernels for `device`: on the CPU a C++ compiler and
+    Python's headers (its kernels are Python extension modules), on CUDA Triton."""
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX", "g++")
+        headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+        return (shutil.which(cxx) is not None or shutil.which("c++") is not None) \
+            and headers.is_file()
+    if device.type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return False
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from bertforge import checkpoint as ckpt
-from bertforge.compiling import compile_loss, ordered_scatter
+from bertforge.compiling import compile_loss, ordered_scatter, should_compile
 from bertforge.config import TrainConfig
 from bertforge.consistency import check_optimizer_state
 from bertforge.distributed import Distributed
@@ -203,7 +203,11 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         ckpt.load_model_weights(model, ckpt.load_weights(found[0]))
     wrapped = dist.wrap(model, device, dtype)
     loss_fn = task.loss_sum
-    if cfg.compile:  # `model` stays the plain module: its state_dict keys carry no _orig_mod.
+    compiled = should_compile(cfg, device)
+    if compiled:  # `model` stays the plain module: its state_dict keys carry no _orig_mod.
+        if dist.is_main and show_progress:
+            print(f"{name}: compiling the training step (torch.compile; the first step takes "
+                  f"a minute or more)", file=sys.stderr)
         if dist.enabled:  # DDP and FSDP are compiled as modules, their hooks around them
             wrapped = torch.compile(wrapped)
         else:  # the forward pass and the loss as one graph
@@ -255,7 +259,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     model.train()
     try:  # the log (and its trackers) closes whatever happens, marked failed on an error
         with (_SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches,
-              ordered_scatter(device) if cfg.compile else contextlib.nullcontext()):
+              ordered_scatter(device) if compiled else contextlib.nullcontext()):
             while not _finished(cfg, state):
                 lr = lr_at(cfg, state.step, state.elapsed_s)
                 try:

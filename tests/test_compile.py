@@ -164,3 +164,27 @@ def test_bench_step_uses_the_padded_vocabulary(data_dir):
     train_step(model, optimizer, functools.partial(mlm_loss_sum, vocab_size=200), step_batch,
                lr=1e-3, cfg=TrainConfig(), device=DEVICE, dtype=None)
     assert model.decoder_weight.shape[0] == 256
+
+
+def test_long_runs_compile_by_default_and_the_flags_decide(monkeypatch):
+    from bertforge import compiling
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(compiling, "compiler_available", lambda device: True)
+    assert not compiling.should_compile(TrainConfig(max_steps=40), cpu)  # short: eager
+    assert compiling.should_compile(TrainConfig(max_steps=compiling.AUTO_MIN_STEPS), cpu)
+    assert compiling.should_compile(TrainConfig(time_budget=3600.0), cpu)
+    assert not compiling.should_compile(TrainConfig(max_steps=10**6, compile=False), cpu)
+    assert compiling.should_compile(TrainConfig(max_steps=10, compile=True), cpu)
+    monkeypatch.setattr(compiling, "compiler_available", lambda device: False)
+    assert not compiling.should_compile(TrainConfig(max_steps=10**6), cpu)  # nothing to build with
+
+
+def test_compile_flags_reach_the_config(tmp_path):
+    from bertforge.cli import build_parser
+
+    parser = build_parser()
+    for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
+        args = parser.parse_args(["pretrain", "--data", str(tmp_path), "--out",
+                                  str(tmp_path / "run"), *flags])
+        assert vars(args).get("train.compile") == expected
