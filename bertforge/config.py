@@ -272,6 +272,12 @@ class TrainConfig:
         _check(self, "schedule", self.schedule in ("linear", "cosine", "constant"),
                "must be 'linear', 'cosine' or 'constant'")
         _check(self, "max_steps", self.max_steps is None or self.max_steps >= 1, "must be >= 1")
+        # One rule for both forms: the warmup ends before the run does (a fraction says so
+        # by being < 1; steps wherever the run's length in steps is known).
+        _check(self, "warmup_steps", not (self.warmup_steps and self.max_steps)
+               or self.warmup_steps < self.max_steps,  # type: ignore[operator]
+               f"must be fewer than max_steps ({self.max_steps}): the warmup must end "
+               f"before the run does")
         _check(self, "time_budget", self.time_budget is None or self.time_budget > 0, "must be > 0")
         _check(self, "grad_clip", self.grad_clip >= 0, "must be >= 0")
         _check(self, "seed", self.seed >= 0, "must be >= 0")

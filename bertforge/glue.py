@@ -18,6 +18,8 @@ from typing import Any
 
 from bertforge.data.labelled import Examples, TaskData, encode_labels, rows_tsv
 from bertforge.errors import BertforgeError
+from bertforge.fileio import write_text_atomic
+from bertforge.paths import make_marked
 
 
 @dataclass(frozen=True)
@@ -171,8 +173,8 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
     average = sum(r["score"] for r in results.values()) / len(results)
     report = {"model": str(model), "from_scratch": from_scratch, "tasks": results,
               "average": average}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "glue.json").write_text(json.dumps(report, indent=1) + "\n")
+    make_marked(Path(out_dir), "glue")
+    write_text_atomic(Path(out_dir) / "glue.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

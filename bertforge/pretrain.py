@@ -11,17 +11,17 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bertforge import rundir
+from bertforge import paths, rundir
 from bertforge.checkpoint import load_model_weights, remove_partial
 from bertforge.config import ModelConfig, RunConfig, TrainConfig
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
@@ -35,6 +35,7 @@ from bertforge.errors import BertforgeError
 from bertforge.evaluate import heldout_metrics
 from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
 from bertforge.model import BertForPreTraining
+from bertforge.paths import Undo, make_marked, remove_owned, require_owned
 from bertforge.ops import cross_entropy_and_hits
 from bertforge.runtime import configure, resolve_device, resolve_precision
 from bertforge.step import StepBatch
@@ -129,6 +130,9 @@ def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | No
     return losses, metrics
 
 
+# What a start writes in RUN_DIR before training; a failed start removes those it made.
+RUN_FILES = (paths.MARKER, rundir.CONFIG, rundir.TOKENIZER, rundir.DATA, "built_from.json")
+
 # What RUN_DIR's cached tokenizer and data were built from (`build_data`), and which of
 # those inputs the tokenizer depends on (the data depends on all of them).
 BUILT_FROM = "built_from.json"
@@ -181,10 +185,11 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
         raise BertforgeError(f"{run_dir} was built from other input ({what}) and its "
                              f"checkpoints were trained on it; give the run's own corpus and "
                              f"options, or another --out")
-    for stale, path in ((stale_tok, tok_dir), (stale_data, data_dir)):
-        if stale:
+    for stale, path, kind in ((stale_tok, tok_dir, "tokenizer"), (stale_data, data_dir, "data")):
+        if stale:  # only what bertforge wrote there: a folder of the user's is refused
+            require_owned(path, kind)
             print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
-            shutil.rmtree(path)
+            remove_owned(path, kind)
     write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     if not (tok_dir / "tokenizer.json").is_file():
         t0 = time.monotonic()
@@ -397,27 +402,31 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
     # the same run is refused, naming this one, instead of interleaving with it.
     with (hold_lock(run_dir / rundir.LOCK, f"run directory {run_dir}") if dist.is_main
           else contextlib.nullcontext()):
-        if dist.is_main:
-            if resume:  # a kill mid-save left them (the lock says no one is writing one)
-                remove_partial(run_dir / rundir.CHECKPOINTS)
-            try:  # (a failed start leaves no empty --out: the lock removes what it made)
-                data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
-                                        given, show_progress, corpus_options, sample_bytes,
-                                        tokenizer)
+        # A start that fails before training removes what it made in RUN_DIR, only that
+        # (the lock then removes the directories it made).
+        undo = Undo(run_dir, RUN_FILES if dist.is_main else ())
+        with undo:
+            if dist.is_main:
+                if resume:  # a kill mid-save left them (the lock says no one is writing one)
+                    remove_partial(run_dir / rundir.CHECKPOINTS)
+                try:
+                    data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
+                                            given, show_progress, corpus_options, sample_bytes,
+                                            tokenizer)
+                finally:
+                    dist.barrier()  # on an error too: the others then fail on the missing config
+            else:
+                dist.barrier()
+                if not (run_dir / rundir.CONFIG).is_file():
+                    raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
+                                         f"(its error says why)")
+                cfg = RunConfig.load(run_dir / rundir.CONFIG)
+                data_dir = as_dirs(cfg.data.path)
+            try:
+                return _train(run_dir, cfg, data_dir, device, dist, resume,
+                              show_progress and dist.is_main, started=undo.done)
             finally:
-                dist.barrier()  # on an error too: the others then fail on the missing config
-        else:
-            dist.barrier()
-            if not (run_dir / rundir.CONFIG).is_file():
-                raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
-                                     f"(its error says why)")
-            cfg = RunConfig.load(run_dir / rundir.CONFIG)
-            data_dir = as_dirs(cfg.data.path)
-        try:
-            return _train(run_dir, cfg, data_dir, device, dist, resume,
-                          show_progress and dist.is_main)
-        finally:
-            shutdown()
+                shutdown()
 
 
 def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | None,
@@ -456,7 +465,7 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
             raise BertforgeError(f"corpus has no documents: {' '.join(corpus)}{found}")
     if not cfg.train.max_steps and not cfg.train.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_marked(run_dir, "run")
     tok_dir = run_dir / rundir.TOKENIZER
     if source is not None and not tok_dir.exists():
         copy_tokenizer(source, tok_dir)
@@ -535,7 +544,8 @@ def load_init(model: torch.nn.Module, init: str, is_main: bool) -> None:
 
 
 def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.device,
-           dist: Distributed, resume: bool, show_progress: bool) -> dict[str, Any]:
+           dist: Distributed, resume: bool, show_progress: bool,
+           started: Callable[[], None] = lambda: None) -> dict[str, Any]:
     from bertforge.hf import export_model
 
     where = configure(device)
@@ -554,6 +564,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
               f"(micro {min(cfg.train.micro_batch_size, cfg.train.batch_size)}), "
               f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
+    started()  # from here the run directory holds a run, failed or not
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
     weights = dist.model_state(model)  # gathered from the shards under FSDP
