@@ -41,12 +41,14 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def refuse_link(path: str | os.PathLike) -> None:
-    """Refuse to write at `path` when its name is a symbolic link: bertforge writes only
-    through links it made (none), so a planted one cannot redirect a write to its target."""
+def refuse_link(path: str | os.PathLike, what: str | None = None) -> None:
+    """Refuse to write at `path` (`what`, as the message names it) when its name is a
+    symbolic link: bertforge writes only through links it made (none), so a planted one
+    cannot redirect a write to its target."""
     if os.path.islink(path):
-        raise BertforgeError(f"{path} is a symbolic link; bertforge does not write through "
-                             f"a link it did not make (remove it or choose another path)")
+        raise BertforgeError(f"{what or path} is a symbolic link; bertforge does not write "
+                             f"through a link it did not make (remove it or choose another "
+                             f"path)")
 
 
 def open_new(path: str | os.PathLike, append: bool = False, exclusive: bool = False) -> int:
@@ -85,8 +87,6 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     path = Path(path)
     refuse_link(path)  # os.replace would replace a link, but the caller means the target
     tmp = temporary_path(path)
-    if os.path.islink(tmp):  # planted: removing the link leaves its target alone
-        tmp.unlink()
     try:
         # Claimed here, without following a link: the writer then fills a file of ours.
         os.close(open_new(tmp))

@@ -111,8 +111,9 @@ def owned(path: Path, kind: str) -> bool:
 
 def require_owned(path: Path, kind: str) -> None:
     """Refuse to delete or replace `path` unless bertforge wrote it as a `kind` directory."""
+    refuse_link(path)
     if os.path.lexists(path) and not owned(path, kind):
-        raise BertforgeError(f"{path} exists and is not a {kind} directory bertforge wrote; "
+        raise BertforgeError(f"{path} exists and is not {_a(kind)} directory bertforge wrote; "
                              f"it is left alone (move it away or choose another output)")
 
 
@@ -171,7 +172,7 @@ def check_paths(inputs: Iterable[tuple[str, str | os.PathLike]],
         if real == Path(real.anchor) or real == _real(Path.home()):
             raise BertforgeError(f"{where}: refusing to write into {real} itself; give a "
                                  f"directory of its own")
-        refuse_link(given)
+        refuse_link(given, where)
         for flag, path, source in ins:
             inside = source in real.parents
             if inside and kind_of(source) in out.home:
