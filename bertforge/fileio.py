@@ -130,6 +130,7 @@ def replace_dir(new: str | os.PathLike, old: str | os.PathLike) -> None:
         return
     if not _exchange(new, old):
         aside = _aside(old)
+        shutil.rmtree(aside, ignore_errors=True)  # a finished replace's, killed before removing it
         os.replace(old, aside)
         _between_renames()
         os.replace(new, old)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from bertforge.errors import BertforgeError
 from bertforge.evaluate import heldout_metrics
 from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
 from bertforge.model import BertForPreTraining
-from bertforge.paths import Undo, make_marked, remove_owned, require_owned
+from bertforge.paths import Undo, make_marked, replace_owned, require_owned
 from bertforge.ops import cross_entropy_and_hits
 from bertforge.runtime import configure, resolve_device, resolve_precision
 from bertforge.step import StepBatch
@@ -189,12 +190,17 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
         if stale:  # only what bertforge wrote there: a folder of the user's is refused
             require_owned(path, kind)
             print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
-            remove_owned(path, kind)
-    write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
-    if not (tok_dir / "tokenizer.json").is_file():
+    # Each rebuilt directory replaces the stale one whole (a kill leaves one or the
+    # other), and the record goes last: a kill before it means "rebuild" next time.
+    if stale_tok or not (tok_dir / "tokenizer.json").is_file():
         t0 = time.monotonic()
         if tokenizer is not None:
-            copy_tokenizer(tokenizer, tok_dir)
+            fresh = paths.sibling(tok_dir)
+            try:
+                copy_tokenizer(tokenizer, fresh)
+                replace_owned(fresh, tok_dir, "tokenizer")
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
             if not cfg.train.init:  # _prepare_run read the vocabulary from the stale copy
                 tok = load_tokenizer(tok_dir)
                 cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -205,13 +211,14 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
                             sample_bytes=sample_bytes)
             print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}",
                   file=sys.stderr)
-    if not (data_dir / "manifest.json").is_file():
+    if stale_data or not (data_dir / "manifest.json").is_file():
         t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
                 valid_fraction=cfg.data.valid_fraction, show_progress=show_progress,
                 corpus_options=corpus_options,
                 document_boundary=cfg.data.document_boundary)
         print(f"prepare: done in {time.monotonic() - t0:.1f}s -> {data_dir}", file=sys.stderr)
+    write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     return data_dir
 
 
