@@ -270,6 +270,19 @@ def _holder(fd: int, limit: int = 100) -> str:
     return f"process {pid} ({command})"
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 only checks)."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) would terminate it
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def require_utf8(path: str | os.PathLike, what: str) -> None:
     """Refuse a path whose name is not valid UTF-8 (Python keeps the undecodable bytes as
     lone surrogates): the tokenizers library, config.yaml and the report take paths as

@@ -14,15 +14,18 @@ unmistakable layout of an earlier bertforge's), and replaces it atomically
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from bertforge.errors import BertforgeError
-from bertforge.fileio import make_dir, recover_dir, refuse_link, replace_dir, write_text_atomic
+from bertforge.fileio import (alive, make_dir, recover_dir, refuse_link, replace_dir,
+                              write_text_atomic)
 
 MARKER = ".bertforge"
 KINDS = ("tokenizer", "data", "run", "export", "finetune", "glue", "report")
@@ -123,9 +126,16 @@ def remove_owned(path: Path, kind: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def sibling(path: Path, what: str = "new") -> Path:
-    """A hidden name beside `path` (on its filesystem, so a rename into place is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{what}")
+def sibling(path: Path) -> Path:
+    """A hidden name beside `path` (on its filesystem, so a rename into place is atomic)
+    to build its new content under; those of killed commands are removed here."""
+    name = re.compile(re.escape(f".{path.name}.") + r"(\d+)\.new")
+    with contextlib.suppress(OSError):
+        for entry in path.parent.iterdir():
+            found = name.fullmatch(entry.name)
+            if found and entry.is_dir() and not entry.is_symlink() and not alive(int(found[1])):
+                shutil.rmtree(entry, ignore_errors=True)
+    return path.with_name(f".{path.name}.{os.getpid()}.new")
 
 
 def replace_owned(new: Path, path: Path, kind: str) -> None:

@@ -339,3 +339,4 @@ def test_a_kill_during_an_export_over_another_leaves_one_whole(point, tiny, tmp_
     code, _, err = run_cli(capsys, "export", other, "--out", out)  # and a rerun completes
     assert code == 0, err
     assert _export_files(out) == new
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".hf")] == []  # no litter

@@ -64,7 +64,7 @@ from bertforge.data.readers import quote
 from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
                                       tokenizer_hash)
 from bertforge.errors import BertforgeError
-from bertforge.fileio import hold_lock, open_new, write_text_atomic
+from bertforge.fileio import alive, hold_lock, open_new, write_text_atomic
 from bertforge.paths import replace_owned, require_owned
 
 log = logging.getLogger(__name__)
@@ -244,21 +244,8 @@ def _remove_leftovers(out: Path) -> None:
     name = re.compile(re.escape(f".{out.name}.") + r"(\d+)-[0-9a-f]{8}\.(?:partial|old)")
     for entry in out.parent.iterdir():
         found = name.fullmatch(entry.name)
-        if found and not entry.is_symlink() and entry.is_dir() and not _alive(int(found[1])):
+        if found and not entry.is_symlink() and entry.is_dir() and not alive(int(found[1])):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (signal 0 only checks)."""
-    if os.name != "posix":  # elsewhere os.kill(pid, 0) would terminate it
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _total_bytes(files: list[Path | str]) -> int | None:
