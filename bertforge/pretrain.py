@@ -364,6 +364,7 @@ def resolve_resume(run_dir: Path, cfg: RunConfig, given: dict[str, dict[str, Any
             if key in ("max_steps", "time_budget"):
                 check_schedule_change(saved.train, key, old, value)
             setattr(getattr(saved, section), key, value)
+    saved.train = dataclasses.replace(saved.train)  # checked as a new run's (the warmup)
     return saved
 
 

@@ -149,6 +149,16 @@ def test_a_warmup_as_long_as_the_run_is_refused_in_any_form(command, warmup, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_a_resume_cannot_shorten_a_run_below_its_warmup(data_dir, tmp_path, capsys):
+    argv = ["pretrain", "--data", data_dir, "--out", tmp_path / "run", "--quiet"]
+    code, _, err = run_cli(capsys, *argv, "--preset", "tiny", "--batch-size", 8,
+                           "--seq-len", 32, "--schedule", "constant", "--warmup-steps", 2,
+                           "--max-steps", 3)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *argv, "--resume", "--max-steps", 2)
+    assert code == 2 and "warmup_steps=2: must be fewer than max_steps (2)" in err, err
+
+
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_second_signal_during_training_exits_128_plus_its_number(signum, code, monkeypatch,
                                                                      capsys):
