@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bertforge.errors import BertforgeError
-from bertforge.fileio import fsync, give_usual_mode, write_text_atomic
+from bertforge.fileio import fsync, give_usual_mode, make_dir, write_text_atomic
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
 _PREFIX = "step-"
@@ -126,7 +126,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
     tmp = ckpt_dir / f".{name}.tmp"
     require_finite(weights, f"not saving checkpoint {name}")
     try:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(ckpt_dir)
         remove_partial(ckpt_dir)
         tmp.mkdir()
         save_file(weights, str(tmp / MODEL_FILE))

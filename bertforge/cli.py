@@ -9,20 +9,24 @@ one line on stderr and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import signal
 import sys
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig, RunConfig,
                               TrainConfig, build, field_number, merge, number, preset, read_yaml,
                               typed_sections)
-from bertforge.errors import BertforgeError, Interrupted
-from bertforge.fileio import require_utf8
+from bertforge.errors import BertforgeError, Interrupted, Terminated
+from bertforge.fileio import require_utf8, write_text_atomic
+from bertforge.paths import Output, check_paths
 
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
 MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -172,10 +176,21 @@ def resolve_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, dict[
     return cfg, given
 
 
+def corpus_inputs(flag: str, corpus: list[str] | None) -> list[tuple[str, str]]:
+    """A corpus as inputs for check_paths: each path given and each file it names."""
+    from bertforge.data.corpus import resolve_corpus
+
+    if not corpus:
+        return []
+    given = [(flag, c) for c in corpus if os.path.lexists(c)]
+    return given + [(flag, str(p)) for p in resolve_corpus(corpus)]
+
+
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.tokenizer import train_tokenizer
 
+    check_paths(corpus_inputs("corpus", args.corpus), [Output("--out", args.out, "tokenizer")])
     files = [str(p) for p in resolve_corpus(args.corpus)]
     out = train_tokenizer(files, Path(args.out), vocab_size=args.vocab_size,
                           lowercase=not args.cased, min_frequency=args.min_frequency,
@@ -189,6 +204,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
 
+    check_paths([*corpus_inputs("corpus", args.corpus), ("--tokenizer", args.tokenizer)],
+                [Output("--out", args.out, "data")])
     files = [str(p) for p in resolve_corpus(args.corpus)]
     prepare(files, Path(args.tokenizer), Path(args.out), seq_len=args.seq_len,
             valid_fraction=args.valid_fraction, show_progress=not args.quiet,
@@ -203,6 +220,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
     if not args.data and not args.corpus and not args.resume:
         raise BertforgeError("give --corpus FILES... or --data DATA_DIR")
+    check_paths([*corpus_inputs("--corpus", args.corpus),
+                 *[("--data", d) for d in args.data or []],
+                 *[(flag, v) for flag, v in (("--tokenizer", args.tokenizer),
+                                             ("--config", args.config),
+                                             ("--init", getattr(args, "train.init", None)))
+                   if v]],
+                [Output("--out", args.out, "run")])
     cfg, given = resolve_config(args)
     data_dir = [Path(d) for d in args.data] if args.data else None
     if data_dir is not None and len(data_dir) == 1:
@@ -227,12 +251,15 @@ def _rank() -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from bertforge.evaluate import evaluate_run
 
+    check_paths([("run_dir", args.run_dir), *[("--data", d) for d in args.data or []],
+                 *([("--checkpoint", args.checkpoint)] if args.checkpoint else [])],
+                [Output("--out", args.out, "file")] if args.out else [])
     result = evaluate_run(Path(args.run_dir), [Path(d) for d in args.data] if args.data else None,
                           args.split, Path(args.checkpoint) if args.checkpoint else None,
                           args.max_sequences, args.device, args.precision)
     print(json.dumps(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 
@@ -241,6 +268,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bertforge.hf import export_model
 
     require_utf8(args.out, "--out")  # the tokenizer library takes paths as text
+    check_paths([("run_dir", args.run_dir)], [Output("--out", args.out, "export")])
     model, _, tok_dir = rundir.load_run_model(Path(args.run_dir))
     export_model(model, Path(args.out), tokenizer_dir=tok_dir)
     print(args.out)
@@ -429,6 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # a bare `bertforge`: what it can do
         parser.print_help()
         return 0
+    # SIGTERM stops any command as Ctrl-C does: raised where it is, so that its cleanup
+    # (partial output, locks) runs; training handles it itself, saving a checkpoint.
+    with _terminating():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.func(args)
     except BertforgeError as e:
@@ -441,10 +476,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bertforge: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"bertforge: {e}", file=sys.stderr)
+        return 128 + e.signum
     except Interrupted as e:
         if _rank() == 0:
             print(f"bertforge: {e}; checkpoint saved, continue with --resume", file=sys.stderr)
         return 128 + e.signum
+
+
+@contextlib.contextmanager
+def _terminating() -> Iterator[None]:
+    """Within the block, SIGTERM raises Terminated (in the main thread only)."""
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handle)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

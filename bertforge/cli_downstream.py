@@ -17,8 +17,10 @@ from typing import Any, TextIO
 
 from bertforge.config import TrainConfig, field_number, merge, number
 from bertforge.errors import BertforgeError
+from bertforge.fileio import write_text_atomic
 from bertforge.finetune_config import (FINETUNE_DEFAULTS, FINETUNE_HELP, NOT_FOR_FINETUNING,
                                        FinetuneConfig, finetune_train_config)
+from bertforge.paths import Output, check_paths
 
 
 def _finetune_config(args: argparse.Namespace) -> tuple[FinetuneConfig, dict[str, Any]]:
@@ -54,6 +56,10 @@ def _task_data(args: argparse.Namespace) -> Any:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from bertforge.finetune import run_finetune
 
+    check_paths([(flag, v) for flag, v in (("model", args.model), ("--data-dir", args.data_dir),
+                                           ("--train", args.train),
+                                           ("--validation", args.validation)) if v],
+                [Output("--out", args.out, "finetune")])
     cfg, given = _finetune_config(args)
     data = _task_data(args)
     summary = run_finetune(Path(args.model), data, Path(args.out), cfg,
@@ -67,6 +73,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from bertforge.finetune import Predictor
 
+    check_paths([("model_dir", args.model_dir), ("--input", args.input)],
+                [Output("--output", args.output, "file")] if args.output else [])
     predictor = Predictor(Path(args.model_dir), args.max_length, args.device)
     if args.output:
         from bertforge.fileio import write_atomic
@@ -122,17 +130,27 @@ def cmd_glue(args: argparse.Namespace) -> int:
 
     cfg, _ = _finetune_config(args)
     out = Path(args.out) if args.out else Path(str(Path(args.model)).rstrip("/") + "-glue")
+    check_paths([("model", args.model), ("--data-dir", args.data_dir)],
+                [Output("--out", out, "glue"),
+                 *([Output("--results", args.results, "file")] if args.results else [])])
     report = run_glue(Path(args.model), Path(args.data_dir), out, args.tasks, cfg,
                       from_scratch=args.from_scratch, show_progress=not args.quiet)
     if args.results:
-        Path(args.results).write_text(json.dumps(report, indent=1) + "\n")
+        write_text_atomic(args.results, json.dumps(report, indent=1) + "\n")
     print(json.dumps(report) if args.json else markdown_table(report))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bertforge.report import write_report
+    from bertforge import rundir
+    from bertforge.finetune import SPEC
+    from bertforge.report import REPORT, write_report
 
+    # What it reads is the run's record, not the whole directory: its report goes inside.
+    check_paths([("run_dir", Path(args.run_dir) / name)
+                 for name in (rundir.METRICS, rundir.CONFIG, SPEC)],
+                [Output("--out", args.out or Path(args.run_dir) / REPORT, "report",
+                        home=("run", "finetune"))])
     print(write_report(Path(args.run_dir), Path(args.out) if args.out else None))
     return 0
 

@@ -324,6 +324,12 @@ class TrainConfig:
             self.warmup_fraction = DEFAULT_WARMUP_FRACTION
         _check(self, "schedule", self.schedule in ("linear", "cosine", "constant"),
                "must be 'linear', 'cosine' or 'constant'")
+        # One rule for both forms: the warmup ends before the run does (a fraction says so
+        # by being < 1; steps wherever the run's length in steps is known).
+        _check(self, "warmup_steps", not (self.warmup_steps and self.max_steps)
+               or self.warmup_steps < self.max_steps,  # type: ignore[operator]
+               f"must be fewer than max_steps ({self.max_steps}): the warmup must end "
+               f"before the run does")
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
                "must be 'auto', 'bf16' or 'fp32'")
         _check(self, "on_nan", self.on_nan in ("stop", "skip"), "must be 'stop' or 'skip'")

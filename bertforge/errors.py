@@ -13,6 +13,25 @@ class Interrupted(Exception):
         self.signum, self.step = signum, step
 
 
+class Terminated(BaseException):
+    """A signal (SIGTERM, or a second SIGTERM/SIGINT during training) stopped the command:
+    raised where the program was, so that its cleanup runs; exit 128 + signum. A
+    BaseException, like KeyboardInterrupt, so that no `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal_name(signum)}")
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
 class NonFiniteStep(BertforgeError):
     """A step's loss or gradient norm was not finite, with on_nan 'stop': the update was
     not applied."""

@@ -9,15 +9,22 @@ Files written through a private temporary file elsewhere get the usual mode back
 `hold_lock` keeps a second command off a directory that one is writing (a run, a data
 directory being prepared): an flock, which the kernel drops when its holder dies, even by
 kill -9, so a lock is never stale.
+
+Nothing is written through a symbolic link bertforge did not make: every file it writes is
+opened here with O_NOFOLLOW (`open_new`, the lock, the temporary file of an atomic write),
+and a link planted at an output's own name is refused (`refuse_link`), in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import fcntl
 import json
 import os
 import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +41,41 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def refuse_link(path: str | os.PathLike, what: str | None = None) -> None:
+    """Refuse to write at `path` (`what`, as the message names it) when its name is a
+    symbolic link: bertforge writes only through links it made (none), so a planted one
+    cannot redirect a write to its target."""
+    if os.path.islink(path):
+        raise BertforgeError(f"{what or path} is a symbolic link; bertforge does not write "
+                             f"through a link it did not make (remove it or choose another "
+                             f"path)")
+
+
+def open_new(path: str | os.PathLike, append: bool = False, exclusive: bool = False) -> int:
+    """A descriptor of `path` opened for writing (truncated, or appended to), never through
+    a symbolic link; with `exclusive`, only a file this call creates."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_APPEND if append else os.O_TRUNC
+    if exclusive:
+        flags |= os.O_EXCL
+    try:
+        return os.open(path, flags, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP or (exclusive and e.errno == errno.EEXIST
+                                      and os.path.islink(path)):
+            refuse_link(path)
+        raise
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create directory `path` (and its parents) where missing; refuse a symbolic link at
+    its name, which would send everything written inside to the link's target."""
+    path = Path(path)
+    refuse_link(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def temporary_path(path: Path) -> Path:
     """The hidden name a file is written under before it is renamed to `path`."""
     return path.with_name(f".{path.name}.tmp")
@@ -43,8 +85,11 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """Call `write(tmp)` to write the file's content at a temporary path, then move it
     into place at `path` atomically and durably; returns `path`."""
     path = Path(path)
+    refuse_link(path)  # os.replace would replace a link, but the caller means the target
     tmp = temporary_path(path)
     try:
+        # Claimed here, without following a link: the writer then fills a file of ours.
+        os.close(open_new(tmp))
         write(tmp)
         fsync(tmp)
         os.replace(tmp, path)
@@ -59,6 +104,72 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write `text` (UTF-8) to `path` atomically and durably."""
     return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` (UTF-8) to `path`, never through a symbolic link."""
+    fd = open_new(path, append=True)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def replace_dir(new: str | os.PathLike, old: str | os.PathLike) -> None:
+    """Put directory `new` in place of directory `old` (or at that free name) atomically,
+    and remove what was there: a kill at any point leaves at `old` the old directory
+    whole or the new one whole, never a mix. Both names are on one filesystem (`new` is a
+    sibling). Linux swaps them in one renameat2(RENAME_EXCHANGE); elsewhere, or on a
+    filesystem without it, `old` is first moved aside, and `recover_dir` puts it back
+    if a kill came between the two renames."""
+    new, old = Path(new), Path(old)
+    if not old.exists():
+        os.replace(new, old)
+        fsync(old.parent)
+        return
+    if not _exchange(new, old):
+        aside = _aside(old)
+        shutil.rmtree(aside, ignore_errors=True)  # a finished replace's, killed before removing it
+        os.replace(old, aside)
+        _between_renames()
+        os.replace(new, old)
+        new = aside
+    fsync(old.parent)
+    shutil.rmtree(new, ignore_errors=True)  # after the swap `new` names the old directory
+
+
+def recover_dir(path: str | os.PathLike) -> None:
+    """Put back the directory a `replace_dir` killed between its two renames moved aside."""
+    path = Path(path)
+    aside = _aside(path)
+    if not path.exists() and aside.is_dir() and not aside.is_symlink():
+        os.replace(aside, path)
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.replaced")
+
+
+def _between_renames() -> None:
+    """Nothing: the point between replace_dir's two renames, where tests inject a kill."""
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically; False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    done = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    if done == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def umask() -> int:
@@ -116,10 +227,12 @@ def _acquire(path: Path, what: str) -> int:
     for _ in range(100):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except FileNotFoundError:  # a holder's release removed the directory just now
             continue
         except OSError as e:
+            if e.errno == errno.ELOOP:  # a planted link: its target would be truncated
+                refuse_link(path)
             raise BertforgeError(f"cannot lock {what}: {path}: {e.strerror or e}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -155,6 +268,19 @@ def _holder(fd: int, limit: int = 100) -> str:
     if len(command) > limit:
         command = command[:limit - 3] + "..."
     return f"process {pid} ({command})"
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 only checks)."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) would terminate it
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def require_utf8(path: str | os.PathLike, what: str) -> None:

@@ -45,7 +45,8 @@ from bertforge.consistency import check_tokenizer_fits, check_training_fits
 from bertforge.data.labelled import TaskData, data_hashes
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
-from bertforge.fileio import hold_lock, write_atomic, write_text_atomic
+from bertforge.fileio import hold_lock, make_dir, write_atomic, write_text_atomic
+from bertforge.paths import make_marked
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.metrics import compute
 from bertforge.step import StepBatch
@@ -203,7 +204,7 @@ class ClassificationTask:
     def _save_best(self, model: torch.nn.Module, step: int, result: dict[str, Any]) -> None:
         """Weights under a new name, then state.json naming them replaced atomically, then
         the previous weights removed: a kill at any point leaves a consistent best/."""
-        self.best_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.best_dir)
         name = f"step-{step:06d}.safetensors"
         weights = ckpt.model_state(model)
         ckpt.require_finite(weights, f"not keeping the weights of step {step} as the best")
@@ -323,7 +324,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         device = resolve_device(cfg.train.device)
         check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
                             cfg.max_length, device)  # before OUT is written to
-        out.mkdir(parents=True, exist_ok=True)
+        make_marked(out, "finetune")
         tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
         tok = load_tokenizer_any(tok_dir, cfg.max_length)
         pad_id = config.pad_token_id
@@ -333,8 +334,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         valid = {name: Encoded(tok, ex.texts, ex.pairs, ex.y, pad_id)
                  for name, ex in data.validation.items()}
         tokenize_s = time.monotonic() - t0
-        (out / SPEC).write_text(json.dumps({**spec, "config": dataclasses.asdict(cfg)},
-                                           indent=1) + "\n")
+        write_text_atomic(out / SPEC, json.dumps({**spec, "config": dataclasses.asdict(cfg)},
+                                                 indent=1) + "\n")
 
         where = configure(device)
         dtype = resolve_precision(cfg.train.precision, device)
@@ -361,7 +362,7 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
                      extra_config=classifier_config_to_hf(data.labels))
         summary = _summary(out, data, spec, cfg, result, time.monotonic() - start)
         summary["tokenize_time_s"] = round(tokenize_s, 3)
-        (out / METRICS_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        write_text_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=1) + "\n")
         return summary
 
 

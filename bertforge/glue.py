@@ -19,6 +19,8 @@ from typing import Any
 from bertforge.data.labelled import Examples, TaskData, encode_labels, rows_tsv
 from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
+from bertforge.fileio import write_text_atomic
+from bertforge.paths import make_marked
 
 
 @dataclass(frozen=True)
@@ -186,6 +188,7 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
         raise BertforgeError(f"no GLUE task directories in {data_dir} (expected e.g. "
                              f"{Path(data_dir) / 'SST-2' / 'train.tsv'})")
     datasets = {name: load_glue_task(name, data_dir) for name in names}  # all errors first
+    make_marked(Path(out_dir), "glue")  # before its tasks: a killed run's stays known
     results: dict[str, Any] = {}
     for name, data in datasets.items():
         summary = run_finetune(model, data, Path(out_dir) / name, cfg,
@@ -195,8 +198,7 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
     average = sum(r["score"] for r in results.values()) / len(results)
     report = {"model": str(model), "from_scratch": from_scratch, "tasks": results,
               "average": average}
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "glue.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_text_atomic(Path(out_dir) / "glue.json", json.dumps(report, indent=1) + "\n")
     return report
 
 

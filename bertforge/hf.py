@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ from safetensors.torch import save_file
 from bertforge.checkpoint import load_pickled, load_safetensors, require_finite
 from bertforge.config import ModelConfig, build
 from bertforge.errors import BertforgeError
-from bertforge.fileio import give_usual_mode
+from bertforge.fileio import give_usual_mode, make_dir
 from bertforge.model import BertForPreTraining
+from bertforge.paths import replace_owned, require_owned, sibling
 
 log = logging.getLogger("bertforge")
 
@@ -253,9 +255,24 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     `model` is a BertForPreTraining, or a BertForSequenceClassification with
     `extra_config=classifier_config_to_hf(...)`; extra_config entries go into config.json.
     """
-    out = Path(out_dir)
-    require_finite(model.state_dict(), f"not exporting to {out}")  # before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    require_finite(model.state_dict(), f"not exporting to {final}")  # before anything is written
+    require_owned(final, "export")
+    # Written beside, then swapped in whole: a kill never mixes two exports' files.
+    out = sibling(final)
+    make_dir(final.parent)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        _write_export(model, out, tokenizer_dir, extra_config)
+        replace_owned(out, final, "export")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def _write_export(model: torch.nn.Module, out: Path, tokenizer_dir: str | Path | None,
+                  extra_config: dict[str, Any] | None) -> None:
     config = model.config
     weights = to_hf_state_dict(model.state_dict(), config)
     # safetensors wants contiguous, unshared CPU tensors; qkv chunks are views of one tensor.
@@ -273,7 +290,6 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
             raise BertforgeError(f"tokenizer directory not found: {tokenizer_dir}")
         # A pipeline then truncates to what the position table holds.
         copy_tokenizer(tokenizer_dir, out, model_max_length=config.max_position_embeddings)
-    return out
 
 
 def read_hf_config(hf_dir: Path) -> dict[str, Any]:

@@ -15,13 +15,14 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from bertforge import rundir
+from bertforge import paths, rundir
 from bertforge.checkpoint import load_model_weights, remove_partial
 from bertforge.config import ModelConfig, RunConfig, TrainConfig
 from bertforge.consistency import check_training_fits
@@ -36,6 +37,7 @@ from bertforge.errors import BertforgeError
 from bertforge.evaluate import heldout_metrics
 from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
 from bertforge.model import BertForPreTraining
+from bertforge.paths import Undo, make_marked, replace_owned, require_owned
 from bertforge.ops import cross_entropy_and_hits
 from bertforge.runtime import configure, resolve_device, resolve_precision
 from bertforge.step import StepBatch
@@ -134,6 +136,9 @@ def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | No
     return losses, metrics
 
 
+# What a start writes in RUN_DIR before training; a failed start removes those it made.
+RUN_FILES = (paths.MARKER, rundir.CONFIG, rundir.TOKENIZER, rundir.DATA, "built_from.json")
+
 # What RUN_DIR's cached tokenizer and data were built from (`build_data`), and which of
 # those inputs the tokenizer depends on (the data depends on all of them).
 BUILT_FROM = "built_from.json"
@@ -191,15 +196,21 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
         raise BertforgeError(f"{run_dir} was built from other input ({what}) and its "
                              f"checkpoints were trained on it; give the run's own corpus and "
                              f"options, or another --out")
-    for stale, path in ((stale_tok, tok_dir), (stale_data, data_dir)):
-        if stale:
+    for stale, path, kind in ((stale_tok, tok_dir, "tokenizer"), (stale_data, data_dir, "data")):
+        if stale:  # only what bertforge wrote there: a folder of the user's is refused
+            require_owned(path, kind)
             print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
-            shutil.rmtree(path)
-    write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
-    if not (tok_dir / "tokenizer.json").is_file():
+    # Each rebuilt directory replaces the stale one whole (a kill leaves one or the
+    # other), and the record goes last: a kill before it means "rebuild" next time.
+    if stale_tok or not (tok_dir / "tokenizer.json").is_file():
         t0 = time.monotonic()
         if tokenizer is not None:
-            copy_tokenizer(tokenizer, tok_dir)
+            fresh = paths.sibling(tok_dir)
+            try:
+                copy_tokenizer(tokenizer, fresh)
+                replace_owned(fresh, tok_dir, "tokenizer")
+            finally:
+                shutil.rmtree(fresh, ignore_errors=True)
             if not cfg.train.init:  # _prepare_run read the vocabulary from the stale copy
                 tok = load_tokenizer(tok_dir)
                 cfg.model.vocab_size = tok.get_vocab_size(with_added_tokens=True)
@@ -210,13 +221,14 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
                             sample_bytes=sample_bytes)
             print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}",
                   file=sys.stderr)
-    if not (data_dir / "manifest.json").is_file():
+    if stale_data or not (data_dir / "manifest.json").is_file():
         t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
                 valid_fraction=cfg.data.valid_fraction, show_progress=show_progress,
                 corpus_options=corpus_options,
                 document_boundary=cfg.data.document_boundary)
         print(f"prepare: done in {time.monotonic() - t0:.1f}s -> {data_dir}", file=sys.stderr)
+    write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     return data_dir
 
 
@@ -395,6 +407,7 @@ def resolve_resume(run_dir: Path, cfg: RunConfig, given: dict[str, dict[str, Any
             if key in ("max_steps", "time_budget"):
                 check_schedule_change(saved.train, key, old, value)
             setattr(getattr(saved, section), key, value)
+    saved.train = dataclasses.replace(saved.train)  # checked as a new run's (the warmup)
     return saved
 
 
@@ -440,27 +453,31 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
     # the same run is refused, naming this one, instead of interleaving with it.
     with (hold_lock(run_dir / rundir.LOCK, f"run directory {run_dir}") if dist.is_main
           else contextlib.nullcontext()):
-        if dist.is_main:
-            if resume:  # a kill mid-save left them (the lock says no one is writing one)
-                remove_partial(run_dir / rundir.CHECKPOINTS)
-            try:  # (a failed start leaves no empty --out: the lock removes what it made)
-                data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
-                                        given, show_progress, corpus_options, sample_bytes,
-                                        tokenizer)
+        # A start that fails before training removes what it made in RUN_DIR, only that
+        # (the lock then removes the directories it made).
+        undo = Undo(run_dir, RUN_FILES if dist.is_main else ())
+        with undo:
+            if dist.is_main:
+                if resume:  # a kill mid-save left them (the lock says no one is writing one)
+                    remove_partial(run_dir / rundir.CHECKPOINTS)
+                try:
+                    data_dir = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
+                                            given, show_progress, corpus_options, sample_bytes,
+                                            tokenizer)
+                finally:
+                    dist.barrier()  # on an error too: the others then fail on the missing config
+            else:
+                dist.barrier()
+                if not (run_dir / rundir.CONFIG).is_file():
+                    raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
+                                         f"(its error says why)")
+                cfg = RunConfig.load(run_dir / rundir.CONFIG)
+                data_dir = as_dirs(cfg.data.path)
+            try:
+                return _train(run_dir, cfg, data_dir, device, dist, resume,
+                              show_progress and dist.is_main, started=undo.done)
             finally:
-                dist.barrier()  # on an error too: the others then fail on the missing config
-        else:
-            dist.barrier()
-            if not (run_dir / rundir.CONFIG).is_file():
-                raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
-                                     f"(its error says why)")
-            cfg = RunConfig.load(run_dir / rundir.CONFIG)
-            data_dir = as_dirs(cfg.data.path)
-        try:
-            return _train(run_dir, cfg, data_dir, device, dist, resume,
-                          show_progress and dist.is_main)
-        finally:
-            shutdown()
+                shutdown()
 
 
 def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | None,
@@ -499,7 +516,7 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
             raise BertforgeError(f"corpus has no documents: {' '.join(corpus)}{found}")
     if not cfg.train.max_steps and not cfg.train.time_budget:
         raise BertforgeError("give --max-steps or --time-budget (how long to train)")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_marked(run_dir, "run")
     tok_dir = run_dir / rundir.TOKENIZER
     if source is not None and not tok_dir.exists():
         copy_tokenizer(source, tok_dir)
@@ -578,7 +595,8 @@ def load_init(model: torch.nn.Module, init: str, is_main: bool) -> None:
 
 
 def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.device,
-           dist: Distributed, resume: bool, show_progress: bool) -> dict[str, Any]:
+           dist: Distributed, resume: bool, show_progress: bool,
+           started: Callable[[], None] = lambda: None) -> dict[str, Any]:
     from bertforge.hf import export_model
 
     where = configure(device)
@@ -599,6 +617,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
               f"(micro {min(cfg.train.micro_batch_size, cfg.train.batch_size)}), "
               f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
+    started()  # from here the run directory holds a run, failed or not
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
     weights = dist.model_state(model)  # gathered from the shards under FSDP

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from typing import Any
 from bertforge import rundir
 from bertforge.config import PRESETS, RunConfig
 from bertforge.errors import BertforgeError
+from bertforge.fileio import make_dir, write_text_atomic
+from bertforge.paths import replace_owned, require_owned, sibling
 
 REPORT = "report"
 # Eval-line fields that are bookkeeping, not metrics (perplexity is exp(mlm_loss)).
@@ -194,12 +197,21 @@ def write_report(run_dir: Path, out_dir: Path | None = None) -> Path:
     run_dir = Path(run_dir)
     train, evals = read_metrics(run_dir)
     out = Path(out_dir) if out_dir else run_dir / REPORT
-    out.mkdir(parents=True, exist_ok=True)
+    require_owned(out, "report")  # before the work: a folder of the user's stays theirs
     baseline = unigram_baseline_loss(run_dir) if _series(evals, "mlm_loss")[0] else None
     plots = plot_panels(run_dir, train, evals, baseline)
-    for name, panels in plots.items():
-        build_figure(panels).savefig(out / name, format="png")
-    (out / "report.md").write_text(_markdown(run_dir, train, evals, list(plots), baseline))
+    tmp = sibling(out)
+    make_dir(out.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:  # built beside, then swapped in whole
+        for name, panels in plots.items():
+            build_figure(panels).savefig(tmp / name, format="png")
+        write_text_atomic(tmp / "report.md",
+                          _markdown(run_dir, train, evals, list(plots), baseline))
+        replace_owned(tmp, out, "report")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.config import TrainConfig
-from bertforge.fileio import write_text_atomic
+from bertforge.fileio import append_text, write_text_atomic
 from bertforge.optim import progress
 from bertforge.step import StepResult
 
@@ -45,8 +45,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_text(self.path, json.dumps(record) + "\n")
 
 
 class Progress:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
-from bertforge.fileio import temporary_path
+from bertforge.fileio import open_new, refuse_link, temporary_path
 from bertforge.rundir import METRICS
 
 TENSORBOARD_DIR = "tensorboard"
@@ -46,6 +46,21 @@ def check_available(cfg: TrainConfig) -> None:
         _require("torch.utils.tensorboard", "--tensorboard", "tensorboard")
     if cfg.wandb:
         _require("wandb", "--wandb", "wandb")
+        check_project(cfg.wandb)
+
+
+# What W&B refuses in a project name (wandb_settings' project validator).
+_PROJECT_MAX, _PROJECT_BAD = 128, "/\\#?%:"
+
+
+def check_project(name: str) -> None:
+    """Refuse a W&B project name W&B would refuse, before the run directory is made."""
+    bad = sorted({c for c in name if c in _PROJECT_BAD})
+    if not name.strip() or len(name) > _PROJECT_MAX or bad:
+        why = (f"it has {' '.join(bad)}" if bad else "it is empty" if not name.strip()
+               else f"it is longer than {_PROJECT_MAX} characters")
+        raise BertforgeError(f"--wandb {name[:40]!r}: W&B refuses this project name ({why}; "
+                             f"none of {' '.join(_PROJECT_BAD)} may appear)")
 
 
 def _require(module: str, flag: str, extra: str) -> None:
@@ -185,8 +200,8 @@ def _open_wandb(run_dir: Path, project: str, run_config: dict[str, Any] | None, 
                          settings=wandb.Settings(silent=True, console="off"))
     except Exception as e:  # wandb's errors have no common base across versions
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise BertforgeError(f"--wandb: W&B could not start the run: {first_line}; "
-                             f"WANDB_MODE=offline logs it offline") from e
+        hint = "" if mode == "offline" else "; WANDB_MODE=offline logs it offline"
+        raise BertforgeError(f"--wandb: W&B could not start the run: {first_line}{hint}") from e
     if mode == "offline":
         sync_dir = Path(run.dir).parent
         print(f"W&B: logging offline ({why}); upload the run later with: wandb sync "
@@ -257,6 +272,8 @@ def _read_state(path: Path) -> dict[str, Any] | None:
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     """Atomic but not fsynced (it is written at every logged step): a state lost in a
     power cut only makes a resumed run send steps again, which W&B then drops."""
+    refuse_link(path)
     tmp = temporary_path(path)
+    os.close(open_new(tmp))  # never through a planted link
     tmp.write_text(json.dumps(state) + "\n")
     os.replace(tmp, path)

@@ -33,7 +33,8 @@ from bertforge.compiling import compile_loss, ordered_scatter, should_compile
 from bertforge.config import TrainConfig
 from bertforge.consistency import check_optimizer_state
 from bertforge.distributed import Distributed
-from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep
+from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep, Terminated
+from bertforge.fileio import make_dir
 from bertforge.optim import build_optimizer, lr_at
 from bertforge.runlog import RunLog
 from bertforge.runtime import autocast
@@ -156,8 +157,8 @@ class _SignalFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if self.signum is not None:  # a second signal: stop now, exit 128 + its number
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated(signum)
         self.signum = signum
         if self._raise:
             raise _Stop
@@ -196,7 +197,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     dist = dist if dist is not None else Distributed()
     run_dir = Path(run_dir)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     found = _find_checkpoint(ckpt_dir, resume, dist.is_main)
     if found is not None:  # weights go in before sharding: every rank reads the full file

@@ -307,7 +307,8 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
 
     def build_then_stop(*args):  # the data is what this test is about: no training
         seen["args"] = args
-        real_build(*args)
+        real_build(*args)  # (the failed start then removes what it built)
+        seen["manifest"] = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
         raise BertforgeError("stopped after building the data")
 
     monkeypatch.setattr(pretrain, "build_data", build_then_stop)
@@ -320,6 +321,6 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
     options, sample_bytes = seen["args"][6:8]
     assert options == CorpusOptions(text_column="body", dedup=True)
     assert sample_bytes == 2000
-    manifest = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
+    manifest = seen["manifest"]
     assert manifest["corpus_stats"]["documents"] == 60
     assert manifest["corpus_stats"]["formats"] == {"csv": 1}

@@ -530,7 +530,7 @@ def test_cli_glue_table(capsys, tmp_path, tiny_run):
 
 @pytest.mark.parametrize("argv, match", [
     (["finetune", "{run}", "--out", "{tmp}/o"], "give --task NAME --data-dir DIR"),
-    (["finetune", "{run}", "--task", "sst9", "--data-dir", "{tmp}", "--out", "{tmp}/o"],
+    (["finetune", "{run}", "--task", "sst9", "--data-dir", "{tmp}/good", "--out", "{tmp}/o"],
      "unknown GLUE task 'sst9'"),
     (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o"],
      "train.tsv, line 3: 1 fields, expected 2"),

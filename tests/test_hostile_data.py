@@ -274,13 +274,14 @@ def other_corpus(path: Path) -> Path:
 
 
 def stop_before_training(monkeypatch) -> None:
-    """As if the run were killed once its data was built, before any checkpoint."""
+    """As if the run were killed in its first step, before any checkpoint (a start that
+    fails before training removes what it built; one that has begun keeps it)."""
     from bertforge import pretrain
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain, "_train", interrupted)
+    monkeypatch.setattr(pretrain, "fit", interrupted)
 
 
 def test_rerun_after_an_interrupted_run_rebuilds_from_the_new_input(tmp_path, corpus_file,
@@ -304,7 +305,7 @@ def test_rerun_after_an_interrupted_run_rebuilds_from_the_new_input(tmp_path, co
     assert RunConfig.load(run / "config.yaml").model.vocab_size == vocab
     built = json.loads((run / "built_from.json").read_text())
     assert built["vocab_size"] == 250 and built["corpus"][0][0] == str(new)
-    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == [".bertforge"]
     # The same command again builds nothing.
     code, _, err = run_cli(capsys, *corpus_argv(new, run, "--vocab-size", 250))
     assert code == 130 and "rebuilding" not in err and "trained in" not in err

@@ -229,7 +229,7 @@ def test_errors(tok_dir, tmp_path):
         prepare([str(ok)], tmp_path / "no-tok", out, show_progress=False)
     with pytest.raises(BertforgeError, match="seq_len 4"):
         prepare([str(ok)], tok_dir, out, seq_len=4, show_progress=False)
-    with pytest.raises(BertforgeError, match="not empty"):
+    with pytest.raises(BertforgeError, match="not a data directory"):
         prepare([str(ok)], tok_dir, tmp_path, show_progress=False)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no partial dirs

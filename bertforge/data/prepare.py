@@ -64,7 +64,8 @@ from bertforge.data.readers import quote
 from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
                                       tokenizer_hash)
 from bertforge.errors import BertforgeError
-from bertforge.fileio import hold_lock
+from bertforge.fileio import alive, hold_lock, open_new, write_text_atomic
+from bertforge.paths import replace_owned, require_owned
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,8 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             }
             elapsed = time.perf_counter() - start
             manifest["elapsed_s"] = round(elapsed, 3)
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _move_into_place(tmp, out)
+            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+            replace_owned(tmp, out, "data")  # swapped in whole, over an earlier one
         except BaseException as e:
             for packer in packers.values():
                 packer.writer.abandon()
@@ -225,21 +226,11 @@ def _check_out_dir(out: Path) -> None:
     """Refuse to replace a directory that is not an earlier data directory."""
     if out.exists() and not out.is_dir():
         raise BertforgeError(f"output path exists and is not a directory: {out}")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise BertforgeError(f"output directory is not empty and holds no {MANIFEST}: {out}")
+    require_owned(out, "data")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BertforgeError(f"cannot create {out.parent}: {e.strerror or e}") from None
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    old = _sibling(out, "old") if out.exists() else None
-    if old is not None:
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sibling(out: Path, kind: str) -> Path:
@@ -253,21 +244,8 @@ def _remove_leftovers(out: Path) -> None:
     name = re.compile(re.escape(f".{out.name}.") + r"(\d+)-[0-9a-f]{8}\.(?:partial|old)")
     for entry in out.parent.iterdir():
         found = name.fullmatch(entry.name)
-        if found and not entry.is_symlink() and entry.is_dir() and not _alive(int(found[1])):
+        if found and not entry.is_symlink() and entry.is_dir() and not alive(int(found[1])):
             shutil.rmtree(entry, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists (signal 0 only checks)."""
-    if os.name != "posix":  # elsewhere os.kill(pid, 0) would terminate it
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _total_bytes(files: list[Path | str]) -> int | None:
@@ -402,7 +380,7 @@ class _ShardWriter:
     def _next_shard(self) -> None:
         self._close_shard()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self.file = open(self.directory / name, "wb")
+        self.file = os.fdopen(open_new(self.directory / name, exclusive=True), "wb")
         self.hash = hashlib.new(SHARD_HASH)
         self.shards.append({"file": name, "sequences": 0})
 

@@ -31,11 +31,14 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
+from tqdm import tqdm
 
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, iter_documents, resolve_corpus)
+from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
+                                   resolve_corpus)
 from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
-from bertforge.fileio import write_text_atomic
+from bertforge.fileio import make_dir, write_text_atomic
+from bertforge.paths import mark, replace_owned, require_owned, sibling
 
 # Order fixes the ids: the trainer assigns special tokens ids 0.. in list order.
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
@@ -48,6 +51,9 @@ MODEL_MAX_LENGTH = 512
 # a Unicode-rich corpus would otherwise spend thousands of ids on one-off symbols.
 LIMIT_ALPHABET = 1000
 _BATCH_DOCUMENTS = 1000  # documents handed to the Rust trainer per Python call
+# ... and at most about this many characters: the trainer reads ahead 256 batches, so
+# this bounds the text held in memory (~50 MB) whatever the documents' sizes.
+_BATCH_CHARS = 200_000
 
 
 def build_tokenizer(lowercase: bool = True) -> Tokenizer:
@@ -102,12 +108,20 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
 
     start = time.perf_counter()
     tok = build_tokenizer(lowercase)
+    # Progress in bytes read, as prepare shows it (the trainer's own bar counts nothing
+    # while it reads a generator).
+    total = estimate_bytes(files)
+    if sample_bytes is not None and total is not None:
+        total = min(total, sample_bytes)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer",
+               disable=not show_progress, file=sys.stderr)
     trainer = WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
         special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
         continuing_subword_prefix="##",
     )
-    tok.train_from_iterator(_batches(itertools.chain([first], docs)), trainer=trainer)
+    tok.train_from_iterator(_read(_batches(itertools.chain([first], docs)), stats, bar),
+                            trainer=trainer)
     _set_template(tok)
     ids = special_token_ids(tok)
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
@@ -127,18 +141,53 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
 
 
 def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    while batch := list(itertools.islice(docs, _BATCH_DOCUMENTS)):
+    """Documents in lists of at most _BATCH_DOCUMENTS and about _BATCH_CHARS."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
         yield batch
 
 
+def _read(batches: Iterator[list[str]], stats: CorpusStats, bar: tqdm) -> Iterator[list[str]]:
+    """`batches`, moving the progress bar by the bytes read; says when reading is done."""
+    for batch in batches:
+        bar.update(stats.bytes - bar.n)
+        yield batch
+    bar.update(stats.bytes - bar.n)
+    shown = not bar.disable
+    bar.close()
+    if shown:
+        print("tokenizer: choosing the vocabulary", file=sys.stderr, flush=True)
+
+
 def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) -> Path:
-    """Write the four tokenizer files; tokenizer.json goes last, so its presence means done."""
-    out = Path(out_dir)
+    """Write the four tokenizer files into a new directory beside `out_dir`, swapped in
+    whole (replacing only a tokenizer directory bertforge wrote)."""
+    final = Path(out_dir)
+    require_owned(final, "tokenizer")
+    out = sibling(final)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        make_dir(final.parent)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
     except OSError as e:
-        raise BertforgeError(f"cannot create tokenizer directory {out}: "
+        raise BertforgeError(f"cannot create tokenizer directory {final}: "
                              f"{e.strerror or e}") from None
+    try:
+        _write_tokenizer(tok, out, lowercase)
+        replace_owned(out, final, "tokenizer")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def _write_tokenizer(tok: Tokenizer, out: Path, lowercase: bool) -> None:
     vocab = sorted(tok.get_vocab(with_added_tokens=True).items(), key=lambda kv: kv[1])
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise AssertionError("vocabulary ids are not contiguous")
@@ -148,7 +197,6 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) 
     write_text_atomic(out / "special_tokens_map.json",
                       json.dumps(_special_map(), indent=2) + "\n")
     write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
-    return out
 
 
 def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
@@ -187,6 +235,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
             config["model_max_length"] = model_max_length
             settings.write_text(json.dumps(config, indent=2) + "\n")
         if not dst.exists():
+            mark(tmp, "tokenizer")
             os.replace(tmp, dst)
             return dst
         for path in tmp.iterdir():
