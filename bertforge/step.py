@@ -193,12 +193,16 @@ def _as_is(batch: StepBatch) -> StepBatch:  # collate: a StepBatch is a batch al
 
 
 @contextlib.contextmanager
-def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device
-             ) -> Iterator[Iterator[StepBatch]]:
+def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device,
+             start_method: str | None = None) -> Iterator[Iterator[StepBatch]]:
     """The StepBatches of steps start, start + 1, ... (up to max_steps when set), built
     ahead by cfg.num_workers background processes (default: `default_workers(device)`)
     and pinned when `device` is a GPU. Batches depend on the step alone, so the workers
-    change no result; with 0 workers each batch is built when it is asked for."""
+    change no result; with 0 workers each batch is built when it is asked for.
+
+    The workers start by the platform's default method (`start_method`: "fork",
+    "forkserver" or "spawn" to choose); the task is pickled into them under the last
+    two, which the memmapped shards allow (they reopen on unpickling)."""
     workers = cfg.num_workers if cfg.num_workers is not None else default_workers(device)
     steps = range(start, cfg.max_steps) if cfg.max_steps else itertools.count(start)
     # A generator of its own: the loader draws its workers' base seed from it, which must
@@ -206,6 +210,7 @@ def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device
     loader = DataLoader(_Steps(task), sampler=steps, batch_size=None, collate_fn=_as_is,
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None,
+                        multiprocessing_context=start_method if workers else None,
                         generator=torch.Generator().manual_seed(0))
     batches = iter(loader)
     try:

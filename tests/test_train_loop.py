@@ -75,6 +75,41 @@ def test_prefetch_workers_change_no_result(tmp_path, data_dir):
     assert _losses(runs[0]) == _losses(runs[2]) and len(_losses(runs[0])) == 6
 
 
+def test_shards_pickle_as_paths(data_dir):
+    """Pickled into a worker, the shards travel as paths and are reopened there."""
+    import pickle
+
+    import numpy as np
+
+    from bertforge.data.loader import ShardedSequences
+
+    sequences = ShardedSequences(data_dir, "train")
+    blob = pickle.dumps(sequences)
+    shard_bytes = sum(s.nbytes for s in sequences.shards)
+    assert len(blob) < min(shard_bytes, 64 << 10)
+    again = pickle.loads(blob)
+    index = np.arange(len(sequences))[::-7]
+    assert np.array_equal(again.take(index), sequences.take(index))
+    assert all(isinstance(s, np.memmap) for s in again.shards)
+
+
+def test_prefetch_workers_started_by_spawn(data_dir):
+    """Python 3.14 starts workers by forkserver: the task is pickled into them, as with
+    spawn here, and the batches are those built in this process."""
+    from bertforge.step import prefetch
+
+    cfg = tiny_run_config(max_steps=2, micro_batch_size=8, num_workers=1)
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    with prefetch(task, 0, cfg.train, torch.device("cpu"), start_method="spawn") as batches:
+        built = list(batches)
+    assert len(built) == 2
+    for step, batch in enumerate(built):
+        here = task.batch(step)
+        assert batch.counts == here.counts and batch.tokens == here.tokens
+        for a, b in zip(batch.micro, here.micro):
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
+
+
 def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
     """Even where CUDA is available, a CPU run creates no CUDA context: nothing queries
     or seeds a GPU (checkpoints hold no CUDA RNG state)."""
