@@ -83,6 +83,13 @@ def configure(device: torch.device) -> str:
     return str(device)
 
 
+def defer_host_reads(device: torch.device) -> bool:
+    """Whether the training loop reads a step's figures only when it needs them (a GPU,
+    which would otherwise drain every step) rather than every step (the CPU, where a
+    read costs nothing)."""
+    return device.type == "cuda"
+
+
 def default_workers(device: torch.device) -> int:
     """Background processes that build batches ahead of the step: 2 on a GPU, whose
     step would otherwise wait for the host's masking; 0 on the CPU, where the cores
