@@ -405,9 +405,9 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
                                         given, show_progress, corpus_options, sample_bytes,
                                         tokenizer)
             finally:
-                dist.barrier()  # on an error too: the others then fail on the missing config
+                dist.wait_for_main()  # on an error too: the others then fail on the missing config
         else:
-            dist.barrier()
+            dist.wait_for_main()
             if not (run_dir / rundir.CONFIG).is_file():
                 raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
                                      f"(its error says why)")

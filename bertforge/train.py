@@ -205,7 +205,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
-    found = _find_checkpoint(ckpt_dir, resume, dist.is_main)
+    found = _find_checkpoint(ckpt_dir, resume, dist)
     if found is not None:  # weights go in before sharding: every rank reads the full file
         ckpt.load_model_weights(model, ckpt.load_weights(found[0]))
     wrapped = dist.wrap(model, device, dtype)
@@ -353,21 +353,35 @@ def _evaluate(model: torch.nn.Module, task: Task, step: int, device: torch.devic
         model.train()
 
 
-def _find_checkpoint(ckpt_dir: Path, resume: bool, is_main: bool
+def _find_checkpoint(ckpt_dir: Path, resume: bool, dist: Distributed
                      ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: None for a fresh run, or for --resume of a run
-    killed before its first checkpoint was complete."""
+    killed before its first checkpoint was complete. Rank 0 chooses and every rank takes
+    its choice (or its error): ranks looking each for themselves could disagree on a
+    shared filesystem that caches attributes."""
     if not resume:
         return None
-    found = ckpt.find_latest(ckpt_dir)
-    if found is None:
-        if ckpt.any_checkpoint(ckpt_dir):  # all damaged: starting over would overwrite them
-            raise BertforgeError(f"--resume: no checkpoint in {ckpt_dir} verifies (see the "
-                                 f"warnings above); move them away to start over")
-        if is_main:
+    choice: tuple[str, Any, Any] = ("none", None, None)
+    if dist.is_main:
+        try:
+            found = ckpt.find_latest(ckpt_dir)
+            if found is None and ckpt.any_checkpoint(ckpt_dir):
+                # all damaged: starting over would overwrite them
+                raise BertforgeError(f"--resume: no checkpoint in {ckpt_dir} verifies (see "
+                                     f"the warnings above); move them away to start over")
+            if found is not None:
+                choice = ("found", str(found[0]), found[1])
+        except BertforgeError as e:
+            choice = ("error", str(e), None)
+    kind, value, saved = dist.broadcast_object(choice)
+    if kind == "error":
+        raise BertforgeError(value)
+    if kind == "none":
+        if dist.is_main:
             print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0",
                   file=sys.stderr)
-    return found
+        return None
+    return Path(value), saved
 
 
 def _save(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
