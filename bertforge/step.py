@@ -174,7 +174,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
         # The update is dropped on the device when the loss or the norm is not finite
         # (the same on every rank: the sums are global), as GradScaler drives fused AdamW.
         found_inf = (~torch.isfinite(values[:len(sums)].sum() + values[-1])).float()
-        optimizer.found_inf = found_inf.to(params[0].device, non_blocking=True)  # type: ignore[attr-defined]
+        found_inf = found_inf.to(params[0].device, non_blocking=True)
+        optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
             optimizer.step()
         finally:
