@@ -141,6 +141,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 MASKINGS = ("token", "wwm", "span")
 DEFAULT_WARMUP_FRACTION = 0.06
+DEFAULT_MICRO_BATCH = 32  # on the CPU, or where the memory a GPU has free is not known
 WARMUP_FIELDS = ("warmup_steps", "warmup_fraction")
 OBJECTIVES = ("mlm", "mlm+nsp", "mlm+sop")
 DOCUMENT_BOUNDARIES = ("cross", "new")
@@ -196,8 +197,10 @@ class TrainConfig:
     """The optimisation and the run's schedule of evaluation, logging and checkpoints."""
 
     batch_size: int = _help("Sequences per optimizer step (the global batch).", default=256)
-    micro_batch_size: int = _help("Sequences per forward/backward; the batch is accumulated "
-                                  "from micro-batches.", default=32)
+    micro_batch_size: int | None = _help("Sequences per forward/backward; the batch is "
+                                         "accumulated from micro-batches. Default: on a GPU "
+                                         "the whole per-process batch where it fits in "
+                                         f"memory, else {DEFAULT_MICRO_BATCH}.", default=None)
     lr: float = _help("Peak learning rate.", default=1e-4)
     weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm).", default=0.01)
     adam_beta1: float = _help("Adam beta1.", default=0.9)
@@ -255,7 +258,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(self, "batch_size", self.batch_size >= 1, "must be >= 1")
-        _check(self, "micro_batch_size", self.micro_batch_size >= 1, "must be >= 1")
+        _check(self, "micro_batch_size",
+               self.micro_batch_size is None or self.micro_batch_size >= 1, "must be >= 1")
         _check(self, "lr", self.lr > 0, "must be > 0")
         _check(self, "weight_decay", self.weight_decay >= 0, "must be >= 0")
         _check(self, "adam_beta1", 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
@@ -289,7 +293,7 @@ class TrainConfig:
 
     @property
     def accumulation_steps(self) -> int:
-        return -(-self.batch_size // self.micro_batch_size)
+        return -(-self.batch_size // (self.micro_batch_size or DEFAULT_MICRO_BATCH))
 
     @property
     def schedule_depends_on_length(self) -> bool:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from bertforge import checkpoint as ckpt
 from bertforge import rundir
 from bertforge.checkpoint import load_model_weights
-from bertforge.config import ModelConfig, RunConfig
+from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig
 from bertforge.data.labelled import TaskData
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
@@ -137,7 +137,8 @@ class ClassificationTask:
         self.data, self.train, self.valid = data, train, valid
         self.cfg, self.device, self.best_dir = cfg, device, best_dir
         self.batch_size = cfg.train.batch_size
-        self.micro_batch_size = min(cfg.train.micro_batch_size, self.batch_size)
+        self.micro_batch_size = min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH,
+                                    self.batch_size)
         self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         state = best_dir / "state.json"
         self.best = json.loads(state.read_text()) if state.is_file() else None
