@@ -7,6 +7,9 @@ process whose collectives are no-ops, so the training loop has one code path.
 
 Notable choices:
 
+- The ranks wait for rank 0's data preparation on a gloo group with a long timeout
+  (`wait_for_main`), and take its choice of checkpoint (`broadcast_object`); the
+  training collectives keep the backend's default timeout.
 - Gradients are averaged over ranks by DDP and by FSDP's reduce-scatter; the loop scales
   each rank's loss by the world size so that the result is the gradient of the global
   batch's loss, normalised by the global count of loss terms (DESIGN.md).

@@ -303,6 +303,30 @@ def test_every_rank_resumes_from_rank_zeros_choice(tmp_path):
     assert all(e and "no checkpoint in" in e and "verifies" in e for e in found["errors"])
 
 
+def test_nccl_keeps_its_default_timeout_and_gets_the_device(monkeypatch):
+    """On CUDA (faked): the NCCL group has no long timeout and is bound to cuda:LOCAL_RANK;
+    the wait for rank 0's data is a gloo group with the long one."""
+    import torch.distributed as dist
+
+    from bertforge import distributed
+
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.setdefault("group", kw) and "g")
+    d = distributed.init_from_env("fsdp", torch.device("cuda"))
+    assert calls["set"] == 1
+    assert calls["init"] == ("nccl", {"device_id": torch.device("cuda", 1)})
+    assert calls["group"] == {"backend": "gloo", "timeout": distributed.PREPARE_TIMEOUT}
+    assert distributed.PREPARE_TIMEOUT.total_seconds() >= 3600
+    assert (d.rank, d.world_size, d.local_rank, d.strategy) == (1, 2, 1, "fsdp")
+
+
 def test_gradient_norm_is_exact_for_large_gradients():
     # float32 reductions of one large gradient (the word embeddings) were off by ~1e-4,
     # differently for each sharding, and through clipping FSDP's losses drifted.
