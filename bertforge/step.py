@@ -219,8 +219,9 @@ def read_steps(pending: list[PendingStep]) -> list[StepResult]:
     """The StepResults of `pending` steps, read from the device in one transfer."""
     if not pending:
         return []
-    rows = torch.stack([p.values.to(pending[0].values.device) for p in pending]).tolist()
-    return [_result(p, row) for p, row in zip(pending, rows)]
+    flat = torch.cat([p.values.to(pending[0].values.device) for p in pending]).tolist()
+    ends = list(itertools.accumulate(len(p.values) for p in pending))
+    return [_result(p, flat[end - len(p.values):end]) for p, end in zip(pending, ends)]
 
 
 def _result(p: PendingStep, read: list[float]) -> StepResult:

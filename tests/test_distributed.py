@@ -197,7 +197,7 @@ from bertforge.config import TrainConfig, preset
 from bertforge.distributed import init_from_env, shutdown
 from bertforge.optim import build_optimizer
 from bertforge.pretrain import mlm_loss_sum, pretraining_model
-from bertforge.step import StepBatch, train_step
+from bertforge.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))
 cfg = preset("tiny", vocab_size=200, hidden_size=64, num_attention_heads=2,
@@ -229,13 +229,35 @@ for step, micro in enumerate([1, 1, 2, 2]):
                         device=torch.device("cpu"), dtype=torch.bfloat16, dist=d, step=step)
     per_step.append(len(gathers) - before)
     losses.append(result.loss)
+
+
+def nan_loss(m, micro):
+    sums, extra = mlm_loss_sum(m, micro)
+    return {k: v * float("nan") for k, v in sums.items()}, extra
+
+
+# The GPU path: the steps read later, a non-finite update dropped by fused AdamW on the
+# shards (found_inf), the same decision on every rank.
+pending, shards = [], []
+for step, loss_fn in ((4, mlm_loss_sum), (5, nan_loss)):
+    parts = [synthetic_batch(cfg, 2, 32, seed=100 * step + 10 * d.rank + i) for i in range(2)]
+    batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
+                      sum(m.real_tokens for m in parts))
+    shards.append([p.to_local().clone() for p in model.parameters()])
+    pending.append(train_step(wrapped, optimizer, loss_fn, batch, lr=1e-3, cfg=TrainConfig(),
+                              device=torch.device("cpu"), dtype=torch.bfloat16, dist=d,
+                              step=step, defer=True))
+kept = all(torch.equal(a, p.to_local()) for a, p in zip(shards[1], model.parameters()))
+moved = not all(torch.equal(a, b) for a, b in zip(shards[0], shards[1]))
+applied = [r.applied for r in read_steps(pending)]
 masters = sorted({str(p.dtype) for p in model.parameters()})
 moments = sorted({str(t.dtype) for s in optimizer.state.values() for t in s.values()
                   if t.ndim})
 if d.is_main:
     open(sys.argv[1], "w").write(json.dumps({"losses": losses, "gathers": per_step,
                                              "compute": sorted(seen), "masters": masters,
-                                             "moments": moments}))
+                                             "moments": moments, "applied": applied,
+                                             "kept": kept, "moved": moved}))
 d.barrier()
 shutdown()
 """
@@ -244,7 +266,8 @@ shutdown()
 def test_fsdp_bf16_parameters_and_unsharded_accumulation(tmp_path):
     """FSDP2's MixedPrecisionPolicy on gloo: bf16 weights in the forward, fp32 master
     weights and Adam moments; a step of two micro-batches gathers the parameters fewer
-    than twice as often as a step of one (they stay unsharded in between)."""
+    than twice as often as a step of one (they stay unsharded in between); deferred
+    steps drop a non-finite update on the shards."""
     script, out = tmp_path / "fsdp_bf16.py", tmp_path / "out.json"
     script.write_text(_FSDP_BF16)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -257,6 +280,7 @@ def test_fsdp_bf16_parameters_and_unsharded_accumulation(tmp_path):
     assert found["masters"] == ["torch.float32"] and found["moments"] == ["torch.float32"]
     one, two = found["gathers"][1], found["gathers"][3]
     assert 0 < one < two < 2 * one, found["gathers"]
+    assert found["applied"] == [True, False] and found["moved"] and found["kept"]
 
 
 # Run under torchrun: rank 1 sees another newest checkpoint than rank 0 (a filesystem
