@@ -10,7 +10,8 @@
   t + 1 overlaps the compute of step t and the copy to the device does not block.
 - `train_step`: forward and backward over the micro-batches, each loss term normalised
   by its count over the whole global batch; gradient clipping; the non-finite guard and
-  the `on_nan` policy; the update. It returns a `StepResult`.
+  the `on_nan` policy; the update. It returns a `StepResult`, or with `defer` a
+  `PendingStep` whose figures `read_steps` brings over later, with those of other steps.
 
 Host-device synchronisation. Nothing in the micro-batch loop reads a device value: the
 counts that normalise the loss come from the host side of the batch, metrics stay
