@@ -201,6 +201,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 MASKINGS = ("token", "wwm", "span")
 DEFAULT_WARMUP_FRACTION = 0.06
+DEFAULT_MICRO_BATCH = 32  # on the CPU, or where the memory a GPU has free is not known
 WARMUP_FIELDS = ("warmup_steps", "warmup_fraction")
 OBJECTIVES = ("mlm", "mlm+nsp", "mlm+sop")
 DOCUMENT_BOUNDARIES = ("cross", "new")
@@ -254,8 +255,11 @@ class TrainConfig:
 
     batch_size: int = _help("Sequences per optimizer step (the global batch).",
                             rule=">= 1", default=256)
-    micro_batch_size: int = _help("Sequences per forward/backward; the batch is accumulated "
-                                  "from micro-batches.", rule=">= 1", default=32)
+    micro_batch_size: int | None = _help("Sequences per forward/backward; the batch is "
+                                         "accumulated from micro-batches. Default: on a GPU "
+                                         "the whole per-process batch where it fits in "
+                                         f"memory, else {DEFAULT_MICRO_BATCH}.", rule=">= 1",
+                                         default=None)
     lr: float = _help("Peak learning rate.", rule="> 0", default=1e-4)
     weight_decay: float = _help("AdamW weight decay (not on biases and LayerNorm).",
                                 rule=">= 0", default=0.01)
@@ -338,7 +342,7 @@ class TrainConfig:
 
     @property
     def accumulation_steps(self) -> int:
-        return -(-self.batch_size // self.micro_batch_size)
+        return -(-self.batch_size // (self.micro_batch_size or DEFAULT_MICRO_BATCH))
 
     @property
     def schedule_depends_on_length(self) -> bool:

@@ -7,6 +7,9 @@ process whose collectives are no-ops, so the training loop has one code path.
 
 Notable choices:
 
+- The ranks wait for rank 0's data preparation on a gloo group with a long timeout
+  (`wait_for_main`), and take its choice of checkpoint (`broadcast_object`); the
+  training collectives keep the backend's default timeout.
 - Gradients are averaged over ranks by DDP and by FSDP's reduce-scatter; the loop scales
   each rank's loss by the world size so that the result is the gradient of the global
   batch's loss, normalised by the global count of loss terms (DESIGN.md).
@@ -36,6 +39,7 @@ from bertforge.checkpoint import model_state
 from bertforge.errors import BertforgeError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
+PREPARE_TIMEOUT = datetime.timedelta(hours=2)  # how long the ranks wait for rank 0's data
 
 
 @dataclass
@@ -47,6 +51,7 @@ class Distributed:
     local_rank: int = 0
     strategy: str = "none"  # "none" (one process), "ddp" or "fsdp"
     _wrapped: nn.Module | None = field(default=None, repr=False)
+    _waiting: Any = field(default=None, repr=False)  # the gloo group of `wait_for_main`
 
     @property
     def enabled(self) -> bool:
@@ -72,10 +77,10 @@ class Distributed:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(device.type, (self.world_size,))
-            # bf16 compute with fp32 gradient reduction where FSDP supports it (CUDA);
-            # on the CPU autocast alone gives bf16 matmuls.
+            # bf16 compute with fp32 gradient reduction: each gather casts the weights
+            # once for all their uses; master weights and optimizer state stay fp32.
             mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-                  if dtype is not None and device.type == "cuda" else MixedPrecisionPolicy())
+                  if dtype is not None else MixedPrecisionPolicy())
             for layer in _encoder_layers(model):
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -93,7 +98,10 @@ class Distributed:
             with w.no_sync():  # type: ignore[union-attr]
                 yield
         elif self.strategy == "fsdp":
+            # Between the micro-batches of one step the parameters stay gathered and the
+            # gradients unreduced; the last one reduce-scatters and reshards as usual.
             w.set_requires_gradient_sync(sync)  # type: ignore[union-attr]
+            w.set_reshard_after_backward(sync)  # type: ignore[union-attr]
             yield
         else:
             yield
@@ -127,6 +135,20 @@ class Distributed:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
+
+    def wait_for_main(self) -> None:
+        """A barrier for work rank 0 does alone before training (data, tokenizer), on a
+        gloo group with PREPARE_TIMEOUT: the training collectives keep their default."""
+        if self.enabled:
+            dist.barrier(group=self._waiting)
+
+    def broadcast_object(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self._waiting)
+        return box[0]
 
     def collective_device(self) -> torch.device:
         """Where tensors handed to collectives live: the GPU under nccl, else the CPU."""
@@ -249,11 +271,16 @@ def init_from_env(strategy: str = "auto", device: torch.device | None = None) ->
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        # Long timeout: rank 0 may build the tokenizer and shards while the others wait.
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                timeout=datetime.timedelta(hours=2))
+        # The backend's default timeout for the training collectives; with device_id the
+        # NCCL communicator is bound to this rank's GPU at once.
+        extra = {"device_id": torch.device("cuda", local_rank)} if cuda else {}
+        dist.init_process_group("nccl" if cuda else "gloo", **extra)
+    # Rank 0 may build the tokenizer and shards while the others wait: they wait on a
+    # gloo group of their own, whose long timeout no training collective shares.
+    waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
     return Distributed(rank=rank, world_size=world, local_rank=local_rank,
-                       strategy="ddp" if strategy == "auto" else strategy)
+                       strategy="ddp" if strategy == "auto" else strategy,
+                       _waiting=waiting)
 
 
 def shutdown() -> None:

@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 from bertforge import checkpoint as ckpt
 from bertforge import rundir
 from bertforge.checkpoint import load_model_weights
-from bertforge.config import ModelConfig, RunConfig
+from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig
 from bertforge.consistency import check_tokenizer_fits, check_training_fits
 from bertforge.data.labelled import TaskData, data_hashes
 from bertforge.data.tokenizer import copy_tokenizer
@@ -144,7 +144,8 @@ class ClassificationTask:
         self.data, self.train, self.valid = data, train, valid
         self.cfg, self.device, self.best_dir = cfg, device, best_dir
         self.batch_size = cfg.train.batch_size
-        self.micro_batch_size = min(cfg.train.micro_batch_size, self.batch_size)
+        self.micro_batch_size = min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH,
+                                    self.batch_size)
         self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         state = best_dir / "state.json"
         self.best = json.loads(state.read_text()) if state.is_file() else None
@@ -322,7 +323,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
             raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
                                  f"max_position_embeddings {config.max_position_embeddings}")
         device = resolve_device(cfg.train.device)
-        check_training_fits(config, min(cfg.train.micro_batch_size, cfg.train.batch_size),
+        check_training_fits(config, min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH,
+                                        cfg.train.batch_size),
                             cfg.max_length, device)  # before OUT is written to
         make_marked(out, "finetune")
         tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)

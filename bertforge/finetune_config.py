@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from bertforge.config import TrainConfig, _help, build, check_rules, merge
+from bertforge.config import DEFAULT_MICRO_BATCH, TrainConfig, _help, build, check_rules, merge
 from bertforge.errors import BertforgeError
 
 # BERT's recipe for base-sized models (Devlin et al. 2019, appendix A.3).
@@ -78,6 +78,7 @@ class FinetuneConfig:
     def train_config(self, steps_per_epoch: int) -> TrainConfig:
         """The TrainConfig `fit` runs: evaluation and a checkpoint at every epoch's end."""
         t = self.train
-        return dataclasses.replace(t, micro_batch_size=min(t.micro_batch_size, t.batch_size),
+        micro = min(t.micro_batch_size or DEFAULT_MICRO_BATCH, t.batch_size)
+        return dataclasses.replace(t, micro_batch_size=micro,
                                    max_steps=t.max_steps or self.epochs * steps_per_epoch,
                                    eval_every=steps_per_epoch, checkpoint_every=steps_per_epoch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from bertforge import paths, rundir
 from bertforge.checkpoint import load_model_weights, remove_partial
-from bertforge.config import ModelConfig, RunConfig, TrainConfig
+from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig, TrainConfig
 from bertforge.consistency import check_training_fits
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
@@ -39,7 +40,13 @@ from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
 from bertforge.model import BertForPreTraining
 from bertforge.paths import Undo, make_marked, replace_owned, require_owned
 from bertforge.ops import cross_entropy_and_hits
-from bertforge.runtime import configure, resolve_device, resolve_precision
+from bertforge.runtime import (
+    configure,
+    default_micro_batch,
+    resolve_device,
+    resolve_precision,
+    training_memory,
+)
 from bertforge.step import StepBatch
 from bertforge.train import fit
 
@@ -465,9 +472,9 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
                                             given, show_progress, corpus_options, sample_bytes,
                                             tokenizer)
                 finally:
-                    dist.barrier()  # on an error too: the others then fail on the missing config
+                    dist.wait_for_main()  # on an error too: the others then fail on the missing config
             else:
-                dist.barrier()
+                dist.wait_for_main()
                 if not (run_dir / rundir.CONFIG).is_file():
                     raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
                                          f"(its error says why)")
@@ -601,20 +608,25 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
 
     where = configure(device)
     dtype = resolve_precision(cfg.train.precision, device)
-    check_training_fits(cfg.model, min(cfg.train.micro_batch_size, cfg.train.batch_size),
-                        cfg.data.seq_len, device)
+    # Unset, the micro-batch is chosen below to fit a GPU (so at least one sequence must).
+    micro = cfg.train.micro_batch_size or (1 if device.type == "cuda" else DEFAULT_MICRO_BATCH)
+    check_training_fits(cfg.model, min(micro, cfg.train.batch_size), cfg.data.seq_len, device)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     model = pretraining_model(cfg.model, cfg.data.objective)
     if cfg.train.init:  # before a resume's checkpoint, which fit loads over it
         load_init(model, cfg.train.init, dist.is_main)
     model.to(device)
+    if cfg.train.micro_batch_size is None:  # resolved per run: a resume may be elsewhere
+        micro = micro_batch_for(cfg, model, device, dist.world_size)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                 micro_batch_size=micro))
     task = MLMTask(cfg, data_dir, device, dist.rank, dist.world_size, dtype)
     if dist.is_main:
         procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
         print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
               f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
               f"tokens, batch {cfg.train.batch_size} "
-              f"(micro {min(cfg.train.micro_batch_size, cfg.train.batch_size)}), "
+              f"(micro {cfg.train.micro_batch_size}), "
               f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
               file=sys.stderr)
     started()  # from here the run directory holds a run, failed or not
@@ -628,6 +640,18 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
         write_run_report(run_dir)
     dist.barrier()
     return result
+
+
+def micro_batch_for(cfg: RunConfig, model: torch.nn.Module, device: torch.device,
+                    world_size: int) -> int:
+    """The default micro-batch: the whole per-rank batch on a GPU where it fits in
+    memory (estimated), else DEFAULT_MICRO_BATCH (bertforge.runtime)."""
+    m, per_rank = cfg.model, max(cfg.train.batch_size // world_size, 1)
+    fixed, per_sequence = training_memory(
+        sum(p.numel() for p in model.parameters()), m.num_hidden_layers, m.hidden_size,
+        m.num_attention_heads, cfg.data.seq_len, m.vocab_size,
+        math.ceil(cfg.data.mask_rate * cfg.data.seq_len))
+    return default_micro_batch(device, per_rank, fixed, per_sequence, DEFAULT_MICRO_BATCH)
 
 
 def write_run_report(run_dir: Path) -> None:

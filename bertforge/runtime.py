@@ -83,6 +83,44 @@ def configure(device: torch.device) -> str:
     return str(device)
 
 
+def defer_host_reads(device: torch.device) -> bool:
+    """Whether the training loop reads a step's figures only when it needs them (a GPU,
+    which would otherwise drain every step) rather than every step (the CPU, where a
+    read costs nothing)."""
+    return device.type == "cuda"
+
+
+def training_memory(params: int, layers: int, hidden: int, heads: int, seq_len: int,
+                    vocab: int, predictions: int) -> tuple[int, int]:
+    """Estimated bytes of a mixed-precision training step: (fixed, per sequence).
+
+    Fixed: fp32 weights, gradients and AdamW's two moments, and a bf16 copy of the
+    weights (18 bytes a parameter). Per sequence: an encoder layer's saved activations,
+    34 T H + 5 A T^2 bytes with 16-bit activations (Korthikanti et al., 2022, as
+    Megatron counts them), and the MLM logits of the `predictions` masked tokens in bf16
+    and fp32 with their gradient (10 bytes each); half again on top for what the count
+    leaves out (fp32 copies, the allocator's fragmentation).
+    """
+    layer = 34 * seq_len * hidden + 5 * heads * seq_len * seq_len
+    per_sequence = layers * layer + 10 * predictions * vocab
+    return 18 * params, int(1.5 * per_sequence)
+
+
+def default_micro_batch(device: torch.device, per_rank_batch: int, fixed_bytes: int,
+                        bytes_per_sequence: int, fallback: int) -> int:
+    """The micro-batch when none is given: on a GPU the whole per-rank batch when its
+    estimated memory fits in 90% of what is free, else the fewest equal micro-batches
+    that fit; `fallback` on the CPU, whose steps gain nothing from a larger one."""
+    if device.type != "cuda":
+        return min(fallback, per_rank_batch)
+    free, _ = torch.cuda.mem_get_info(device)
+    fits = int((0.9 * free - fixed_bytes) // max(bytes_per_sequence, 1))
+    if fits < 1:
+        return 1
+    parts = -(-per_rank_batch // fits)  # micro-batches a step needs, at least 1
+    return -(-per_rank_batch // parts)
+
+
 def default_workers(device: torch.device) -> int:
     """Background processes that build batches ahead of the step: 2 on a GPU, whose
     step would otherwise wait for the host's masking; 0 on the CPU, where the cores

@@ -8,8 +8,14 @@
   to log, evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT: after
   the step it came in, or, during an evaluation (which changes no weight), at once.
 
-A step synchronises the host with the device once, inside `train_step` (see
-bertforge.step); the loop adds none. Evaluation and checkpoints are off the training
+Host syncs: on the CPU once a step, inside `train_step` before the update. On a GPU the
+steps run ahead without one (a non-finite update is dropped on the device, bertforge.step)
+and the loop reads the queued steps' figures in one transfer only where the host needs
+them: a logging, evaluation or checkpoint step, the last step, a stop signal (under
+torchrun, checked at those reads), and every step under torchrun with a time budget,
+whose learning rate follows rank 0's clock. The NaN policy is applied at the read: with
+on_nan 'stop' the run stops naming the first non-finite step, before any checkpoint after
+it. Evaluation and checkpoints are off the training
 clock, which is what time budgets and tokens/s count.
 """
 
@@ -37,8 +43,16 @@ from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep, Termina
 from bertforge.fileio import make_dir
 from bertforge.optim import build_optimizer, lr_at
 from bertforge.runlog import RunLog
-from bertforge.runtime import autocast
-from bertforge.step import StepResult, Task, prefetch, train_step
+from bertforge.runtime import autocast, defer_host_reads
+from bertforge.step import (
+    PendingStep,
+    StepResult,
+    Task,
+    prefetch,
+    read_steps,
+    skips_on_device,
+    train_step,
+)
 
 
 @dataclass
@@ -199,7 +213,7 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     if dist.is_main:
         make_dir(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    found = _find_checkpoint(ckpt_dir, resume, dist.is_main)
+    found = _find_checkpoint(ckpt_dir, resume, dist)
     if found is not None:  # weights go in before sharding: every rank reads the full file
         ckpt.load_model_weights(model, ckpt.load_weights(found[0]))
     wrapped = dist.wrap(model, device, dtype)
@@ -257,31 +271,67 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
         log.eval(state.step, state.tokens, state.elapsed_s, evaluation)
         evaluated_at = state.step
 
+    # On a GPU the figures of a step are read only when the host needs them: to log, to
+    # evaluate or checkpoint, at the end, on a stop. Under torchrun with a time budget
+    # every step reads rank 0's clock, which sets every rank's learning rate.
+    defer = (defer_host_reads(device) and skips_on_device(optimizer)
+             and not (dist.enabled and cfg.time_budget))
+    pending: list[PendingStep] = []
+
+    def record(result: StepResult) -> None:
+        if not result.applied and cfg.on_nan == "stop":
+            raise _nan_error(NonFiniteStep(state.step + 1, result.problem), saved_at)
+        state.advance(result, result.elapsed_s)
+        log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
+                  task.epoch_at(state.step), result.lr, result)
+
+    def settle() -> bool:
+        """Read the pending steps in one transfer and record them; whether one asks to
+        stop."""
+        stop = False
+        for result in read_steps(pending):
+            record(result)
+            stop = stop or result.stop
+        pending.clear()
+        return stop
+
+    def needs_read(p: PendingStep) -> bool:
+        return bool(p.step == 1 or _due(cfg.log_every, p.step) or _due(cfg.eval_every, p.step)
+                    or _due(cfg.checkpoint_every, p.step)
+                    or _finished(cfg, p.step, p.elapsed_s or 0.0)
+                    or (p.signalled and not dist.enabled))
+
     model.train()
     try:  # the log (and its trackers) closes whatever happens, marked failed on an error
         with (_SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches,
               ordered_scatter(device) if compiled else contextlib.nullcontext()):
-            while not _finished(cfg, state):
-                lr = lr_at(cfg, state.step, state.elapsed_s)
+            at, elapsed = state.step, state.elapsed_s  # past the pending steps too
+            while not _finished(cfg, at, elapsed):
+                lr = lr_at(cfg, at, elapsed)
                 try:
-                    result = train_step(wrapped, optimizer, loss_fn, next(batches),
-                                        lr=lr, cfg=cfg, device=device, dtype=dtype, dist=dist,
-                                        step=state.step, clock=clock,
-                                        stop_requested=lambda: signals.signum is not None)
+                    out = train_step(wrapped, optimizer, loss_fn, next(batches),
+                                     lr=lr, cfg=cfg, device=device, dtype=dtype, dist=dist,
+                                     step=at, clock=clock, defer=defer,
+                                     stop_requested=lambda: signals.signum is not None)
                 except NonFiniteStep as e:
-                    kept = f"step {saved_at}" if saved_at else "none"
-                    raise BertforgeError(f"{e}; stopped without saving it (last checkpoint: "
-                                         f"{kept}); lower --lr, check the data, or pass "
-                                         f"--on-nan skip") from None
-                state.advance(result, result.elapsed_s)
-                log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
-                          task.epoch_at(state.step), lr, result)
+                    raise _nan_error(e, saved_at) from None
+                if isinstance(out, PendingStep):
+                    pending.append(out)
+                    at, elapsed = out.step, out.elapsed_s or 0.0
+                    if not needs_read(out):
+                        continue
+                    stop = settle()
+                else:
+                    record(out)
+                    stop = out.stop
+                at, elapsed = state.step, state.elapsed_s
                 if _due(cfg.eval_every, state.step):
                     evaluate()
-                if _due(cfg.checkpoint_every, state.step) or result.stop:
+                if _due(cfg.checkpoint_every, state.step) or stop:
                     save()
-                if result.stop:
+                if stop:
                     raise Interrupted(signals.signum or signal.SIGTERM, state.step)
+            settle()
             # still under the signal handlers: a signal here, too, saves the last step
             if evaluated_at != state.step or not evaluation:
                 evaluate()
@@ -295,9 +345,15 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
             **evaluation}
 
 
-def _finished(cfg: TrainConfig, state: TrainState) -> bool:
-    return bool((cfg.max_steps and state.step >= cfg.max_steps)
-                or (cfg.time_budget and state.elapsed_s >= cfg.time_budget))
+def _nan_error(e: NonFiniteStep, saved_at: int | None) -> BertforgeError:
+    kept = f"step {saved_at}" if saved_at else "none"
+    return BertforgeError(f"{e}; stopped without saving it (last checkpoint: {kept}); lower "
+                          f"--lr, check the data, or pass --on-nan skip")
+
+
+def _finished(cfg: TrainConfig, step: int, elapsed: float) -> bool:
+    return bool((cfg.max_steps and step >= cfg.max_steps)
+                or (cfg.time_budget and elapsed >= cfg.time_budget))
 
 
 def _due(every: int, step: int) -> bool:
@@ -316,21 +372,35 @@ def _evaluate(model: torch.nn.Module, task: Task, step: int, device: torch.devic
         model.train()
 
 
-def _find_checkpoint(ckpt_dir: Path, resume: bool, is_main: bool
+def _find_checkpoint(ckpt_dir: Path, resume: bool, dist: Distributed
                      ) -> tuple[Path, dict[str, Any]] | None:
     """The checkpoint to resume from: None for a fresh run, or for --resume of a run
-    killed before its first checkpoint was complete."""
+    killed before its first checkpoint was complete. Rank 0 chooses and every rank takes
+    its choice (or its error): ranks looking each for themselves could disagree on a
+    shared filesystem that caches attributes."""
     if not resume:
         return None
-    found = ckpt.find_latest(ckpt_dir)
-    if found is None:
-        if ckpt.any_checkpoint(ckpt_dir):  # all damaged: starting over would overwrite them
-            raise BertforgeError(f"--resume: no checkpoint in {ckpt_dir} verifies (see the "
-                                 f"warnings above); move them away to start over")
-        if is_main:
+    choice: tuple[str, Any, Any] = ("none", None, None)
+    if dist.is_main:
+        try:
+            found = ckpt.find_latest(ckpt_dir)
+            if found is None and ckpt.any_checkpoint(ckpt_dir):
+                # all damaged: starting over would overwrite them
+                raise BertforgeError(f"--resume: no checkpoint in {ckpt_dir} verifies (see "
+                                     f"the warnings above); move them away to start over")
+            if found is not None:
+                choice = ("found", str(found[0]), found[1])
+        except BertforgeError as e:
+            choice = ("error", str(e), None)
+    kind, value, saved = dist.broadcast_object(choice)
+    if kind == "error":
+        raise BertforgeError(value)
+    if kind == "none":
+        if dist.is_main:
             print(f"--resume: no checkpoint in {ckpt_dir} yet; starting from step 0",
                   file=sys.stderr)
-    return found
+        return None
+    return Path(value), saved
 
 
 def _save(ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

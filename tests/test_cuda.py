@@ -1,5 +1,5 @@
 """On a CUDA GPU: parity with transformers, bf16 training, the SDPA kernels taken, exact
-resume, fine-tuning, FSDP2 in one process, and one host sync per optimizer step.
+resume, fine-tuning, FSDP2 in one process, and the host syncs of an optimizer step.
 
 Every test here is marked `cuda` and skips, saying so, on a machine without a GPU
 (conftest.py); `pytest -m cuda` runs just these. benchmarks/gpu_check.py runs them on
@@ -151,12 +151,14 @@ def test_fsdp2_in_one_process(tmp_path, data_dir):
     assert max(abs(a - b) for a, b in zip(losses["none"], losses["fsdp"])) < 1e-4
 
 
-def test_one_host_sync_per_optimizer_step(data_dir):
+@pytest.mark.parametrize("defer", [False, True])
+def test_host_syncs_per_optimizer_step(data_dir, defer):
     """torch.cuda.set_sync_debug_mode warns at every synchronising call: after warm-up, a
-    step of three micro-batches makes exactly one."""
+    step of three micro-batches makes exactly one, before its update; with `defer` (the
+    training loop's GPU path) none, and one read brings several steps' figures."""
     from bertforge.optim import build_optimizer
     from bertforge.pretrain import MLMTask, pretraining_model
-    from bertforge.step import train_step
+    from bertforge.step import read_steps, train_step
 
     cfg = tiny_run_config("mlm+nsp", batch_size=12, micro_batch_size=4, device="cuda")
     cfg.model.vocab_size = 200
@@ -166,20 +168,29 @@ def test_one_host_sync_per_optimizer_step(data_dir):
     batches = [task.batch(step).pin_memory() for step in range(6)]
 
     def step(i):
-        train_step(model, optimizer, task.loss_sum, batches[i], lr=1e-3, cfg=cfg.train,
-                   device=CUDA, dtype=torch.bfloat16, step=i)
+        return train_step(model, optimizer, task.loss_sum, batches[i], lr=1e-3, cfg=cfg.train,
+                          device=CUDA, dtype=torch.bfloat16, step=i, defer=defer)
 
     for i in range(2):  # cuBLAS handles, allocator pools: first-call work
         step(i)
     torch.cuda.synchronize()
-    counts = []
-    for i in range(2, 6):
+    counts, pending = [], []
+
+    def syncs(work) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                step(i)
+                pending.append(work())
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        counts.append(sum("synchroniz" in str(w.message) for w in caught))
-    assert counts == [1, 1, 1, 1], counts
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    for i in range(2, 6):
+        counts.append(syncs(lambda: step(i)))
+    if defer:
+        assert counts == [0, 0, 0, 0], counts
+        assert syncs(lambda: read_steps(pending[:4])) == 1
+        assert all(r.applied for r in pending[-1])
+    else:
+        assert counts == [1, 1, 1, 1], counts

@@ -9,6 +9,7 @@ through the real `torchrun ... -m bertforge pretrain` path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -183,6 +184,171 @@ def test_accumulation_all_reduces_once_per_step(tmp_path):
                             capture_output=True, text=True, timeout=120, env=_env())
     _ok(result)
     assert json.loads(out.read_text()) == [1, 1]  # one bucket, reduced on the last micro-batch
+
+
+# Run under torchrun: FSDP2 with bf16 parameters and fp32 reduction, through bertforge's
+# wrapping and train_step, one micro-batch a step and then two.
+_FSDP_BF16 = """
+import json, math, sys
+import torch
+import torch.distributed as dist
+from bertforge.bench import synthetic_batch
+from bertforge.config import TrainConfig, preset
+from bertforge.distributed import init_from_env, shutdown
+from bertforge.optim import build_optimizer
+from bertforge.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.step import StepBatch, read_steps, train_step
+
+d = init_from_env("fsdp", torch.device("cpu"))
+cfg = preset("tiny", vocab_size=200, hidden_size=64, num_attention_heads=2,
+             intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0)
+torch.manual_seed(0)
+model = pretraining_model(cfg, "mlm")
+wrapped = d.wrap(model, torch.device("cpu"), torch.bfloat16)
+optimizer = build_optimizer(model, TrainConfig(lr=1e-3))
+seen = set()
+linear = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+linear.register_forward_pre_hook(lambda m, args: seen.add(str(m.weight.dtype)))
+gathers = []
+real_gather = dist.all_gather_single
+
+def gather(*args, **kwargs):
+    gathers.append(1)
+    return real_gather(*args, **kwargs)
+
+dist.all_gather_single = gather
+losses, per_step = [], []
+for step, micro in enumerate([1, 1, 2, 2]):
+    parts = [synthetic_batch(cfg, 4 // micro, 32, seed=100 * step + 10 * d.rank + i)
+             for i in range(micro)]
+    batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
+                      sum(m.real_tokens for m in parts))
+    before = len(gathers)
+    result = train_step(wrapped, optimizer, mlm_loss_sum, batch, lr=1e-3, cfg=TrainConfig(),
+                        device=torch.device("cpu"), dtype=torch.bfloat16, dist=d, step=step)
+    per_step.append(len(gathers) - before)
+    losses.append(result.loss)
+
+
+def nan_loss(m, micro):
+    sums, extra = mlm_loss_sum(m, micro)
+    return {k: v * float("nan") for k, v in sums.items()}, extra
+
+
+# The GPU path: the steps read later, a non-finite update dropped by fused AdamW on the
+# shards (found_inf), the same decision on every rank.
+pending, shards = [], []
+for step, loss_fn in ((4, mlm_loss_sum), (5, nan_loss)):
+    parts = [synthetic_batch(cfg, 2, 32, seed=100 * step + 10 * d.rank + i) for i in range(2)]
+    batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
+                      sum(m.real_tokens for m in parts))
+    shards.append([p.to_local().clone() for p in model.parameters()])
+    pending.append(train_step(wrapped, optimizer, loss_fn, batch, lr=1e-3, cfg=TrainConfig(),
+                              device=torch.device("cpu"), dtype=torch.bfloat16, dist=d,
+                              step=step, defer=True))
+kept = all(torch.equal(a, p.to_local()) for a, p in zip(shards[1], model.parameters()))
+moved = not all(torch.equal(a, b) for a, b in zip(shards[0], shards[1]))
+applied = [r.applied for r in read_steps(pending)]
+masters = sorted({str(p.dtype) for p in model.parameters()})
+moments = sorted({str(t.dtype) for s in optimizer.state.values() for t in s.values()
+                  if t.ndim})
+if d.is_main:
+    open(sys.argv[1], "w").write(json.dumps({"losses": losses, "gathers": per_step,
+                                             "compute": sorted(seen), "masters": masters,
+                                             "moments": moments, "applied": applied,
+                                             "kept": kept, "moved": moved}))
+d.barrier()
+shutdown()
+"""
+
+
+def test_fsdp_bf16_parameters_and_unsharded_accumulation(tmp_path):
+    """FSDP2's MixedPrecisionPolicy on gloo: bf16 weights in the forward, fp32 master
+    weights and Adam moments; a step of two micro-batches gathers the parameters fewer
+    than twice as often as a step of one (they stay unsharded in between); deferred
+    steps drop a non-finite update on the shards."""
+    script, out = tmp_path / "fsdp_bf16.py", tmp_path / "out.json"
+    script.write_text(_FSDP_BF16)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(out)],
+                            capture_output=True, text=True, timeout=180, env=_env())
+    _ok(result)
+    found = json.loads(out.read_text())
+    assert all(math.isfinite(x) for x in found["losses"]), found
+    assert found["compute"] == ["torch.bfloat16"]
+    assert found["masters"] == ["torch.float32"] and found["moments"] == ["torch.float32"]
+    one, two = found["gathers"][1], found["gathers"][3]
+    assert 0 < one < two < 2 * one, found["gathers"]
+    assert found["applied"] == [True, False] and found["moved"] and found["kept"]
+
+
+# Run under torchrun: rank 1 sees another newest checkpoint than rank 0 (a filesystem
+# that caches attributes); both resume from rank 0's choice.
+_CHOICE = """
+import json, sys
+from pathlib import Path
+import torch
+from bertforge import checkpoint as ckpt
+from bertforge.distributed import init_from_env, shutdown
+from bertforge.train import _find_checkpoint
+
+d = init_from_env("ddp", torch.device("cpu"))
+seen = {0: (Path("step-000020"), {"step": 20}), 1: (Path("step-000010"), {"step": 10})}
+ckpt.find_latest = lambda ckpt_dir: seen[d.rank]
+path, saved = _find_checkpoint(Path("checkpoints"), True, d)
+choices = d.gather_objects([path.name, saved["step"]])
+broken = Path(sys.argv[2])
+ckpt.find_latest = lambda ckpt_dir: None
+ckpt.any_checkpoint = lambda ckpt_dir: d.rank == 0  # rank 0 alone finds them all damaged
+try:
+    _find_checkpoint(broken, True, d)
+    error = None
+except Exception as e:
+    error = str(e)
+errors = d.gather_objects(error)
+if d.is_main:
+    open(sys.argv[1], "w").write(json.dumps({"choices": choices, "errors": errors}))
+d.barrier()
+shutdown()
+"""
+
+
+def test_every_rank_resumes_from_rank_zeros_choice(tmp_path):
+    script, out = tmp_path / "choice.py", tmp_path / "out.json"
+    script.write_text(_CHOICE)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(out),
+                             str(tmp_path / "ckpts")],
+                            capture_output=True, text=True, timeout=120, env=_env())
+    _ok(result)
+    found = json.loads(out.read_text())
+    assert found["choices"] == [["step-000020", 20], ["step-000020", 20]]
+    assert all(e and "no checkpoint in" in e and "verifies" in e for e in found["errors"])
+
+
+def test_nccl_keeps_its_default_timeout_and_gets_the_device(monkeypatch):
+    """On CUDA (faked): the NCCL group has no long timeout and is bound to cuda:LOCAL_RANK;
+    the wait for rank 0's data is a gloo group with the long one."""
+    import torch.distributed as dist
+
+    from bertforge import distributed
+
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set", index))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    monkeypatch.setattr(dist, "new_group", lambda **kw: calls.setdefault("group", kw) and "g")
+    d = distributed.init_from_env("fsdp", torch.device("cuda"))
+    assert calls["set"] == 1
+    assert calls["init"] == ("nccl", {"device_id": torch.device("cuda", 1)})
+    assert calls["group"] == {"backend": "gloo", "timeout": distributed.PREPARE_TIMEOUT}
+    assert distributed.PREPARE_TIMEOUT.total_seconds() >= 3600
+    assert (d.rank, d.world_size, d.local_rank, d.strategy) == (1, 2, 1, "fsdp")
 
 
 def test_gradient_norm_is_exact_for_large_gradients():

@@ -461,6 +461,46 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path, data_dir, capsys, mon
     assert json.loads((d / "step-000006" / "state.json").read_text())["skipped_steps"] == 1
 
 
+def _defer_reads(monkeypatch) -> None:
+    """The GPU path on the CPU: steps' figures read only where the host needs them."""
+    import bertforge.train as train
+
+    monkeypatch.setattr(train, "defer_host_reads", lambda device: True)
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_nan_found_late_still_stops_before_the_next_checkpoint(tmp_path, data_dir, capsys,
+                                                               monkeypatch, deferred):
+    """Read at step 4 (a checkpoint), the NaN of step 3 stops the run naming step 3."""
+    if deferred:
+        _defer_reads(monkeypatch)
+    run = tmp_path / "run"
+    _poison(monkeypatch, 3)
+    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6", "--log-every", "10",
+                                         "--checkpoint-every", "4"))
+    assert code == 2
+    assert "non-finite loss (nan) at step 3" in error_line(err)
+    assert complete_checkpoints(run) == []
+    assert [r["step"] for r in train_records(run)] == [1]
+
+
+def test_nan_skip_deferred_drops_the_update_and_counts_it(tmp_path, data_dir, capsys,
+                                                          monkeypatch):
+    _defer_reads(monkeypatch)
+    run = tmp_path / "run"
+    _poison(monkeypatch, 3)
+    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6", "--on-nan", "skip",
+                                         "--log-every", "2", "--checkpoint-every", "2"))
+    assert code == 0, err
+    assert "step 3: non-finite loss (nan); update skipped (1 so far)" in err
+    records = train_records(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 6]
+    assert records[2]["skipped"] is True and records[2]["loss"] is None
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1]
+    d = run / "checkpoints"
+    assert json.loads((d / "step-000006" / "state.json").read_text())["skipped_steps"] == 1
+
+
 # ---------------------------------------------------------------- 8: mismatched resume
 
 @pytest.fixture(scope="module")

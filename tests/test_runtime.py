@@ -83,3 +83,48 @@ def test_a_tuned_process_serves_large_buffers_from_the_heap():
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
                          env=env, check=True, timeout=120).stdout.split()
     assert out == ["True"]
+
+
+# ------------------------------------------------------------- the default micro-batch
+
+def _free_memory(monkeypatch, free_bytes: float) -> None:
+    """A CUDA device with `free_bytes` free, as torch.cuda.mem_get_info reports it."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (int(free_bytes), int(141e9)))
+
+
+def test_the_gpu_micro_batch_is_the_whole_batch_where_it_fits(monkeypatch):
+    # BERT-base at 128 tokens, 20 predictions a sequence
+    fixed, per_sequence = runtime.training_memory(110_000_000, 12, 768, 12, 128, 30522, 20)
+    assert 1.5e9 < fixed < 2.5e9 and 50e6 < per_sequence < 150e6
+    cuda = torch.device("cuda", 0)
+    _free_memory(monkeypatch, 140e9)  # an H200
+    assert runtime.default_micro_batch(cuda, 256, fixed, per_sequence, 32) == 256
+    _free_memory(monkeypatch, 22e9)  # a 24 GB card: the fewest equal micro-batches that fit
+    micro = runtime.default_micro_batch(cuda, 256, fixed, per_sequence, 32)
+    assert micro in (128, 86, 64) and (0.9 * 22e9 - fixed) >= micro * per_sequence
+    _free_memory(monkeypatch, 1e9)  # not even the weights: one sequence at a time
+    assert runtime.default_micro_batch(cuda, 256, fixed, per_sequence, 32) == 1
+
+
+def test_the_cpu_micro_batch_default_is_unchanged(monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a CPU run asked CUDA for its memory")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", forbidden)
+    cpu = torch.device("cpu")
+    assert runtime.default_micro_batch(cpu, 256, 0, 1, 32) == 32
+    assert runtime.default_micro_batch(cpu, 16, 0, 1, 32) == 16
+
+
+def test_pretraining_resolves_the_micro_batch_per_rank(monkeypatch):
+    from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
+    from bertforge.pretrain import micro_batch_for, pretraining_model
+
+    cfg = RunConfig(model=preset("mini"), data=DataConfig(seq_len=128),
+                    train=TrainConfig(batch_size=512))
+    assert cfg.train.micro_batch_size is None and cfg.train.accumulation_steps == 16
+    model = pretraining_model(cfg.model, "mlm")
+    _free_memory(monkeypatch, 140e9)
+    assert micro_batch_for(cfg, model, torch.device("cuda", 0), world_size=2) == 256
+    assert micro_batch_for(cfg, model, torch.device("cpu"), world_size=2) == 32

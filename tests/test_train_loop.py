@@ -12,12 +12,13 @@ import torch
 from conftest import tiny_run_config
 from torch.overrides import TorchFunctionMode
 
+from bertforge import checkpoint as ckpt
 from bertforge import ops
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
 from bertforge.optim import build_optimizer
 from bertforge.pretrain import MLMTask, pretraining_model, run_pretrain
-from bertforge.step import StepBatch, train_step
+from bertforge.step import StepBatch, read_steps, skips_on_device, train_step
 from bertforge.train import TrainState, fit
 
 # Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
@@ -63,6 +64,102 @@ def test_train_step_reads_the_device_once_per_step(objective, data_dir):
             assert result.applied and result.counts == batch.counts
 
 
+def test_a_deferred_step_reads_nothing_before_its_update(data_dir):
+    """The GPU path (`defer=True`): no host read in a step, one for several steps' figures,
+    and the same losses, norms and weights as the step that reads before its update."""
+    cfg = tiny_run_config(batch_size=12, micro_batch_size=4)
+    cfg.model.vocab_size = 200
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    runs = {}
+    for defer in (False, True):
+        torch.manual_seed(0)
+        model = pretraining_model(cfg.model, "mlm")
+        optimizer = build_optimizer(model, cfg.train)
+        assert skips_on_device(optimizer)  # fused AdamW
+        out, reads = [], []
+        with ops.use_kernels("gpu"):
+            for step in range(3):
+                with _CountHostReads() as counter:
+                    out.append(train_step(model, optimizer, task.loss_sum, task.batch(step),
+                                          lr=1e-3, cfg=cfg.train, device=torch.device("cpu"),
+                                          dtype=None, step=step, clock=lambda: 0.0,
+                                          defer=defer))
+                reads += counter.reads
+            if defer:
+                assert reads == []
+                with _CountHostReads() as counter:
+                    out = read_steps(out)
+                assert counter.reads == ["tolist"]
+        runs[defer] = out, model
+    (eager, eager_model), (deferred, deferred_model) = runs[False], runs[True]
+    assert [(r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in eager] \
+        == [(r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in deferred]
+    for a, b in zip(eager_model.parameters(), deferred_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_deferred_non_finite_update_is_dropped_on_the_device(data_dir):
+    cfg = tiny_run_config(batch_size=8, micro_batch_size=4)
+    cfg.model.vocab_size = 200
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = pretraining_model(cfg.model, "mlm")
+    optimizer = build_optimizer(model, cfg.train)
+
+    def step(at: int, loss_fn) -> object:
+        return train_step(model, optimizer, loss_fn, task.batch(at), lr=1e-3, cfg=cfg.train,
+                          device=torch.device("cpu"), dtype=None, step=at, defer=True)
+
+    def nan_loss(m, micro):
+        losses, extra = task.loss_sum(m, micro)
+        return {k: v * float("nan") for k, v in losses.items()}, extra
+
+    first = step(0, task.loss_sum)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
+    bad = step(1, nan_loss)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    for k, s in optimizer.state.items():  # Adam's moments and step count untouched
+        assert all(torch.equal(moments[k][n], t) for n, t in s.items())
+    good = step(2, task.loss_sum)
+    results = read_steps([first, bad, good])
+    assert [r.applied for r in results] == [True, False, True]
+    assert results[1].problem == "loss (nan)" and results[1].lr == 1e-3
+    assert not all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_deferred_reads_log_the_same_run(tmp_path, data_dir, monkeypatch):
+    """A run that reads only to log, checkpoint and end writes the metrics and the
+    checkpoints of one that reads every step."""
+    import bertforge.train as train
+
+    reads = []
+    real = train.read_steps
+    monkeypatch.setattr(train, "read_steps", lambda pending: reads.append(len(pending))
+                        or real(pending))
+    runs = {}
+    for defer in (False, True):
+        monkeypatch.setattr(train, "defer_host_reads", lambda device, defer=defer: defer)
+        reads.clear()
+        cfg = tiny_run_config(max_steps=7, micro_batch_size=8, log_every=3,
+                              checkpoint_every=5, eval_every=0, keep_last=5)
+        runs[defer] = tmp_path / f"defer-{defer}"
+        run_pretrain(runs[defer], cfg, data_dir=data_dir, show_progress=False)
+        if defer:  # steps 1 (first), 3 and 6 (log), 5 (checkpoint), 7 (last)
+            assert [n for n in reads if n] == [1, 2, 2, 1, 1]
+
+    def lines(run: Path) -> list[dict]:
+        out = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in x.items() if k not in ("elapsed_s", "tokens_per_s")}
+                for x in out]
+
+    assert lines(runs[False]) == lines(runs[True])
+    assert [x["step"] for x in lines(runs[True]) if x["kind"] == "train"] == [1, 3, 6]
+    for name in ("step-000005", "step-000007"):
+        a, b = (ckpt.load_weights(runs[d] / "checkpoints" / name) for d in (False, True))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_prefetch_workers_change_no_result(tmp_path, data_dir):
     """Batches are built in two background processes: the same losses, dropout included."""
     runs = {}
@@ -73,6 +170,41 @@ def test_prefetch_workers_change_no_result(tmp_path, data_dir):
         runs[workers] = tmp_path / f"workers-{workers}"
         run_pretrain(runs[workers], cfg, data_dir=data_dir, show_progress=False)
     assert _losses(runs[0]) == _losses(runs[2]) and len(_losses(runs[0])) == 6
+
+
+def test_shards_pickle_as_paths(data_dir):
+    """Pickled into a worker, the shards travel as paths and are reopened there."""
+    import pickle
+
+    import numpy as np
+
+    from bertforge.data.loader import ShardedSequences
+
+    sequences = ShardedSequences(data_dir, "train")
+    blob = pickle.dumps(sequences)
+    shard_bytes = sum(s.nbytes for s in sequences.shards)
+    assert len(blob) < min(shard_bytes, 64 << 10)
+    again = pickle.loads(blob)
+    index = np.arange(len(sequences))[::-7]
+    assert np.array_equal(again.take(index), sequences.take(index))
+    assert all(isinstance(s, np.memmap) for s in again.shards)
+
+
+def test_prefetch_workers_started_by_spawn(data_dir):
+    """Python 3.14 starts workers by forkserver: the task is pickled into them, as with
+    spawn here, and the batches are those built in this process."""
+    from bertforge.step import prefetch
+
+    cfg = tiny_run_config(max_steps=2, micro_batch_size=8, num_workers=1)
+    task = MLMTask(cfg, data_dir, torch.device("cpu"))
+    with prefetch(task, 0, cfg.train, torch.device("cpu"), start_method="spawn") as batches:
+        built = list(batches)
+    assert len(built) == 2
+    for step, batch in enumerate(built):
+        here = task.batch(step)
+        assert batch.counts == here.counts and batch.tokens == here.tokens
+        for a, b in zip(batch.micro, here.micro):
+            assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.targets, b.targets)
 
 
 def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):

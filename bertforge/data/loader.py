@@ -124,15 +124,33 @@ def _scan(path: Path, dtype: np.dtype, digest: bool) -> tuple[int, str | None]:
 
 class ShardedSequences:
     """The sequences of one split across shards (of one or several data directories),
-    indexable as one array (N, T)."""
+    indexable as one array (N, T).
+
+    Pickled (into a DataLoader worker started by spawn or forkserver, Python 3.14's
+    default) it carries the paths, not the shards' bytes: the memmaps are reopened on
+    unpickling, where a pickled np.memmap would be a copy of the whole shard."""
 
     def __init__(self, data_dirs: DataDirs, split: str):
         self.data_dirs = as_dirs(data_dirs)
+        self.split = split
         self.manifests = load_manifests(self.data_dirs)
         self.manifest = self.manifests[0]  # what they share: vocabulary, specials, seq_len
-        self.shards = [m for d in self.data_dirs for m in open_split(d, split)]
+        self.shards = self._open()
         self.seq_len = int(self.manifest["seq_len"])
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards]).tolist()
+
+    def _open(self) -> list[np.memmap]:
+        return [m for d in self.data_dirs for m in open_split(d, self.split)]
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "shards": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.shards = self._open()
+        if [len(s) for s in self.shards] != np.diff(self.offsets).tolist():
+            raise BertforgeError(f"{self.data_dirs[0]}: the shards changed while the run "
+                                 f"was reading them")
 
     def __len__(self) -> int:
         return self.offsets[-1]
