@@ -61,7 +61,7 @@ def mlm_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Mas
         batch = batch.to(device)
         logits, _ = model(batch.input_ids, token_type_ids=batch.token_type_ids,
                           attention_mask=batch.attention_mask,
-                          masked_positions=batch.masked_positions)
+                          masked_positions=batch.masked_positions, next_sentence=False)
         loss, hits = cross_entropy_and_hits(logits, batch.targets)
         sums[0] += loss
         sums[1] += hits

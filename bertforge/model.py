@@ -208,21 +208,23 @@ class BertForPreTraining(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
                 masked_positions: torch.Tensor | None = None, padded_vocab: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mlm_logits, nsp_logits (B, 2)).
+                next_sentence: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mlm_logits, nsp_logits (B, 2), or None with next_sentence=False).
 
         masked_positions: None for logits at every position, (B, T, vocab_size); or a
         LongTensor (N,) of flat indices into the B*T positions, for logits at those
         positions only, (N, vocab_size), in the order given.
         padded_vocab: logits over all `padded_vocab_size` columns, contiguous (training's
         choice: the loss leaves the padding columns out, `ops.cross_entropy_and_hits`).
+        next_sentence: False skips the pooler and the next-sentence head (plain MLM).
         """
-        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask)
+        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask,
+                                            pool=next_sentence)
         hidden = sequence_output  # (B, T, H)
         if masked_positions is not None:
             hidden = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
         mlm_logits = self.mlm(hidden, self.decoder_weight, padded=padded_vocab)
-        return mlm_logits, self.seq_relationship(pooled)
+        return mlm_logits, (self.seq_relationship(pooled) if next_sentence else None)
 
 
 class BertForSequenceClassification(nn.Module):

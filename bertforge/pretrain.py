@@ -132,7 +132,8 @@ def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | No
     logits, pair_logits = model(micro.input_ids, token_type_ids=micro.token_type_ids,
                                 attention_mask=micro.attention_mask,
                                 masked_positions=micro.masked_positions,
-                                padded_vocab=vocab_size is not None)  # (N, Vp), (B, 2)
+                                padded_vocab=vocab_size is not None,
+                                next_sentence=pair_kind is not None)  # (N, Vp), (B, 2)
     loss, hits = cross_entropy_and_hits(logits, micro.targets, vocab_size)
     losses, metrics = {"mlm": loss}, {"mlm_accuracy": hits}
     if pair_kind is not None:

@@ -67,6 +67,15 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def autocast_off(device: torch.device, dtype: torch.dtype | None
+                 ) -> contextlib.AbstractContextManager:
+    """Autocast disabled within an `autocast` block, which keeps the block's cast cache
+    (autocast clears it only when its outermost block ends)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def configure(device: torch.device) -> str:
     """Set up this process to compute on `device`; returns a short description of it.
 

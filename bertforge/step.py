@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from bertforge.config import TrainConfig
 from bertforge.distributed import Distributed
 from bertforge.errors import NonFiniteStep
-from bertforge.runtime import autocast, default_workers
+from bertforge.runtime import autocast, autocast_off, default_workers
 
 
 @dataclass
@@ -141,18 +141,22 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     sums: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     last = len(batch.micro) - 1
-    for i, micro in enumerate(batch.micro):
-        micro = micro.to(device)
-        with dist.sync_gradients(i == last):
-            with autocast(device, dtype):
+    # One autocast region for the whole step: its cache keeps each weight's bf16 copy from
+    # the first micro-batch to the last (one cast a step, not one a micro-batch). The
+    # backward passes run with autocast off inside it, as autocast asks.
+    with autocast(device, dtype):
+        for i, micro in enumerate(batch.micro):
+            micro = micro.to(device)
+            with dist.sync_gradients(i == last):
                 losses, more = loss_fn(model, micro)
-            loss = sum(v / divisors[k] for k, v in losses.items())
-            # DDP and FSDP average gradients over ranks; the global batch sums them.
-            (loss * dist.world_size if dist.enabled else loss).backward()
-        for bucket, values in ((sums, losses), (extra, more)):
-            for k, v in values.items():
-                v = v.detach()
-                bucket[k] = bucket[k] + v if k in bucket else v
+                loss = sum(v / divisors[k] for k, v in losses.items())
+                # DDP and FSDP average gradients over ranks; the global batch sums them.
+                with autocast_off(device, dtype):
+                    (loss * dist.world_size if dist.enabled else loss).backward()
+            for bucket, values in ((sums, losses), (extra, more)):
+                for k, v in values.items():
+                    v = v.detach()
+                    bucket[k] = bucket[k] + v if k in bucket else v
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = dist.clip_grad_norm(params, cfg.grad_clip)
 

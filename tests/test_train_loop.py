@@ -321,3 +321,40 @@ def test_logged_and_evaluated_held_out_loss_agree(tmp_path, data_dir, precision)
     assert asked["masked_tokens"] == logged["masked_tokens"]
     assert asked["mlm_loss"] == pytest.approx(logged["mlm_loss"], abs=1e-6)
     assert evaluate_run(run, precision="fp32")["precision"] == "fp32"
+
+
+def test_bf16_weights_are_cast_once_a_step_whatever_the_micro_batches(data_dir):
+    """One autocast region a step: four micro-batches cast each weight to bf16 once, as
+    one does, and give the same loss within bf16 rounding (bf16 is emulated where the CPU
+    lacks it: slow, but the same arithmetic)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWeightCasts(TorchDispatchMode):
+        def __init__(self, weights):
+            super().__init__()
+            self.weights, self.casts = weights, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
+                    and args[0].data_ptr() in self.weights):
+                self.casts += 1
+            return func(*args, **kwargs)
+
+    cfg = tiny_run_config(batch_size=8)
+    cfg.model.vocab_size = 200
+    results = {}
+    for micro in (8, 2):
+        cfg.train.micro_batch_size = micro
+        task = MLMTask(cfg, data_dir, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = pretraining_model(cfg.model, "mlm")
+        optimizer = build_optimizer(model, cfg.train)
+        weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
+        with CountWeightCasts(weights) as counter:
+            result = train_step(model, optimizer, task.loss_sum, task.batch(0), lr=1e-3,
+                                cfg=cfg.train, device=torch.device("cpu"),
+                                dtype=torch.bfloat16)
+        results[micro] = (counter.casts, result.loss)
+    assert results[2][0] == results[8][0] > 0
+    assert results[2][1] == pytest.approx(results[8][1], rel=1e-2)
