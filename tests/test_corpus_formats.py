@@ -272,14 +272,14 @@ def test_tokenizer_sample_bytes_feeds_less(tmp_path, monkeypatch, capsys):
     files = write_files(tmp_path, [150, 150])
     total = sum(p.stat().st_size for p in files)
     fed: list[int] = []
-    real_batches = tokenizer._batches
+    real_batches = tokenizer.batched
 
-    def counting(docs):
-        for batch in real_batches(docs):
+    def counting(docs, *limits):
+        for batch in real_batches(docs, *limits):
             fed.append(sum(len(d.encode()) for d in batch))
             yield batch
 
-    monkeypatch.setattr(tokenizer, "_batches", counting)
+    monkeypatch.setattr(tokenizer, "batched", counting)
     sample = total // 5000 * 1000
     code, _, err = run_cli(capsys, "tokenizer", *files, "--out", tmp_path / "tok",
                            "--vocab-size", 120, "--sample-bytes", f"{sample // 1000}k")

@@ -346,3 +346,18 @@ def _count_format(stats: CorpusStats, key: str, n: int = 1) -> None:
     stats.formats[key] = stats.formats.get(key, 0) + n
     if not stats.formats[key]:
         del stats.formats[key]
+
+
+def batched(docs: Iterator[str], max_chars: int, max_documents: int) -> Iterator[list[str]]:
+    """Documents in lists of at most `max_documents` and about `max_chars` characters: the
+    unit a tokenizer is handed, so that memory stays bounded however large the corpus."""
+    batch: list[str] = []
+    chars = 0
+    for doc in docs:
+        batch.append(doc)
+        chars += len(doc)
+        if chars >= max_chars or len(batch) >= max_documents:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch

@@ -49,7 +49,6 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -57,8 +56,8 @@ import numpy as np
 from tqdm import tqdm
 
 from bertforge.config import DOCUMENT_BOUNDARIES
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
-                                   resolve_corpus)
+from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
+                                   iter_documents, resolve_corpus)
 from bertforge.data.encode import default_workers, encode_batches
 from bertforge.data.readers import quote
 from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
@@ -145,7 +144,8 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             if num_shards > 1:  # this part's documents: ordinal mod num_shards == shard_index
                 docs = itertools.compress(docs, itertools.cycle(
                     [k == shard_index for k in range(num_shards)]))
-            for enc in encode_batches(_batches(docs), tok, dtype, valid_fraction, workers):
+            batches = batched(docs, _BATCH_CHARS, _BATCH_DOCUMENTS)
+            for enc in encode_batches(batches, tok, dtype, valid_fraction, workers):
                 for split, chosen in (("train", ~enc.valid), ("valid", enc.valid)):
                     if not chosen.any():
                         continue
@@ -252,19 +252,6 @@ def _total_bytes(files: list[Path | str]) -> int | None:
     """About how many bytes the corpus holds, for the progress bar (compressed files are
     estimated; unknown with an hf dataset)."""
     return estimate_bytes(files)
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    batch: list[str] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 class _Packer:

@@ -33,8 +33,8 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 from tqdm import tqdm
 
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
-                                   resolve_corpus)
+from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
+                                   iter_documents, resolve_corpus)
 from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 from bertforge.fileio import make_dir, write_text_atomic
@@ -120,8 +120,8 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
         special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
         continuing_subword_prefix="##",
     )
-    tok.train_from_iterator(_read(_batches(itertools.chain([first], docs)), stats, bar),
-                            trainer=trainer)
+    batches = batched(itertools.chain([first], docs), _BATCH_CHARS, _BATCH_DOCUMENTS)
+    tok.train_from_iterator(_read(batches, stats, bar), trainer=trainer)
     _set_template(tok)
     ids = special_token_ids(tok)
     if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
@@ -138,20 +138,6 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
         for line in stats.summary_lines():
             print(line, file=sys.stderr)
     return out
-
-
-def _batches(docs: Iterator[str]) -> Iterator[list[str]]:
-    """Documents in lists of at most _BATCH_DOCUMENTS and about _BATCH_CHARS."""
-    batch: list[str] = []
-    chars = 0
-    for doc in docs:
-        batch.append(doc)
-        chars += len(doc)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCUMENTS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
 
 
 def _read(batches: Iterator[list[str]], stats: CorpusStats, bar: tqdm) -> Iterator[list[str]]:
