@@ -20,8 +20,9 @@
 - `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
   how `bertforge bench --compile` and the tests tell whether compilation works.
 
-Everything device-specific stays in bertforge.ops: under compilation it takes the
-generic kernels, which is what Inductor fuses.
+The kernel choices stay in bertforge.ops, which takes the generic kernels under
+compilation (what Inductor fuses); what differs here by device is only what compiling
+needs (a C++ compiler or Triton) and the CPU's ordered scatter.
 """
 
 from __future__ import annotations
