@@ -118,9 +118,9 @@ def test_another_tasks_files_under_a_task_are_refused(tmp_path, task, other):
 
 def test_cola_files_under_sst2_are_refused_in_one_line(tmp_path, capsys, one_step_run):
     """The observed case: exit 0, every sentence the string 'gj04'."""
-    _write(tmp_path / "SST-2", "sst2", "cola")
+    _write(tmp_path / "glue" / "SST-2", "sst2", "cola")
     code, _, err = run_cli(capsys, "finetune", one_step_run, "--task", "sst2", "--data-dir",
-                           tmp_path, *FT, "--out", tmp_path / "ft")
+                           tmp_path / "glue", *FT, "--out", tmp_path / "ft")
     assert code == 2
     assert "every example's sentence is gj04; this is not a sst2 file" in error_line(err)
 
