@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +185,8 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
             print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
             shutil.rmtree(path)
     write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
+    # tokenizer and prepare print their own summaries: nothing is printed twice.
     if not (tok_dir / "tokenizer.json").is_file():
-        t0 = time.monotonic()
         if tokenizer is not None:
             copy_tokenizer(tokenizer, tok_dir)
             if not cfg.train.init:  # _prepare_run read the vocabulary from the stale copy
@@ -198,15 +197,11 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
             train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
                             show_progress=show_progress, options=corpus_options,
                             sample_bytes=sample_bytes)
-            print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}",
-                  file=sys.stderr)
     if not (data_dir / "manifest.json").is_file():
-        t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
                 valid_fraction=cfg.data.valid_fraction, show_progress=show_progress,
                 corpus_options=corpus_options,
                 document_boundary=cfg.data.document_boundary)
-        print(f"prepare: done in {time.monotonic() - t0:.1f}s -> {data_dir}", file=sys.stderr)
     return data_dir
 
 

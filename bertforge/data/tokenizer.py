@@ -102,7 +102,9 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     start = time.perf_counter()
     tok = build_tokenizer(lowercase)
     trainer = WordPieceTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+        # The Rust progress bar on a terminal only: elsewhere it writes blank lines.
+        vocab_size=vocab_size, min_frequency=min_frequency,
+        show_progress=show_progress and sys.stderr.isatty(),
         special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
         continuing_subword_prefix="##",
     )
