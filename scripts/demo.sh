@@ -66,6 +66,7 @@ echo "bertforge demo: corpus $CORPUS, $length, output $OUT"
 
 stage() { echo; echo "== $1"; }
 timed() { local t0=$SECONDS; "$@"; echo "   ($(( SECONDS - t0 ))s)"; }
+quiet() { "$@" >/dev/null; }  # a command's result on stdout (a path, JSON): the demo says it
 
 stage "1/5 tokenizer: WordPiece, lowercase"
 if [ -f "$OUT/tokenizer/tokenizer.json" ]; then
@@ -77,8 +78,8 @@ elif [ "$CORPUS" = "$SAMPLE" ] && [ -z "$CORPUS_OPTIONS" ]; then
     echo "   the sample's own tokenizer ($SAMPLE_TOKENIZER: bertforge tokenizer $SAMPLE --vocab-size 8192)"
 else
     # shellcheck disable=SC2086  # CORPUS_OPTIONS is a list of flags
-    timed "$bf" tokenizer "$CORPUS" $CORPUS_OPTIONS --out "$OUT/tokenizer" \
-        --vocab-size "$VOCAB" >/dev/null
+    timed quiet "$bf" tokenizer "$CORPUS" $CORPUS_OPTIONS --out "$OUT/tokenizer" \
+        --vocab-size "$VOCAB"
 fi
 if [ -f "$OUT/tokenizer/vocab.txt" ]; then  # the real size: a small corpus gives fewer
     echo "   $(wc -l < "$OUT/tokenizer/vocab.txt" | tr -d ' ') tokens"
@@ -89,8 +90,8 @@ if [ -f "$OUT/data/manifest.json" ]; then
     echo "   done earlier: $OUT/data"
 else
     # shellcheck disable=SC2086
-    timed "$bf" prepare "$CORPUS" $CORPUS_OPTIONS --tokenizer "$OUT/tokenizer" \
-        --out "$OUT/data" --seq-len 128 --valid-fraction 0.02 >/dev/null
+    timed quiet "$bf" prepare "$CORPUS" $CORPUS_OPTIONS --tokenizer "$OUT/tokenizer" \
+        --out "$OUT/data" --seq-len 128 --valid-fraction 0.02
 fi
 
 # The short-run recipe (benchmarks/results/demo_plateau.json): a mask rate of 0.4, a
@@ -112,14 +113,13 @@ else
     else
         rm -rf "$OUT/run"  # stopped before its first checkpoint: nothing to keep
     fi
-    timed "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini "${length_flags[@]}" \
+    timed quiet "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini "${length_flags[@]}" \
         --batch-size 16 --micro-batch-size 16 --lr 1e-3 --mask-rate 0.4 --adam-beta2 0.98 \
-        --dropout 0 --eval-every 250 --checkpoint-every 250 --log-every 50 "${resume[@]}" \
-        >/dev/null
+        --dropout 0 --eval-every 250 --checkpoint-every 250 --log-every 50 "${resume[@]}"
 fi
 
 stage "4/5 evaluate on the held-out split"
-timed "$bf" evaluate "$OUT/run" --out "$OUT/eval.json" >/dev/null
+timed quiet "$bf" evaluate "$OUT/run" --out "$OUT/eval.json"
 "$BIN/python" - "$OUT/eval.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
