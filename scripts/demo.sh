@@ -128,7 +128,8 @@ gap = base - loss
 print(f"   held-out MLM loss {loss:.3f} (accuracy {r['mlm_accuracy']:.1%}, "
       f"perplexity {r['perplexity']:.1f}) vs unigram-frequency baseline {base:.3f}")
 verdict = ("yes" if gap >= 0.3 else "barely" if gap > 0 else "no")
-print(f"   learned beyond word frequencies: {verdict}, {gap:+.3f} nats below the baseline")
+where = f"{gap:.3f} nats below" if gap >= 0 else f"{-gap:.3f} nats above"
+print(f"   learned beyond word frequencies: {verdict} (held-out loss {where} the baseline)")
 PY
 
 stage "5/5 fill-mask"
