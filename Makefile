@@ -1,18 +1,23 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   create .venv, install, and pretrain a real model end to end
 #   make test   create .venv, install, and run the test suite
-# The demo reads DEMO_CORPUS (default: the Wikipedia sample beside this repository) and
-# writes to DEMO_OUT; an earlier demo there is kept, and the new one goes to the first free
-# DEMO_OUT-2, DEMO_OUT-3, ...  Both commands install into .venv: run the CLI as
-# .venv/bin/bertforge, or `source .venv/bin/activate` first.
+# The demo reads DEMO_CORPUS (default: the Wikipedia sample in data/, see data/README.md),
+# trains for DEMO_STEPS steps (or DEMO_BUDGET=10m of training time instead) and writes to
+# DEMO_OUT. Run `make demo` again after an interruption and it continues where it stopped;
+# a finished demo is kept, and a new one goes to DEMO_OUT-2, DEMO_OUT-3, ...
+# Both commands install into .venv: run the CLI as .venv/bin/bertforge, or
+# `source .venv/bin/activate` first.
 
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-DEMO_CORPUS ?= ../shared/data/enwiki-2015-wikiextractor-sample
-DEMO_BUDGET ?= 10m
+DEMO_CORPUS ?= data/enwiki-2015-sample.txt.xz
+DEMO_CORPUS_OPTIONS ?=
+DEMO_STEPS ?= 3000
+DEMO_BUDGET ?=
+DEMO_VOCAB ?= 8192
 DEMO_OUT ?= runs/demo
 
 .PHONY: install demo test clean
@@ -30,8 +35,9 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	@DEMO_CORPUS="$(DEMO_CORPUS)" DEMO_BUDGET="$(DEMO_BUDGET)" DEMO_OUT="$(DEMO_OUT)" \
-		BIN="$(BIN)" bash scripts/demo.sh
+	@DEMO_CORPUS="$(DEMO_CORPUS)" DEMO_CORPUS_OPTIONS="$(DEMO_CORPUS_OPTIONS)" \
+		DEMO_STEPS="$(DEMO_STEPS)" DEMO_BUDGET="$(DEMO_BUDGET)" DEMO_VOCAB="$(DEMO_VOCAB)" \
+		DEMO_OUT="$(DEMO_OUT)" BIN="$(BIN)" bash scripts/demo.sh
 
 test: install
 	$(BIN)/python -m pytest -q

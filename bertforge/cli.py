@@ -38,6 +38,14 @@ TRAIN_FLAGS = [f.name for f in dataclasses.fields(TrainConfig)]
 PRESET_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size"]
 
 
+EXAMPLE = """example:
+  bertforge pretrain --corpus data/enwiki-2015-sample.txt.xz --out runs/mini --max-steps 3000
+  bertforge evaluate runs/mini
+  bertforge fill-mask runs/mini/hf "The capital of France is [MASK]."
+
+`bertforge COMMAND --help` lists every flag of a command."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -286,8 +294,10 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
     print(numbered(args.text, len(results)))
     for r in results:
         label = f"[MASK {r['mask_index'] + 1}]" if len(results) > 1 else "[MASK]"
+        # Each token quoted (as JSON quotes it): a predicted "," stays readable in a list.
         print(f"{label}: " + ", ".join(
-            f"{c['token']} ({c['score']:.3f})" for c in r["predictions"]))
+            f"{json.dumps(c['token'], ensure_ascii=False)} ({c['score']:.3f})"
+            for c in r["predictions"]))
     return 0
 
 
@@ -311,7 +321,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bertforge", description="Pretrain BERT models from scratch on your own "
-                "text, evaluate them and export them to Hugging Face.")
+                "text, evaluate them and export them to Hugging Face.",
+                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLE)
     p.add_argument("--version", action="version", version=f"bertforge {_version()}")
     # Not required: a bare `bertforge` prints the help (main), not a usage error.
     sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")

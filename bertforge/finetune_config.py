@@ -33,6 +33,8 @@ FINETUNE_HELP = {
     "max_steps": "Stop after N steps (default: epochs x steps per epoch).",
     "keep_last": "Checkpoints to keep (one is written at each epoch's end).",
     "seed": "Seed for the classifier's initialisation, data order and dropout.",
+    "warmup_fraction": "Linear warmup over this fraction of the training steps (unless "
+                       "--warmup-steps is given).",
 }
 
 

@@ -43,6 +43,9 @@ class GlueTask:
 
 
 _BINARY = ("0", "1")
+# What the 0/1 of the binary tasks mean: the names a fine-tuned model's predictions carry.
+LABEL_NAMES = {"cola": ("unacceptable", "acceptable"), "sst2": ("negative", "positive"),
+               "mrpc": ("not_equivalent", "equivalent"), "qqp": ("not_duplicate", "duplicate")}
 _NLI = ("entailment", "not_entailment")
 GLUE_TASKS: dict[str, GlueTask] = {t.name: t for t in [
     GlueTask("cola", "CoLA", Column("sentence", 3), None, Column("label", 1), _BINARY,
@@ -169,7 +172,9 @@ def load_glue_task(name: str, data_dir: Path) -> TaskData:
             raise BertforgeError(f"{where}: no {file} (the {task.name} dev set)")
         validation[split] = read_split(task, where / file)
     return TaskData(name=task.name, train=read_split(task, where / "train.tsv"),
-                    validation=validation, labels=list(task.labels) if task.labels else None,
+                    validation=validation,
+                    labels=(list(LABEL_NAMES.get(task.name, task.labels)) if task.labels
+                            else None),
                     metrics=task.metrics, score=task.metrics)
 
 

@@ -3,7 +3,9 @@
 Schedules are functions of run *progress* in [0, 1], not of the step alone: progress is
 step / max_steps, elapsed / time_budget, or the larger of the two when both are set. A
 time-budgeted run therefore reaches a learning rate of zero exactly at its deadline
-(as Cramming does), whatever speed the hardware turns out to have.
+(as Cramming does), whatever speed the hardware turns out to have. Its warmup, though,
+is also counted in steps: a post-LN BERT needs its warmup in updates, and a first minute
+that runs slowly (a busy machine) must not squeeze it to a handful of steps.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import math
 import torch
 
 from bertforge.config import TrainConfig
+
+# The fewest steps a time-budgeted run's warmup (a warmup_fraction of the budget) lasts.
+MIN_WARMUP_STEPS = 100
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -50,7 +55,14 @@ def progress(cfg: TrainConfig, step: int, elapsed: float) -> float:
 def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     """The learning rate of the update after `step` steps and `elapsed` seconds of training:
     linear warmup (over warmup_steps steps, or over the first warmup_fraction of the run),
-    then linear or cosine decay to zero at the end of the run (or constant)."""
+    then linear or cosine decay to zero at the end of the run (or constant).
+
+    With a time budget and a warmup_fraction, the warmup is the longer of the two:
+    warmup_fraction x time_budget seconds of training, and MIN_WARMUP_STEPS steps, so the
+    warmup factor is min(elapsed / (fraction x budget), (step + 1) / MIN_WARMUP_STEPS).
+    The decay still ends at the deadline; where the step floor holds the warmup past the
+    fraction, the rate is the lower of the warmup and the decay, so it never jumps.
+    """
     p = progress(cfg, step, elapsed)
     if cfg.warmup_steps is not None:
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -59,11 +71,15 @@ def lr_at(cfg: TrainConfig, step: int, elapsed: float) -> float:
     else:
         w = cfg.warmup_fraction or 0.0
         warm = min(1.0, p / w) if w > 0 else 1.0
+        if cfg.time_budget and w > 0:  # however slowly the first seconds go
+            warm = min(warm, (step + 1) / MIN_WARMUP_STEPS)
         if step == 0 and w > 0:
             warm = max(warm, 1e-3)  # the very first update should not be exactly zero
-    if warm < 1.0 or cfg.schedule == "constant":
+    if cfg.schedule == "constant":
         return cfg.lr * warm
     rest = max(0.0, (p - w) / (1.0 - w)) if w < 1 else 1.0
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * rest))
-    return cfg.lr * (1.0 - rest)
+        decay = 0.5 * (1.0 + math.cos(math.pi * rest))
+    else:
+        decay = 1.0 - rest
+    return cfg.lr * min(warm, decay)

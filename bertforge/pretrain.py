@@ -15,7 +15,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -210,8 +209,8 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
             print(f"pretrain: {path} was built from other input, rebuilding it", file=sys.stderr)
     # Each rebuilt directory replaces the stale one whole (a kill leaves one or the
     # other), and the record goes last: a kill before it means "rebuild" next time.
+    # tokenizer and prepare print their own summaries: nothing is printed twice.
     if stale_tok or not (tok_dir / "tokenizer.json").is_file():
-        t0 = time.monotonic()
         if tokenizer is not None:
             fresh = paths.sibling(tok_dir)
             try:
@@ -227,15 +226,11 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
             train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
                             show_progress=show_progress, options=corpus_options,
                             sample_bytes=sample_bytes)
-            print(f"tokenizer: trained in {time.monotonic() - t0:.1f}s -> {tok_dir}",
-                  file=sys.stderr)
     if stale_data or not (data_dir / "manifest.json").is_file():
-        t0 = time.monotonic()
         prepare(files, tok_dir, data_dir, seq_len=cfg.data.seq_len,
                 valid_fraction=cfg.data.valid_fraction, show_progress=show_progress,
                 corpus_options=corpus_options,
                 document_boundary=cfg.data.document_boundary)
-        print(f"prepare: done in {time.monotonic() - t0:.1f}s -> {data_dir}", file=sys.stderr)
     write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     return data_dir
 

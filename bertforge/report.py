@@ -61,15 +61,67 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in points], [p[1] for p in points]
 
 
+# Titles in words for the metrics.jsonl fields a plot shows.
+_TITLES = {"loss": "loss", "mlm_loss": "held-out MLM loss",
+           "mlm_accuracy": "held-out MLM accuracy (masked tokens predicted exactly)",
+           "nsp_loss": "held-out next-sentence loss", "sop_loss": "held-out sentence-order loss",
+           "nsp_accuracy": "held-out next-sentence accuracy",
+           "sop_accuracy": "held-out sentence-order accuracy", "eval_loss": "held-out loss",
+           "accuracy": "held-out accuracy", "f1": "held-out F1",
+           "matthews": "held-out Matthews correlation", "pearson": "held-out Pearson correlation",
+           "spearman": "held-out Spearman correlation", "score": "held-out score"}
+
+
+def _title_of(key: str) -> str:
+    """A metric's plot title in words ('held-out MLM loss'), not its field name."""
+    base = key.split("/")[0]
+    for name, title in _TITLES.items():
+        if base == name:
+            return title
+        if base.startswith(name + "_"):  # eval_loss_matched, accuracy_mismatched, ...
+            return f"{title} ({base[len(name) + 1:]})"
+    return "held-out " + key.replace("_", " ")
+
+
 @dataclass
 class Panel:
     """One plot against the step: lines of (label, steps, values, style), the y axis's
-    label with its unit, and horizontal reference lines (label, value)."""
+    label with its unit, horizontal reference lines (label, value), and the y range
+    (None: matplotlib's own)."""
 
     title: str
     ylabel: str
     lines: list[tuple[str, list[int], list[float], str]]
     references: list[tuple[str, float]] = field(default_factory=list)
+    ylim: tuple[float, float] | None = None
+
+
+def robust_range(values: list[float], keep: list[float] | None = None,
+                 min_span: float = 0.0) -> tuple[float, float] | None:
+    """A y range for `values` that a few early outliers do not set: from the smallest value
+    to the 98th percentile of the values after the first tenth (step 1's loss of ~10 would
+    otherwise flatten the rest of the curve), widened to hold every value of `keep` (the
+    held-out points, the baseline) and to at least `min_span` (so that a flat line is not
+    magnified into noise), with a margin."""
+    if not values:
+        return None
+    later = sorted(values[len(values) // 10:]) or sorted(values)
+    high = later[min(len(later) - 1, int(0.98 * len(later)))]
+    low = min(values)
+    for v in keep or []:
+        low, high = min(low, v), max(high, v)
+    if high - low < min_span:
+        middle = (high + low) / 2
+        low, high = middle - min_span / 2, middle + min_span / 2
+    margin = 0.05 * (high - low) or 0.05 * abs(high) or 0.05
+    return low - margin, high + margin
+
+
+def _min_span(key: str) -> float:
+    """The smallest y range a metric is shown over: a flat accuracy stays flat."""
+    if "accuracy" in key or key.startswith(("f1", "score", "matthews", "pearson", "spearman")):
+        return 0.1
+    return 0.5 if "loss" in key else 0.0
 
 
 def build_figure(panels: list[Panel]) -> Any:
@@ -85,6 +137,8 @@ def build_figure(panels: list[Panel]) -> Any:
             ax.plot(xs, ys, style, label=label, markersize=4)
         for label, value in panel.references:
             ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=label)
+        if panel.ylim is not None:
+            ax.set_ylim(*panel.ylim)
         ax.set_title(panel.title, fontsize=10)
         ax.set_ylabel(panel.ylabel, fontsize=8)
         ax.grid(alpha=0.3)
@@ -165,19 +219,44 @@ def plot_panels(run_dir: Path, train: list[dict[str, Any]], evals: list[dict[str
     train_loss = "mlm_loss" if _series(train, "mlm_loss")[0] else "loss"
     reference = ([("unigram-frequency baseline", baseline)]
                  if baseline is not None and held_out_loss == "mlm_loss" else [])
-    loss_lines = [(f"training ({train_loss})", *_series(train, train_loss), "-")]
+    what = "MLM loss" if kind == "pretrain" or train_loss == "mlm_loss" else "loss"
+    loss_lines = [(f"training {what}", *_series(train, train_loss), "-")]
+    held_out: list[float] = []
     if held_out_loss:
-        loss_lines.append((f"held-out ({held_out_loss})", *_series(evals, held_out_loss), "o-"))
-    plots = {"loss.png": [Panel("loss", _unit(train_loss, kind), loss_lines, reference)],
-             "lr.png": [Panel("learning rate", "learning rate",
+        held_out = _series(evals, held_out_loss)[1]
+        loss_lines.append((_title_of(held_out_loss), *_series(evals, held_out_loss), "o-"))
+    loss_range = robust_range(_series(train, train_loss)[1],
+                              held_out + [v for _, v in reference], _min_span("loss"))
+    title = ("training and held-out " + what) if held_out_loss else ("training " + what)
+    plots = {"loss.png": [Panel(title, _unit(train_loss, kind), loss_lines, reference,
+                                loss_range)],
+             "lr.png": [Panel(_lr_title(Path(run_dir)), "learning rate",
                               [("lr", *_series(train, "lr"), "-")])],
-             "throughput.png": [Panel("training tokens/s", "tokens/s",
+             "throughput.png": [Panel("training throughput", "tokens/s",
                                       [("tokens/s", *_series(train, "tokens_per_s"), "-")])]}
     if evals and _eval_keys(evals):
-        plots["eval.png"] = [Panel(k, _unit(k, kind), [(k, *_series(evals, k), "o-")],
-                                   reference if k == "mlm_loss" else [])
+        plots["eval.png"] = [Panel(_title_of(k), _unit(k, kind),
+                                   [(_title_of(k), *_series(evals, k), "o-")],
+                                   reference if k == "mlm_loss" else [],
+                                   robust_range(_series(evals, k)[1],
+                                                [v for _, v in reference] if k == "mlm_loss"
+                                                else [], _min_span(k)))
                              for k in _eval_keys(evals)]
     return plots
+
+
+def _lr_title(run_dir: Path) -> str:
+    """The lr plot's title; a time-budgeted run's says that its schedule follows training
+    time, not steps (a slow stretch shows as a kink against the step)."""
+    if (run_dir / rundir.CONFIG).is_file():
+        try:
+            train = RunConfig.load(run_dir / rundir.CONFIG).train
+        except BertforgeError:
+            return "learning rate"
+        if train.time_budget:
+            return (f"learning rate (follows training time: a {train.time_budget / 60:g}-minute "
+                    f"budget, not a step count)")
+    return "learning rate"
 
 
 def _eval_keys(evals: list[dict[str, Any]]) -> list[str]:

@@ -86,7 +86,8 @@ def configure(device: torch.device) -> str:
     """
     if device.type == "cpu":
         keep_freed_memory()
-        return f"cpu, {configure_threads()} threads"
+        threads = configure_threads()
+        return f"cpu, {threads} thread{'' if threads == 1 else 's'}"
     if device.type == "cuda":
         return f"{device}, {torch.cuda.get_device_name(device)}"
     return str(device)

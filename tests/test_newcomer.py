@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 from pathlib import Path
@@ -44,13 +45,13 @@ def stub_bin(tmp_path: Path) -> tuple[Path, Path]:
     return bin_dir, log
 
 
-def run_demo(tmp_path: Path, corpus: str, out: Path) -> tuple[subprocess.CompletedProcess,
-                                                               list[list[str]]]:
+def run_demo(tmp_path: Path, corpus: str, out: Path, extra: dict[str, str] | None = None,
+             ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """scripts/demo.sh with HOME in tmp_path and the stub BIN: (the process, its calls)."""
     bin_dir, log = stub_bin(tmp_path)
     log.unlink(missing_ok=True)
     env = {**os.environ, "HOME": str(tmp_path / "home"), "BIN": str(bin_dir),
-           "DEMO_CORPUS": corpus, "DEMO_OUT": str(out), "DEMO_BUDGET": "1s"}
+           "DEMO_CORPUS": corpus, "DEMO_OUT": str(out), "DEMO_STEPS": "10", **(extra or {})}
     proc = subprocess.run(["bash", str(DEMO)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     calls = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()] \
@@ -101,6 +102,61 @@ def test_demo_keeps_an_earlier_run(tmp_path, home_corpus):
     proc, calls = run_demo(tmp_path, str(home_corpus), runs / "demo")
     assert str(runs / "demo-3") in proc.stdout.splitlines()[0]
     assert calls[0][calls[0].index("--out") + 1] == str(runs / "demo-3" / "tokenizer")
+
+
+def test_an_interrupted_demo_is_continued_not_restarted(tmp_path, home_corpus):
+    out = tmp_path / "runs" / "demo"
+    proc, _ = run_demo(tmp_path, str(home_corpus), out)
+    assert proc.returncode == 0, proc.stderr
+    # As a demo killed during pretraining leaves it: tokenizer and data done, a checkpoint.
+    (out / "demo.done").unlink()
+    (out / "tokenizer").mkdir()
+    (out / "tokenizer" / "tokenizer.json").write_text("{}")
+    (out / "tokenizer" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    (out / "data").mkdir()
+    (out / "data" / "manifest.json").write_text("{}")
+    (out / "run" / "checkpoints" / "step-250").mkdir(parents=True)
+    proc, calls = run_demo(tmp_path, str(home_corpus), out)
+    assert proc.returncode == 0, proc.stderr
+    assert f"continuing the unfinished demo in {out}" in proc.stdout
+    assert not (tmp_path / "runs" / "demo-2").exists()
+    commands = [c[1] for c in calls if c[0] == "bertforge"]
+    assert commands == ["pretrain", "evaluate", "fill-mask", "fill-mask"]  # no tokenizer again
+    pretrain = next(c for c in calls if c[1:2] == ["pretrain"])
+    assert "--resume" in pretrain and pretrain[pretrain.index("--out") + 1] == str(out / "run")
+    assert pretrain[pretrain.index("--max-steps") + 1] == "10"
+    assert "export" not in commands  # pretrain exports to RUN/hf, once
+    assert (out / "demo.done").exists()
+    # Finished, it is kept: the next demo goes beside it.
+    proc, _ = run_demo(tmp_path, str(home_corpus), out)
+    assert str(tmp_path / "runs" / "demo-2") in proc.stdout.splitlines()[0]
+
+
+def test_a_demo_with_other_settings_does_not_continue_an_unfinished_one(tmp_path, home_corpus):
+    out = tmp_path / "runs" / "demo"
+    run_demo(tmp_path, str(home_corpus), out)
+    (out / "demo.done").unlink()
+    proc, calls = run_demo(tmp_path, str(home_corpus), out, {"DEMO_STEPS": "20"})
+    assert "continuing" not in proc.stdout and str(tmp_path / "runs" / "demo-2") in proc.stdout
+
+
+def test_the_demo_defaults_to_the_shipped_sample_and_its_tokenizer(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    bin_dir, log = stub_bin(tmp_path)
+    out = tmp_path / "demo"
+    proc = subprocess.run(["bash", str(DEMO)], env={**env, "BIN": str(bin_dir),
+                                                    "DEMO_OUT": str(out)},
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    calls = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()]
+    assert [c[1] for c in calls if c[0] == "bertforge"][0] == "prepare"  # no training
+    assert calls[0][2] == "data/enwiki-2015-sample.txt.xz"
+    assert (out / "tokenizer" / "vocab.txt").read_text().splitlines()[:5] == [
+        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    assert "8192 tokens" in proc.stdout
+    pretrain = next(c for c in calls if c[1:2] == ["pretrain"])
+    assert pretrain[pretrain.index("--max-steps") + 1] == "3000"
+    assert pretrain[pretrain.index("--warmup-steps") + 1] == "150"
 
 
 def test_demo_uses_an_empty_output_directory(tmp_path, home_corpus):
@@ -265,7 +321,19 @@ def test_fill_mask_with_one_mask(capsys, hf_dir):
     code, out, _ = run_cli(capsys, "fill-mask", hf_dir, "the small [MASK] sees the dog.")
     lines = out.splitlines()
     assert code == 0 and lines[0] == "the small [MASK] sees the dog."
-    assert lines[1].startswith("[MASK]: ") and lines[1].count("(") == 5 and len(lines) == 2
+    assert lines[1].startswith("[MASK]: ") and len(lines) == 2
+    # Each token quoted, so that a predicted "," or "(" reads as a token, not punctuation.
+    pred = r'"(?:[^"\\]|\\.)*" \(\d\.\d{3}\)'
+    assert re.fullmatch(rf"\[MASK\]: {pred}(, {pred}){{4}}", lines[1]), lines[1]
+
+
+def test_help_shows_an_example_and_finetune_help_reads(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "example:" in out and "bertforge pretrain --corpus" in out
+    code, out, _ = run_cli(capsys, "finetune", "--help")
+    out = " ".join(out.split())
+    assert "fraction of the training steps (unless --warmup-steps is given). (default: 0.1)" in out
+    assert "0.06 when" not in out
 
 
 def test_fill_mask_json_names_each_mask(capsys, hf_dir):

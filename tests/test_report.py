@@ -111,15 +111,17 @@ def test_every_plot_says_what_its_y_axis_measures(odd_run, tmp_path, monkeypatch
         build_figure(panels)) or figures[-1])
     write_report(odd_run, tmp_path / "r")
     labels = {ax.get_title(): ax.get_ylabel() for fig in figures for ax in fig.axes}
-    assert labels == {"loss": "loss (nats per masked token)", "learning rate": "learning rate",
-                      "training tokens/s": "tokens/s",
-                      "mlm_loss": "loss (nats per masked token)",
-                      "mlm_accuracy": "accuracy (fraction correct)"}
+    assert labels == {"training and held-out MLM loss": "loss (nats per masked token)",
+                      "learning rate": "learning rate",
+                      "training throughput": "tokens/s",
+                      "held-out MLM loss": "loss (nats per masked token)",
+                      "held-out MLM accuracy (masked tokens predicted exactly)":
+                          "accuracy (fraction correct)"}
     baseline = evaluate_run(odd_run)["unigram_baseline_loss"]
     for fig in figures:  # a horizontal line at the baseline on both held-out loss plots
         for ax in fig.axes:
             lines = [ln for ln in ax.get_lines() if ln.get_label() == "unigram-frequency baseline"]
-            if ax.get_title() in ("loss", "mlm_loss"):
+            if ax.get_title() in ("training and held-out MLM loss", "held-out MLM loss"):
                 assert len(lines) == 1 and set(lines[0].get_ydata()) == {baseline}
             else:
                 assert not lines
@@ -140,9 +142,33 @@ def test_fine_tuning_report_labels(tmp_path, monkeypatch):
         build_figure(panels)) or figures[-1])
     out = write_report(tmp_path)
     labels = {ax.get_title(): ax.get_ylabel() for fig in figures for ax in fig.axes}
-    assert labels["loss"] == "loss (nats per example)"
-    assert labels["eval_loss"] == "loss (nats per example)"
-    assert labels["accuracy"] == "accuracy (fraction correct)" and labels["f1"] == "f1"
+    assert labels["training and held-out loss"] == "loss (nats per example)"
+    assert labels["held-out loss"] == "loss (nats per example)"
+    assert labels["held-out accuracy"] == "accuracy (fraction correct)"
+    assert labels["held-out F1"] == "f1"
     text = (out / "report.md").read_text()
     assert text.startswith(f"# bertforge fine-tuning run `{tmp_path.name}`: sst2 from runs/demo")
     assert "unigram" not in text
+
+
+def test_plot_ranges_are_set_by_the_curve_not_by_step_one_or_noise():
+    from bertforge.report import robust_range
+
+    # Step 1's loss of 10.4 does not set the range: the plateau and the fall below it do.
+    losses = [10.4, 9.1, 8.0] + [7.5 - 0.001 * i for i in range(40)]
+    low, high = robust_range(losses, keep=[7.2, 7.21])
+    assert high < 8.0 and low < 7.2
+    # A flat accuracy of 0.074-0.080 is shown over at least 0.1, not magnified.
+    low, high = robust_range([0.074, 0.08, 0.077], min_span=0.1)
+    assert high - low >= 0.1 and low < 0.074 and high > 0.08
+
+
+def test_a_time_budget_runs_lr_plot_says_it_follows_training_time(tmp_path):
+    from bertforge.config import RunConfig, TrainConfig
+    from bertforge.report import plot_panels
+
+    RunConfig(train=TrainConfig(time_budget=600.0)).save(tmp_path / "config.yaml")
+    train = [{"kind": "train", "step": s, "loss": 7.0, "lr": 1e-3, "tokens_per_s": 1.0}
+             for s in (1, 2)]
+    title = plot_panels(tmp_path, train, [])["lr.png"][0].title
+    assert "follows training time" in title and "10-minute budget" in title

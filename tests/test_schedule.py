@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from bertforge.config import RunConfig, TrainConfig, build
 from bertforge.errors import BertforgeError
-from bertforge.optim import lr_at, progress
+from bertforge.optim import MIN_WARMUP_STEPS, lr_at, progress
 
 
 def test_warmup_in_steps_is_linear_then_decays_to_zero():
@@ -60,7 +60,8 @@ def test_cosine_and_constant():
 def test_a_time_budget_reaches_zero_exactly_at_the_deadline(schedule):
     cfg = TrainConfig(lr=1.0, time_budget=60.0, warmup_fraction=0.1, schedule=schedule)
     assert progress(cfg, 10_000, 30.0) == 0.5
-    assert lr_at(cfg, 3, 3.0) == pytest.approx(0.5)  # warmup over the first 6 seconds
+    # warmup over the first 6 seconds (and at least MIN_WARMUP_STEPS steps)
+    assert lr_at(cfg, 300, 3.0) == pytest.approx(0.5)
     assert lr_at(cfg, 500, 59.999) == pytest.approx(0.0, abs=1e-4)
     assert lr_at(cfg, 500, 60.0) == pytest.approx(0.0, abs=1e-12)
     assert lr_at(cfg, 500, 75.0) == pytest.approx(0.0, abs=1e-12)  # never negative
@@ -135,3 +136,39 @@ def test_resume_may_lengthen_a_run_whose_schedule_does_not_depend_on_it(tmp_path
     assert _pretrain(capsys, data_dir, short, *schedule, "--max-steps", "6", "--resume")[0] == 0
     assert _pretrain(capsys, data_dir, long, *schedule, "--max-steps", "6")[0] == 0
     assert _losses(short) == _losses(long) and len(_losses(long)) == 6
+
+
+class SlowStartClock:
+    """Training time that runs slowly at first: `slow_steps` steps of `slow_s` seconds
+    each (a busy machine), then `fast_s` seconds a step."""
+
+    def __init__(self, slow_steps: int, slow_s: float, fast_s: float):
+        self.slow_steps, self.slow_s, self.fast_s = slow_steps, slow_s, fast_s
+
+    def elapsed(self, step: int) -> float:
+        slow = min(step, self.slow_steps)
+        return slow * self.slow_s + max(0, step - self.slow_steps) * self.fast_s
+
+
+def test_a_time_budget_warmup_lasts_at_least_min_warmup_steps_however_slow_the_start():
+    # 5% of a 10-minute budget is 30 s; the first 20 steps take 1.5 s each, so the 30 s
+    # are gone by step 20. The warmup must still last MIN_WARMUP_STEPS steps.
+    cfg = TrainConfig(lr=1e-3, time_budget=600.0, warmup_fraction=0.05)
+    clock = SlowStartClock(slow_steps=20, slow_s=1.5, fast_s=0.1)
+    lrs = [lr_at(cfg, s, clock.elapsed(s)) for s in range(400)]
+    assert clock.elapsed(20) == pytest.approx(30.0)
+    assert lrs[19] == pytest.approx(1e-3 * 20 / MIN_WARMUP_STEPS)
+    # It rises a step at a time until it meets the decay line (which started at 30 s).
+    assert all(b > a for a, b in zip(lrs[:90], lrs[1:91]))
+    assert max(lrs) <= 1e-3 and lrs[MIN_WARMUP_STEPS - 1] == pytest.approx(
+        1e-3 * (1 - (clock.elapsed(MIN_WARMUP_STEPS - 1) / 600 - 0.05) / 0.95))
+    # No jump where warmup hands over to the decay: the rate changes smoothly throughout.
+    assert max(abs(b - a) for a, b in zip(lrs[1:], lrs[2:])) <= 1e-3 / MIN_WARMUP_STEPS + 1e-12
+    # On a fast machine the fraction is the longer of the two and governs, as before.
+    fast = SlowStartClock(slow_steps=0, slow_s=0.0, fast_s=0.01)  # 30 s = 3,000 steps
+    assert lr_at(cfg, 1499, fast.elapsed(1499)) == pytest.approx(0.5e-3, rel=1e-3)
+
+
+def test_an_explicit_zero_warmup_stays_zero_with_a_time_budget():
+    cfg = TrainConfig(lr=1.0, time_budget=60.0, warmup_fraction=0.0)
+    assert lr_at(cfg, 0, 0.0) == pytest.approx(1.0)

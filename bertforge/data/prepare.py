@@ -135,8 +135,9 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             stats = CorpusStats()
             packers = {s: _Packer(_ShardWriter(tmp, s, seq_len, dtype, shard_sequences), specials,
                                   document_boundary) for s in SPLITS}
+            # A bar on a terminal only: its carriage returns would fill a log file.
             bar = tqdm(total=_total_bytes(files), unit="B", unit_scale=True, desc="prepare",
-                       disable=not show_progress, file=sys.stderr)
+                       disable=not (show_progress and sys.stderr.isatty()), file=sys.stderr)
             # Each split's latest document (its ids) is held back until the end (see _settle).
             pending: dict[str, np.ndarray | None] = {s: None for s in SPLITS}
             seen = 0
@@ -203,7 +204,7 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
             raise
 
     if show_progress:
-        _summary(manifest, stats, elapsed, out)
+        _summary(manifest, stats, elapsed, Path(out_dir))  # the path as given, as elsewhere
     return manifest
 
 
@@ -399,6 +400,37 @@ def _summary(manifest: dict[str, Any], stats: CorpusStats, elapsed: float, out: 
           f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
     for line in stats.summary_lines():  # files per format, every repair, unreadable files
         print(line, file=sys.stderr)
+    for line in split_warnings(manifest, stats.documents):
+        print(f"warning: {line}", file=sys.stderr)
+
+
+# Fewer documents than this make a document-level held-out split coarse.
+FEW_DOCUMENTS = 100
+# A document of more tokens than this is most likely a file without blank lines.
+HUGE_DOCUMENT_TOKENS = 1_000_000
+
+
+def split_warnings(manifest: dict[str, Any], documents: int) -> list[str]:
+    """What the held-out split cannot do well: documents are held out whole, so a corpus of
+    few or huge documents (one sentence per line read as one document) holds out far more,
+    or less, than valid_fraction of its sequences."""
+    train, valid = manifest["splits"]["train"], manifest["splits"]["valid"]
+    fraction = manifest.get("valid_fraction") or 0.0
+    sequences = train["sequences"] + valid["sequences"]
+    tokens = train["tokens"] + valid["tokens"]
+    hint = ("if each line of your text is a document (one sentence per line), pass "
+            "--one-doc-per-line")
+    out = []
+    if fraction > 0 and 0 < documents < FEW_DOCUMENTS:
+        out.append(f"only {documents:,} documents: the held-out split takes whole documents; "
+                   f"{hint}")
+    elif documents and tokens / documents > HUGE_DOCUMENT_TOKENS:
+        out.append(f"documents average {tokens // documents:,} tokens; {hint}")
+    share = valid["sequences"] / sequences if sequences else 0.0
+    if fraction > 0 and share > max(2 * fraction, fraction + 0.02):
+        out.append(f"{share:.0%} of the sequences are held out ({valid['sequences']:,} of "
+                   f"{sequences:,}), not the {fraction:.0%} asked: whole documents are held out")
+    return out
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:

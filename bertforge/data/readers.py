@@ -119,7 +119,8 @@ class CorpusStats:
         """A few lines for the end of a command: files per format, documents, what was
         repaired or skipped, and the unreadable files by name."""
         formats = ", ".join(f"{n:,} {fmt}" for fmt, n in sorted(self.formats.items()))
-        lines = [f"corpus: {self.files:,} files ({formats or 'none'}), {self.documents:,} "
+        lines = [f"corpus: {self.files:,} file{'' if self.files == 1 else 's'} "
+                 f"({formats or 'none'}), {self.documents:,} "
                  f"documents, {self.bytes / 1e6:,.1f} MB"]
         if self.problems():
             lines.append(f"corpus: {self.problems()}")

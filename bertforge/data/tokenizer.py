@@ -116,6 +116,8 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer",
                disable=not show_progress, file=sys.stderr)
     trainer = WordPieceTrainer(
+        # Progress is bertforge's own bar, in bytes read (the Rust one writes blank lines
+        # off a terminal).
         vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
         special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
         continuing_subword_prefix="##",
