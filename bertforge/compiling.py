@@ -14,9 +14,11 @@
   in PyTorch's deterministic mode it calls ATen's ordered kernel instead, which is what
   keeps a resumed compiled run bitwise equal to an uninterrupted one.
 - `should_compile(cfg, device)`: whether a run compiles. `--compile` and `--no-compile`
-  decide; by default a run compiles when it is long enough for compiling to pay (at
+  decide; by default a GPU run compiles when it is long enough for compiling to pay (at
   least `AUTO_MIN_STEPS` steps or an `AUTO_MIN_BUDGET_S` budget: compiling takes a minute
-  or more) and the compiler Inductor needs is there.
+  or more) and Triton is there. A CPU run stays eager unless asked: measured on an AVX2
+  CPU in fp32, where the matmuls are most of a step, the compiled step was no faster than
+  the eager one with its hand-made kernels (benchmarks/README.md).
 - `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
   how `bertforge bench --compile` and the tests tell whether compilation works.
 
@@ -69,13 +71,13 @@ AUTO_MIN_BUDGET_S = 600.0
 
 
 def should_compile(cfg: Any, device: torch.device) -> bool:
-    """cfg.compile when set (a TrainConfig); else whether the run is long enough and the
-    compiler is there (see the module docstring)."""
+    """cfg.compile when set (a TrainConfig); else whether this is a GPU run long enough
+    for compiling to pay, with the compiler at hand (see the module docstring)."""
     if cfg.compile is not None:
         return bool(cfg.compile)
     long_enough = ((cfg.max_steps or 0) >= AUTO_MIN_STEPS
                    or (cfg.time_budget or 0.0) >= AUTO_MIN_BUDGET_S)
-    return long_enough and compiler_available(device)
+    return device.type == "cuda" and long_enough and compiler_available(device)
 
 
 def compiler_available(device: torch.device) -> bool:

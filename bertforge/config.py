@@ -301,11 +301,11 @@ class TrainConfig:
                           "'fsdp' (FSDP2, parameters sharded per encoder layer); 'auto' is "
                           "ddp.", default="auto")
     compile: bool | None = _help(
-        "Run the forward pass and the loss through torch.compile: one fused graph, faster "
-        "per step, at the cost of a minute or more of compiling first. Default: on for runs "
-        "of at least 1,000 steps or a 10-minute budget where the compiler is there (a C++ "
-        "compiler and Python's headers on the CPU, Triton on a GPU), off otherwise; "
-        "--no-compile turns it off. Checkpoints keep plain parameter names.", default=None)
+        "Run the forward pass and the loss through torch.compile: one fused graph, at the "
+        "cost of a minute or more of compiling first. Default: on for GPU runs of at least "
+        "1,000 steps or a 10-minute budget (with Triton installed), off on the CPU, where "
+        "the compiled step measured no faster; --no-compile turns it off. Checkpoints keep "
+        "plain parameter names.", default=None)
     num_workers: int | None = _help("Background processes that build (mask) the batches of "
                                     "the next steps while the current one computes; "
                                     "default: 2 on a GPU, 0 on the CPU.", rule=">= 0", default=None)

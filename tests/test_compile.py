@@ -143,18 +143,19 @@ def test_bench_step_uses_the_padded_vocabulary(data_dir):
     assert model.decoder_weight.shape[0] == 256
 
 
-def test_long_runs_compile_by_default_and_the_flags_decide(monkeypatch):
+def test_long_gpu_runs_compile_by_default_and_the_flags_decide(monkeypatch):
     from bertforge import compiling
 
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(compiling, "compiler_available", lambda device: True)
-    assert not compiling.should_compile(TrainConfig(max_steps=40), cpu)  # short: eager
-    assert compiling.should_compile(TrainConfig(max_steps=compiling.AUTO_MIN_STEPS), cpu)
-    assert compiling.should_compile(TrainConfig(time_budget=3600.0), cpu)
-    assert not compiling.should_compile(TrainConfig(max_steps=10**6, compile=False), cpu)
+    assert not compiling.should_compile(TrainConfig(max_steps=40), gpu)  # short: eager
+    assert compiling.should_compile(TrainConfig(max_steps=compiling.AUTO_MIN_STEPS), gpu)
+    assert compiling.should_compile(TrainConfig(time_budget=3600.0), gpu)
+    assert not compiling.should_compile(TrainConfig(max_steps=10**6), cpu)  # eager is as fast
+    assert not compiling.should_compile(TrainConfig(max_steps=10**6, compile=False), gpu)
     assert compiling.should_compile(TrainConfig(max_steps=10, compile=True), cpu)
     monkeypatch.setattr(compiling, "compiler_available", lambda device: False)
-    assert not compiling.should_compile(TrainConfig(max_steps=10**6), cpu)  # nothing to build with
+    assert not compiling.should_compile(TrainConfig(max_steps=10**6), gpu)  # no Triton
 
 
 def test_compile_flags_reach_the_config(tmp_path):
