@@ -8,10 +8,10 @@ What is notable here:
 - Sparse MLM prediction: given the flat indices of the masked positions, the MLM head
   (transform + vocab decoder, the most expensive matmul in a small BERT) runs on those
   rows only, about 15% of the tokens.
-- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64) and
-  the decoder multiplies by all of them, so its rows are aligned; training takes the
-  padded logits and leaves the padding columns out of the loss, everyone else gets a
-  view of the first `config.vocab_size` columns.
+- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64). In
+  training on GPUs and under torch.compile the decoder multiplies by all of them (aligned
+  rows) and the loss leaves the padding columns out; on the CPU's eager path it takes the
+  real rows only (`ops.pad_decoder`).
 - The MLM decoder is tied to the word embeddings by using the embedding Parameter
   itself, so the state_dict holds that tensor once (no duplicate key to dedupe when
   saving with safetensors).
@@ -179,13 +179,38 @@ class MaskedLMHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor,
                 padded: bool = False) -> torch.Tensor:
-        """Logits (..., vocab_size), or with `padded` all (..., padded_vocab_size) columns."""
+        """Logits (..., vocab_size); with `padded`, (..., padded_vocab_size) where the
+        kernels want the padded width (`ops.pad_decoder`), which the loss then masks."""
         h = self.LayerNorm(F.gelu(self.dense(hidden)))  # (..., H)
-        # The matmul always runs on the padded width: rows of a multiple of 64 values are
-        # aligned for the fast GEMM kernels (cuBLAS's among them), and the weight's gradient
-        # comes out whole, with zeros in the padding rows (their logits get no gradient).
-        logits = F.linear(h, decoder_weight, self.bias)  # (..., Vp)
-        return logits if padded else logits[..., :self.vocab_size]
+        v = self.vocab_size
+        if padded and ops.pad_decoder(h):
+            # Rows of a multiple of 64 values are aligned for the fast GEMM kernels (cuBLAS's
+            # among them), and the weight's gradient comes out whole, zero in the padding rows.
+            return F.linear(h, decoder_weight, self.bias)  # (..., Vp)
+        if padded:  # the CPU's eager kernels: the real rows only, no padding to mask
+            return F.linear(h, _LeadingRows.apply(decoder_weight, v), self.bias[:v])  # (..., V)
+        return F.linear(h, decoder_weight, self.bias)[..., :v]  # (..., V)
+
+
+class _LeadingRows(torch.autograd.Function):
+    """w[:n], whose backward zeroes only the rows past n of the full-size gradient.
+
+    A plain slice's backward zero-fills the whole (padded_vocab, H) fp32 buffer and then
+    copies the gradient over it: one pass over the embedding-sized matrix too many, every
+    step.
+    """
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.full_shape = w.shape
+        return w.narrow(0, 0, n)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        full = grad.new_empty(ctx.full_shape)
+        full[:grad.shape[0]] = grad
+        full[grad.shape[0]:] = 0
+        return full, None
 
 
 class BertForPreTraining(nn.Module):

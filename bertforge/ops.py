@@ -9,6 +9,8 @@ else in bertforge branches on the device type for speed:
 - `cross_entropy_and_hits` (and `cross_entropy_sum`): CPU, fp32 in cache-sized chunks
   with the softmax kept for backward and the hits read off the row maxima; GPU,
   `F.cross_entropy` on fp32 logits and one `amax`.
+- `pad_decoder`: GPU and compiled, the MLM decoder on the padded vocabulary (aligned
+  rows; the loss masks the padding columns); CPU eager, on the real rows only.
 - `grad_norm_squared`: CPU, float64 sums of float32 chunk norms; GPU, one
   `torch._foreach_norm` launch.
 
@@ -65,6 +67,14 @@ def kernel_path(t: torch.Tensor) -> str:
 def generic(t: torch.Tensor) -> bool:
     """Whether to take the generic kernels: on GPUs, and whenever torch.compile traces."""
     return torch.compiler.is_compiling() or kernel_path(t) == "gpu"
+
+
+def pad_decoder(t: torch.Tensor) -> bool:
+    """Whether the MLM decoder should compute on the padded vocabulary: where the generic
+    kernels run (the aligned width serves cuBLAS, and Inductor fuses the masking of the
+    padding columns into the loss). The CPU's eager cross-entropy would pay a pass over
+    the logits to mask them, so it takes the real columns only."""
+    return generic(t)
 
 
 # ----------------------------------------------------------------------------- attention
