@@ -9,8 +9,8 @@ else in bertforge branches on the device type for speed:
 - `cross_entropy_and_hits` (and `cross_entropy_sum`): CPU, fp32 in cache-sized chunks
   with the softmax kept for backward and the hits read off the row maxima; GPU,
   `F.cross_entropy` on fp32 logits and one `amax`.
-- `pad_decoder`: GPU and compiled, the MLM decoder on the padded vocabulary (aligned
-  rows; the loss masks the padding columns); CPU eager, on the real rows only.
+- `pad_decoder`: GPU, compiled and bf16, the MLM decoder on the padded vocabulary
+  (aligned rows; the loss masks the padding columns); CPU eager fp32, the real rows.
 - `grad_norm_squared`: CPU, float64 sums of float32 chunk norms; GPU, one
   `torch._foreach_norm` launch.
 
@@ -72,9 +72,11 @@ def generic(t: torch.Tensor) -> bool:
 def pad_decoder(t: torch.Tensor) -> bool:
     """Whether the MLM decoder should compute on the padded vocabulary: where the generic
     kernels run (the aligned width serves cuBLAS, and Inductor fuses the masking of the
-    padding columns into the loss). The CPU's eager cross-entropy would pay a pass over
-    the logits to mask them, so it takes the real columns only."""
-    return generic(t)
+    padding columns into the loss), and under autocast, where the CPU's chunked
+    cross-entropy skips the padding columns for free and the full weight is the leaf
+    whose bf16 copy autocast caches for the step. Eager fp32 on the CPU takes the real
+    rows: its cross-entropy (F.cross_entropy) would pay a pass to mask the padding."""
+    return generic(t) or torch.is_autocast_enabled(t.device.type)
 
 
 # ----------------------------------------------------------------------------- attention

@@ -192,6 +192,7 @@ def test_tokenizer_streams_bounded_batches_and_shows_progress(tmp_path, monkeypa
             yield batch
 
     monkeypatch.setattr(tokenizer, "_read", read)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # the bar is a terminal's
     code, _, err = run_cli(capsys, "tokenizer", corpus, "--out", tmp_path / "tok",
                            "--vocab-size", 150)
     assert code == 0, err

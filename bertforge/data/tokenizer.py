@@ -113,8 +113,8 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     total = estimate_bytes(files)
     if sample_bytes is not None and total is not None:
         total = min(total, sample_bytes)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer",
-               disable=not show_progress, file=sys.stderr)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer",  # a terminal's only
+               disable=not (show_progress and sys.stderr.isatty()), file=sys.stderr)
     trainer = WordPieceTrainer(
         # Progress is bertforge's own bar, in bytes read (the Rust one writes blank lines
         # off a terminal).
