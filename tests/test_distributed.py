@@ -60,6 +60,17 @@ def _losses(run: Path) -> list[float]:
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
+def _run_script(tmp_path, name: str, source: str, *args: str, timeout: int = 120) -> dict:
+    """`source` as tmp_path/name.py under torchrun on two processes, which write JSON to
+    tmp_path/name.json (its first argument); the JSON, once every rank exited cleanly."""
+    script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.json"
+    script.write_text(source)
+    _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(script), str(out), *args],
+                       capture_output=True, text=True, timeout=timeout, env=_env()))
+    return json.loads(out.read_text())
+
+
 
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory) -> list[float]:
@@ -177,13 +188,8 @@ shutdown()
 
 
 def test_accumulation_all_reduces_once_per_step(tmp_path):
-    script, out = tmp_path / "count.py", tmp_path / "calls.json"
-    script.write_text(_COUNT_ALLREDUCES)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(out)],
-                            capture_output=True, text=True, timeout=120, env=_env())
-    _ok(result)
-    assert json.loads(out.read_text()) == [1, 1]  # one bucket, reduced on the last micro-batch
+    # One bucket, reduced on the last micro-batch of each step.
+    assert _run_script(tmp_path, "count", _COUNT_ALLREDUCES) == [1, 1]
 
 
 # Run under torchrun: FSDP2 with bf16 parameters and fp32 reduction, through bertforge's
@@ -268,13 +274,7 @@ def test_fsdp_bf16_parameters_and_unsharded_accumulation(tmp_path):
     weights and Adam moments; a step of two micro-batches gathers the parameters fewer
     than twice as often as a step of one (they stay unsharded in between); deferred
     steps drop a non-finite update on the shards."""
-    script, out = tmp_path / "fsdp_bf16.py", tmp_path / "out.json"
-    script.write_text(_FSDP_BF16)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(out)],
-                            capture_output=True, text=True, timeout=180, env=_env())
-    _ok(result)
-    found = json.loads(out.read_text())
+    found = _run_script(tmp_path, "fsdp_bf16", _FSDP_BF16, timeout=180)
     assert all(math.isfinite(x) for x in found["losses"]), found
     assert found["compute"] == ["torch.bfloat16"]
     assert found["masters"] == ["torch.float32"] and found["moments"] == ["torch.float32"]
@@ -315,14 +315,7 @@ shutdown()
 
 
 def test_every_rank_resumes_from_rank_zeros_choice(tmp_path):
-    script, out = tmp_path / "choice.py", tmp_path / "out.json"
-    script.write_text(_CHOICE)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", str(script), str(out),
-                             str(tmp_path / "ckpts")],
-                            capture_output=True, text=True, timeout=120, env=_env())
-    _ok(result)
-    found = json.loads(out.read_text())
+    found = _run_script(tmp_path, "choice", _CHOICE, str(tmp_path / "ckpts"))
     assert found["choices"] == [["step-000020", 20], ["step-000020", 20]]
     assert all(e and "no checkpoint in" in e and "verifies" in e for e in found["errors"])
 
