@@ -176,7 +176,7 @@ def main() -> None:
     args = p.parse_args()
     args.max_length = args.max_length or (64 if args.task == "sst2" else 128)
     sys.path.insert(0, str(ROOT))
-    from bertforge.runtime import cpu_has_bf16
+    from bertforge.train.runtime import cpu_has_bf16
 
     bf16 = cpu_has_bf16()
     with tempfile.TemporaryDirectory() as tmp:

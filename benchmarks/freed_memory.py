@@ -20,12 +20,12 @@ import sys
 
 _PROBE = """
 import resource, sys, time, torch
-from bertforge.bench import synthetic_batch
+from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
-from bertforge.optim import build_optimizer
-from bertforge.pretrain import mlm_loss_sum, pretraining_model
-from bertforge.runtime import configure, keep_freed_memory, resolve_precision
-from bertforge.step import StepBatch, train_step
+from bertforge.train.optim import build_optimizer
+from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.train.runtime import configure, keep_freed_memory, resolve_precision
+from bertforge.train.step import StepBatch, train_step
 
 device = torch.device("cpu")
 configure(device)

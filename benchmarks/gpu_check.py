@@ -198,8 +198,8 @@ def env_inner(smoke: bool) -> dict[str, Any]:
     """In its own process (`--inner env`): what the machine is."""
     import torch
 
-    from bertforge.bench import matmul_peak
-    from bertforge.runtime import resolve_device, resolve_precision
+    from bertforge.commands.bench import matmul_peak
+    from bertforge.train.runtime import resolve_device, resolve_precision
 
     device = resolve_device("auto")
     if not smoke and device.type != "cuda":
@@ -223,7 +223,7 @@ def env_inner(smoke: bool) -> dict[str, Any]:
 
 def profile_inner(smoke: bool) -> list[dict[str, Any]]:
     """In its own process (`--inner profile`): the ops of a base step (tiny in smoke)."""
-    from bertforge.bench import profile_steps
+    from bertforge.commands.bench import profile_steps
     from bertforge.config import preset
 
     cfg = preset("tiny" if smoke else "base", vocab_size=2000 if smoke else 30522)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bertforge.config import RunConfig
-from bertforge.report import read_metrics, unigram_baseline_loss
+from bertforge.commands.report import read_metrics, unigram_baseline_loss
 
 
 def summarise(run_dir: Path, margin: float) -> dict[str, Any]:

@@ -32,16 +32,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertforge.cli import parse_duration
+from bertforge.cli.main import parse_duration
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.data.loader import ShardedSequences, eval_batches
 from bertforge.data.masking import Masker
 from bertforge.data.prepare import prepare
 from bertforge.data.tokenizer import train_tokenizer
-from bertforge.evaluate import EVAL_MASK_SEED, unigram_baseline
-from bertforge.ops import cross_entropy_sum
-from bertforge.pretrain import run_pretrain
-from bertforge.runtime import configure, resolve_precision
+from bertforge.commands.evaluate import EVAL_MASK_SEED, unigram_baseline
+from bertforge.model.ops import cross_entropy_sum
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.train.runtime import configure, resolve_precision
 
 DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
                   / "enwiki-2015-wikiextractor-sample")

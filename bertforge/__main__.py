@@ -2,6 +2,6 @@
 
 import sys
 
-from bertforge.cli import main
+from bertforge.cli.main import main
 
 sys.exit(main())

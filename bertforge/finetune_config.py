@@ -6,7 +6,7 @@ fine-tuning defaults (`FINETUNE_DEFAULTS`); only what is particular to fine-tuni
 field of its own. Evaluation and a checkpoint come once an epoch, so the TrainConfig's
 eval_every and checkpoint_every are set from the epoch length (`train_config`).
 
-Kept apart from bertforge.finetune (which needs torch) so that the CLI can build its
+Kept apart from bertforge.commands.finetune (which needs torch) so that the CLI can build its
 flags from the fields without importing torch.
 """
 

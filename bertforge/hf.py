@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bertforge.checkpoint import load_pickled, load_safetensors, require_finite
+from bertforge.train.checkpoint import load_pickled, load_safetensors, require_finite
 from bertforge.config import ModelConfig, build
 from bertforge.errors import BertforgeError
 from bertforge.fileio import give_usual_mode, make_dir
-from bertforge.model import BertForPreTraining
+from bertforge.model.bert import BertForPreTraining
 from bertforge.paths import replace_owned, require_owned, sibling
 
 log = logging.getLogger("bertforge")
@@ -348,7 +348,7 @@ def classifier_config_to_hf(labels: list[str] | None) -> dict[str, Any]:
 def import_classifier(hf_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """(bertforge BertForSequenceClassification, raw config.json) from a Hugging Face
     BertForSequenceClassification directory, such as `bertforge finetune` exports."""
-    from bertforge.model import BertForSequenceClassification
+    from bertforge.model.bert import BertForSequenceClassification
 
     hf_dir = Path(hf_dir)
     raw = read_hf_config(hf_dir)

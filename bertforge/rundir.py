@@ -10,9 +10,9 @@ from pathlib import Path
 
 import torch
 
-from bertforge import checkpoint as ckpt
+from bertforge.train import checkpoint as ckpt
 from bertforge.config import ModelConfig, RunConfig
-from bertforge.consistency import check_tokenizer_fits
+from bertforge.train.consistency import check_tokenizer_fits
 from bertforge.errors import BertforgeError
 
 CONFIG, TOKENIZER, DATA, CHECKPOINTS, METRICS, HF = (
@@ -36,7 +36,7 @@ def require_run_dir(path: Path) -> Path:
 def load_run_model(run_dir: Path, checkpoint: Path | None = None
                    ) -> tuple[torch.nn.Module, RunConfig, Path]:
     """The BertForPreTraining of a run's newest good checkpoint (or `checkpoint`)."""
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
 
     run_dir = require_run_dir(run_dir)
     cfg = RunConfig.load(run_dir / CONFIG)

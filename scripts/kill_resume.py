@@ -245,7 +245,7 @@ def main() -> int:
         if not failures:
             import torch
 
-            from bertforge.checkpoint import find_latest, load_weights
+            from bertforge.train.checkpoint import find_latest, load_weights
 
             a = load_weights(find_latest(ref / "checkpoints")[0])
             b = load_weights(find_latest(run / "checkpoints")[0])

@@ -29,13 +29,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # a light, steady measurement
 
 import torch  # noqa: E402
 
-from bertforge import checkpoint as ckpt  # noqa: E402
+from bertforge.train import checkpoint as ckpt
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset  # noqa: E402
 from bertforge.data.loader import PretrainBatches, ShardedSequences  # noqa: E402
 from bertforge.data.masking import Masker  # noqa: E402
 from bertforge.data.prepare import prepare  # noqa: E402
 from bertforge.data.tokenizer import train_tokenizer  # noqa: E402
-from bertforge.pretrain import run_pretrain  # noqa: E402
+from bertforge.commands.pretrain import run_pretrain  # noqa: E402
 
 WORDS = ("cat dog bird horse king queen river city garden teacher doctor ship small large red "
          "green old young quiet bright happy dark sees follows finds likes meets paints helps "

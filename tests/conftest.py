@@ -36,7 +36,7 @@ def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
 
 def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
     """Run `bertforge ARGV...` in-process: (exit status, stdout, stderr)."""
-    from bertforge.cli import main
+    from bertforge.cli.main import main
 
     try:
         code = main([str(a) for a in argv])

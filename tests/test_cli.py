@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bertforge.cli import parse_duration
+from bertforge.cli.main import parse_duration
 from conftest import run_cli
 
 
@@ -126,7 +126,7 @@ FLAGS_0_1 = {
 def _flags(command: str) -> set[str]:
     import argparse
 
-    from bertforge.cli import build_parser
+    from bertforge.cli.main import build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return {o for a in sub.choices[command]._actions for o in a.option_strings}
@@ -148,7 +148,7 @@ def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
 def test_bench_json_rows(capsys):
     import json
 
-    from bertforge.runtime import resolve_precision
+    from bertforge.train.runtime import resolve_precision
 
     code, out, err = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2",
                              "--seq-len", "16", "--vocab-size", "500", "--steps", "1",

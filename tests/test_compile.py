@@ -14,13 +14,13 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
-from bertforge import ops
-from bertforge.compiling import CompileCounters, compile_loss
+from bertforge.model import ops
+from bertforge.train.compiling import CompileCounters, compile_loss
 from bertforge.config import TrainConfig
 from bertforge.data.masking import MaskedBatch
-from bertforge.finetune import Batch
-from bertforge.model import BertForSequenceClassification
-from bertforge.pretrain import MLMTask, mlm_loss_sum, pretraining_model
+from bertforge.commands.finetune import Batch
+from bertforge.model.bert import BertForSequenceClassification
+from bertforge.commands.pretrain import MLMTask, mlm_loss_sum, pretraining_model
 
 DEVICE = torch.device("cpu")
 
@@ -146,7 +146,7 @@ def test_training_logits_are_padded_where_the_kernels_want_it(path, width, data_
 
 
 def test_long_gpu_runs_compile_by_default_and_the_flags_decide(monkeypatch):
-    from bertforge import compiling
+    from bertforge.train import compiling
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(compiling, "compiler_available", lambda device: True)
@@ -161,7 +161,7 @@ def test_long_gpu_runs_compile_by_default_and_the_flags_decide(monkeypatch):
 
 
 def test_compile_flags_reach_the_config(tmp_path):
-    from bertforge.cli import build_parser
+    from bertforge.cli.main import build_parser
 
     parser = build_parser()
     for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):

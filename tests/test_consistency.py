@@ -1,4 +1,4 @@
-"""What is loaded is checked against what it is used with (bertforge.consistency), across
+"""What is loaded is checked against what it is used with (bertforge.train.consistency), across
 every command that loads it: optimizer and run state on --resume (pretrain, finetune),
 a tokenizer against its model's config (every command that loads a model), the memory a
 training run needs (pretrain, finetune), a cache record against what it describes.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertforge import consistency
+from bertforge.train import consistency
 from bertforge.config import preset
 from bertforge.errors import BertforgeError
 from conftest import run_cli, write_corpus
@@ -28,7 +28,7 @@ from test_hostile_run import (TINY, classification_files, error_line, hf_dir,  #
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory, one_step_run, classification_files) -> tuple[Path, list]:
     """A one-step fine-tuning run of the tiny model, and its command line."""
-    from bertforge.cli import main
+    from bertforge.cli.main import main
 
     out = tmp_path_factory.mktemp("ft") / "ft"
     argv = ["finetune", str(one_step_run), *map(str, classification_files), "--out", str(out)]

@@ -14,7 +14,7 @@ import types
 import pytest
 from conftest import make_document, run_cli
 
-from bertforge.cli import parse_size
+from bertforge.cli.main import parse_size
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
                                    resolve_corpus)
 from bertforge.errors import BertforgeError
@@ -297,7 +297,7 @@ def test_tokenizer_sample_bytes_feeds_less(tmp_path, monkeypatch, capsys):
 
 
 def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys, monkeypatch):
-    from bertforge import pretrain
+    from bertforge.commands import pretrain
 
     f = tmp_path / "corpus.csv"
     rows = [make_document(random.Random(i)) for i in range(60)]

@@ -30,7 +30,7 @@ def _losses(run) -> list[float]:
 def test_hf_parity_in_fp32_on_cuda():
     transformers = pytest.importorskip("transformers")
     from bertforge.hf import from_hf_state_dict, model_config_from_hf
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
 
     torch.manual_seed(0)
     hf_cfg = transformers.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2,
@@ -53,7 +53,7 @@ def test_hf_parity_in_fp32_on_cuda():
 
 
 def test_bf16_training_falls_and_tracks_fp32(tmp_path, data_dir):
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -72,7 +72,7 @@ def test_sdpa_takes_flash_for_packed_batches_and_the_masked_kernel_for_padded():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from bertforge.config import preset
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
 
     model = BertForPreTraining(preset("tiny", vocab_size=300)).to(CUDA).eval()
     ids = torch.randint(5, 300, (4, 64), device=CUDA)
@@ -90,7 +90,7 @@ def test_sdpa_takes_flash_for_packed_batches_and_the_masked_kernel_for_padded():
 def test_resume_on_cuda_repeats_the_losses(tmp_path, data_dir):
     """Dropout's CUDA generator state is checkpointed; the embedding backward sums with
     atomics on CUDA, so the losses agree to 1e-4, not bit for bit."""
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     cfg = tiny_run_config(max_steps=8, checkpoint_every=4, eval_every=0, device="cuda")
     cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.1
@@ -107,9 +107,9 @@ def test_resume_on_cuda_repeats_the_losses(tmp_path, data_dir):
 def test_a_few_fine_tuning_steps_on_cuda(tmp_path, data_dir):
     from test_finetune import tiny_finetune, write_sst2
 
-    from bertforge.finetune import run_finetune
-    from bertforge.glue import load_glue_task
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.finetune import run_finetune
+    from bertforge.commands.glue import load_glue_task
+    from bertforge.commands.pretrain import run_pretrain
 
     run = tmp_path / "run"
     run_pretrain(run, tiny_run_config(max_steps=3, eval_every=0, device="cuda"),
@@ -126,9 +126,9 @@ def test_fsdp2_in_one_process(tmp_path, data_dir):
     plain process's losses."""
     import torch.distributed as dist
 
-    from bertforge.distributed import Distributed
-    from bertforge.pretrain import MLMTask, pretraining_model
-    from bertforge.train import fit
+    from bertforge.train.distributed import Distributed
+    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.train.loop import fit
 
     cfg = tiny_run_config(max_steps=5, checkpoint_every=5, eval_every=0, device="cuda")
     cfg.model.vocab_size = 200
@@ -156,9 +156,9 @@ def test_host_syncs_per_optimizer_step(data_dir, defer):
     """torch.cuda.set_sync_debug_mode warns at every synchronising call: after warm-up, a
     step of three micro-batches makes exactly one, before its update; with `defer` (the
     training loop's GPU path) none, and one read brings several steps' figures."""
-    from bertforge.optim import build_optimizer
-    from bertforge.pretrain import MLMTask, pretraining_model
-    from bertforge.step import read_steps, train_step
+    from bertforge.train.optim import build_optimizer
+    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.train.step import read_steps, train_step
 
     cfg = tiny_run_config("mlm+nsp", batch_size=12, micro_batch_size=4, device="cuda")
     cfg.model.vocab_size = 200

@@ -155,7 +155,7 @@ import json, sys
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from bertforge.distributed import init_from_env, shutdown
+from bertforge.train.distributed import init_from_env, shutdown
 
 d = init_from_env("ddp", torch.device("cpu"))
 torch.manual_seed(0)
@@ -198,12 +198,12 @@ _FSDP_BF16 = """
 import json, math, sys
 import torch
 import torch.distributed as dist
-from bertforge.bench import synthetic_batch
+from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
-from bertforge.distributed import init_from_env, shutdown
-from bertforge.optim import build_optimizer
-from bertforge.pretrain import mlm_loss_sum, pretraining_model
-from bertforge.step import StepBatch, read_steps, train_step
+from bertforge.train.distributed import init_from_env, shutdown
+from bertforge.train.optim import build_optimizer
+from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.train.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))
 cfg = preset("tiny", vocab_size=200, hidden_size=64, num_attention_heads=2,
@@ -289,9 +289,9 @@ _CHOICE = """
 import json, sys
 from pathlib import Path
 import torch
-from bertforge import checkpoint as ckpt
-from bertforge.distributed import init_from_env, shutdown
-from bertforge.train import _find_checkpoint
+from bertforge.train import checkpoint as ckpt
+from bertforge.train.distributed import init_from_env, shutdown
+from bertforge.train.loop import _find_checkpoint
 
 d = init_from_env("ddp", torch.device("cpu"))
 seen = {0: (Path("step-000020"), {"step": 20}), 1: (Path("step-000010"), {"step": 10})}
@@ -325,7 +325,7 @@ def test_nccl_keeps_its_default_timeout_and_gets_the_device(monkeypatch):
     the wait for rank 0's data is a gloo group with the long one."""
     import torch.distributed as dist
 
-    from bertforge import distributed
+    from bertforge.train import distributed
 
     calls = {}
     monkeypatch.setenv("RANK", "1")
@@ -347,7 +347,7 @@ def test_nccl_keeps_its_default_timeout_and_gets_the_device(monkeypatch):
 def test_gradient_norm_is_exact_for_large_gradients():
     # float32 reductions of one large gradient (the word embeddings) were off by ~1e-4,
     # differently for each sharding, and through clipping FSDP's losses drifted.
-    from bertforge.distributed import Distributed
+    from bertforge.train.distributed import Distributed
 
     torch.manual_seed(0)
     model = torch.nn.Linear(1000, 4000)

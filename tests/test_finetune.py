@@ -14,10 +14,10 @@ import torch
 from bertforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from bertforge.data.labelled import TaskData, load_own_task
 from bertforge.errors import BertforgeError
-from bertforge.finetune import ClassificationTask, Encoded, predict, run_finetune
+from bertforge.commands.finetune import ClassificationTask, Encoded, predict, run_finetune
 from bertforge.finetune_config import FinetuneConfig
-from bertforge.glue import load_glue_task, markdown_table, present_tasks
-from bertforge.metrics import accuracy, f1, matthews, mse, pearson, rank, spearman
+from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
+from bertforge.tasks.scores import accuracy, f1, matthews, mse, pearson, rank, spearman
 from conftest import run_cli
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
@@ -72,7 +72,7 @@ def tiny_finetune(**kw) -> FinetuneConfig:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny pretrained run (a few MLM steps): a bertforge run directory to fine-tune."""
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
                    max_position_embeddings=64)
@@ -271,7 +271,7 @@ class _Scripted(torch.nn.Module):
 
 def test_tokens_count_the_real_tokens_trained_on(sst2_run):
     """`tokens` is real input tokens, padding excluded, as in pretraining."""
-    from bertforge.finetune import load_tokenizer_any
+    from bertforge.commands.finetune import load_tokenizer_any
 
     sst2_run, task_dir = sst2_run
     data = load_glue_task("sst2", task_dir)
@@ -318,7 +318,7 @@ def test_an_earlier_flat_finetune_config_still_reads():
 
 def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
     """A later, worse epoch does not replace the best one's weights."""
-    from bertforge.finetune import load_tokenizer_any
+    from bertforge.commands.finetune import load_tokenizer_any
 
     tok = load_tokenizer_any(tokenizer_dir, 16)
     texts = ["cat", "dog", "bird", "horse"]
@@ -344,7 +344,7 @@ def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
 
 def test_batches_are_a_pure_function_of_the_step(tmp_path, tokenizer_dir):
     """Every example once an epoch; length grouping pads less and keeps that."""
-    from bertforge.finetune import load_tokenizer_any
+    from bertforge.commands.finetune import load_tokenizer_any
 
     tok = load_tokenizer_any(tokenizer_dir, 32)
     rng = random.Random(0)
@@ -451,7 +451,7 @@ def test_finetune_a_transformers_directory_with_only_vocab_txt(tmp_path, tokeniz
 def test_classifier_export_matches_transformers(tmp_path, labels):
     transformers = pytest.importorskip("transformers")
     from bertforge.hf import classifier_config_to_hf, export_model, import_classifier
-    from bertforge.model import BertForSequenceClassification
+    from bertforge.model.bert import BertForSequenceClassification
 
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,

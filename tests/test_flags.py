@@ -11,7 +11,7 @@ import argparse
 
 import pytest
 
-from bertforge.cli import build_parser
+from bertforge.cli.main import build_parser
 from bertforge.config import satisfies
 
 BAD = ("0", "-1", "-5", "nan", "inf")

@@ -9,7 +9,7 @@ from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 from bertforge.hf import (export_model, from_hf_state_dict, import_model, model_config_from_hf,
                           model_config_to_hf, to_hf_state_dict)
-from bertforge.model import BertForPreTraining
+from bertforge.model.bert import BertForPreTraining
 
 transformers = pytest.importorskip("transformers")
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertforge.cli import main
+from bertforge.cli.main import main
 from bertforge.data.loader import verify_data
 from bertforge.errors import BertforgeError
 from conftest import run_cli, write_corpus
@@ -276,7 +276,7 @@ def other_corpus(path: Path) -> Path:
 def stop_before_training(monkeypatch) -> None:
     """As if the run were killed in its first step, before any checkpoint (a start that
     fails before training removes what it built; one that has begun keeps it)."""
-    from bertforge import pretrain
+    from bertforge.commands import pretrain
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -467,7 +467,7 @@ LIMITED = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-from bertforge.cli import main
+from bertforge.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -25,12 +25,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bertforge import checkpoint as ckpt
+from bertforge.train import checkpoint as ckpt
 from bertforge.config import preset
 from bertforge.errors import BertforgeError
 from bertforge.hf import export_model, model_config_from_hf
-from bertforge.model import BertForPreTraining
-from bertforge.pretrain import run_pretrain
+from bertforge.model.bert import BertForPreTraining
+from bertforge.commands.pretrain import run_pretrain
 from conftest import run_cli, tiny_run_config
 
 TINY = ["--preset", "tiny", "--max-position-embeddings", "64", "--seq-len", "32",
@@ -64,7 +64,7 @@ def one_thread(monkeypatch):
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory, data_dir) -> Path:
     """A finished run with one checkpoint (step 1) and its export."""
-    from bertforge.cli import main
+    from bertforge.cli.main import main
 
     run = tmp_path_factory.mktemp("one-step") / "run"
     argv = [str(a) for a in pretrain(data_dir, run, "--max-steps", "1")]
@@ -215,7 +215,7 @@ LIMITED_CLI = """
 import resource, signal, sys
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
 resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
-from bertforge.cli import main
+from bertforge.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -316,7 +316,7 @@ def test_a_killed_holder_releases_the_run_directory(tmp_path, data_dir, capsys):
     it. A kill -9 of the first leaves its lock file, which holds no one off: the kernel
     dropped the lock with the process."""
     run = tmp_path / "run"
-    slow = ("import sys, time\nfrom bertforge import pretrain\nfrom bertforge.cli import main\n"
+    slow = ("import sys, time\nfrom bertforge.commands import pretrain\nfrom bertforge.cli.main import main\n"
             "real = pretrain.MLMTask.batch\npretrain.MLMTask.batch = "
             "lambda self, step: time.sleep(0.5) or real(self, step)\n"
             "sys.exit(main(sys.argv[1:]))")
@@ -531,8 +531,8 @@ def test_an_out_that_is_not_utf8_is_refused_before_any_work(tmp_path, data_dir, 
 SLOW_EVAL_CLI = """
 import sys, time
 from pathlib import Path
-from bertforge import evaluate
-from bertforge.cli import main
+from bertforge.commands import evaluate
+from bertforge.cli.main import main
 evaluate.EVAL_BATCH_SIZE = 1  # one held-out sequence a batch, each a second
 real = evaluate.cross_entropy_and_hits
 def slow(*args):
@@ -587,7 +587,7 @@ def test_a_config_file_is_checked_with_the_preset_under_it(tmp_path, data_dir, c
 
 def test_an_unforeseen_os_error_is_one_line(tmp_path, capsys, monkeypatch):
     """The last resort: an OSError no check caught still ends in one line, exit 2."""
-    from bertforge import cli
+    from bertforge.cli import main as cli
 
     def fail(args):
         raise OSError(28, "No space left on device", str(tmp_path / "x"))

@@ -14,7 +14,7 @@ from conftest import run_cli
 
 from bertforge.config import RunConfig
 from bertforge.data.tokenizer import tokenizer_hash, train_tokenizer
-from bertforge.pretrain import MLMTask
+from bertforge.commands.pretrain import MLMTask
 
 transformers = pytest.importorskip("transformers")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bertforge.cli import main
+from bertforge.cli.main import main
 
 
 def test_pretrain_corpus_on_wikipedia_slice(tmp_path, shared_corpus, capsys):

@@ -31,7 +31,7 @@ def patched(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGTERM)
     return real(*args, **kwargs)
 setattr(owner, name, patched)
-from bertforge.cli import main
+from bertforge.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -62,7 +62,7 @@ def test_sigterm_exits_143_in_one_line_and_removes_partial_output_and_lock(
 @pytest.fixture(scope="module")
 def bad_init(tmp_path_factory) -> Path:
     """A model directory whose config and tokenizer are fine and whose weights are not."""
-    from bertforge.cli import main
+    from bertforge.cli.main import main
 
     root = tmp_path_factory.mktemp("init")
     corpus = write_corpus(root / "c.txt", documents=40)
@@ -121,7 +121,7 @@ def test_a_wandb_project_name_wandb_refuses_is_refused_before_the_run_directory(
 def test_the_wandb_hint_suggests_offline_only_when_it_is_not(mode, hint, tmp_path,
                                                              monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from bertforge import tracking
+    from bertforge.train import tracking
     from bertforge.errors import BertforgeError
 
     def refuse(**kwargs):
@@ -162,8 +162,8 @@ def test_a_resume_cannot_shorten_a_run_below_its_warmup(data_dir, tmp_path, caps
 @pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_second_signal_during_training_exits_128_plus_its_number(signum, code, monkeypatch,
                                                                      capsys):
-    from bertforge import cli
-    from bertforge.train import _SignalFlag
+    from bertforge.cli import main as cli
+    from bertforge.train.loop import _SignalFlag
 
     def second_signal(args):
         with _SignalFlag() as flag:

@@ -1,4 +1,4 @@
-"""The GPU kernels of bertforge.ops, run on the CPU: they must agree with the CPU ones.
+"""The GPU kernels of bertforge.model.ops, run on the CPU: they must agree with the CPU ones.
 
 `ops.use_kernels("gpu")` takes the paths a CUDA run takes (SDPA, F.dropout,
 F.cross_entropy, _foreach_norm) on CPU tensors, so everything but the CUDA kernels
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertforge import ops
+from bertforge.model import ops
 from bertforge.config import preset
-from bertforge.model import BertForPreTraining
+from bertforge.model.bert import BertForPreTraining
 
 
 def _qkv(seed: int, dtype: torch.dtype = torch.float64):
@@ -112,7 +112,7 @@ def test_a_run_on_the_gpu_kernels_trains(tmp_path, data_dir):
 
     from conftest import tiny_run_config
 
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     cfg = tiny_run_config(eval_every=0)
     cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.1

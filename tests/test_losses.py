@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bertforge.ops import cross_entropy_sum
+from bertforge.model.ops import cross_entropy_sum
 
 
 def _logits(n: int = 101, v: int = 3000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ def test_sparse_mlm_loss_equals_dense_loss_in_fp32():
     # The loss bertforge trains on (decoder at the masked positions only) against the
     # dense loss transformers computes (logits everywhere, labels -100 elsewhere).
     from bertforge.config import preset
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
 
     torch.manual_seed(0)
     model = BertForPreTraining(preset("tiny", vocab_size=500)).eval()

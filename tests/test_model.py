@@ -1,10 +1,10 @@
-"""bertforge.model: shapes, sparse == dense MLM, padding, tying, bf16, parameter count."""
+"""bertforge.model.bert: shapes, sparse == dense MLM, padding, tying, bf16, parameter count."""
 
 import pytest
 import torch
 
 from bertforge.config import ModelConfig, preset
-from bertforge.model import (BertForPreTraining, BertForSequenceClassification, BertModel,
+from bertforge.model.bert import (BertForPreTraining, BertForSequenceClassification, BertModel,
                              num_parameters)
 
 B, T = 3, 10
@@ -152,7 +152,7 @@ def test_base_preset_has_bert_base_parameter_count():
 
 
 def test_cpu_dropout_rate_scale_gradient_and_seeding():
-    from bertforge.ops import dropout
+    from bertforge.model.ops import dropout
 
     x = torch.ones(500, 1000, requires_grad=True)
     torch.manual_seed(5)
@@ -173,7 +173,7 @@ def test_cpu_dropout_rate_scale_gradient_and_seeding():
 def test_under_autocast_the_residual_stream_stays_bf16():
     """No fp32 round trip between layers: each layer gets and returns bf16 activations,
     and the loss stays within bf16 rounding of fp32's."""
-    from bertforge.ops import cross_entropy_sum
+    from bertforge.model.ops import cross_entropy_sum
 
     cfg = preset("tiny", vocab_size=300, hidden_size=64, num_attention_heads=2,
                  intermediate_size=128, hidden_dropout_prob=0.0,

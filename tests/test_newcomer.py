@@ -269,7 +269,7 @@ def modes(directory: Path) -> dict[str, int]:
 
 def tiny_model(tokenizer_dir: Path):
     from bertforge.config import ModelConfig
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
 
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     torch.manual_seed(0)
@@ -286,7 +286,7 @@ def test_exported_files_have_the_usual_mode(tmp_path, tokenizer_dir, umask_022):
 
 
 def test_checkpoint_files_have_the_usual_mode(tmp_path, tokenizer_dir, umask_022):
-    from bertforge.checkpoint import model_state, save_checkpoint
+    from bertforge.train.checkpoint import model_state, save_checkpoint
 
     model = tiny_model(tokenizer_dir)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -18,7 +18,7 @@ from bertforge.config import RunConfig
 from bertforge.data.loader import ShardedSequences
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import IGNORE, PairBuilder, PairedMasker, pair_kind
-from bertforge.pretrain import MLMTask, run_pretrain
+from bertforge.commands.pretrain import MLMTask, run_pretrain
 
 SPECIAL = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
 FIRST_ID = 10
@@ -243,7 +243,7 @@ def test_task_has_two_loss_terms_each_with_its_count(objective, data_dir):
     assert count == {"mlm": micro.targets.numel(), kind: int((labels != IGNORE).sum())}
     assert count[kind] >= 12 and micro.token_type_ids is not None
     torch.manual_seed(0)
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
     model = BertForPreTraining(cfg.model)
     sums, extra = task.loss_sum(model, micro)
     mlm_logits, pair_logits = model(micro.input_ids, micro.token_type_ids,
@@ -310,7 +310,7 @@ def test_pretrain_objective_end_to_end(objective, tmp_path, data_dir, capsys):
 
     model, cfg, _ = load_run_model(run)
     torch.manual_seed(cfg.train.seed)
-    from bertforge.model import BertForPreTraining
+    from bertforge.model.bert import BertForPreTraining
     initial = BertForPreTraining(cfg.model).seq_relationship.weight
     assert not torch.allclose(model.seq_relationship.weight, initial)  # the head trained
     hf = transformers.BertForPreTraining.from_pretrained(run / "hf").eval()

@@ -178,7 +178,7 @@ def test_kinds_are_known_by_marker_or_layout(tmp_path, world):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
     """A corpus, its tokenizer and data, a 2-step tiny run and its export."""
-    from bertforge.cli import main
+    from bertforge.cli.main import main
 
     root = tmp_path_factory.mktemp("tiny")
     corpus = write_corpus(root / "c.txt", documents=60)
@@ -301,7 +301,7 @@ def exchange(a, b):
     os._exit(137)
 fileio._exchange = exchange
 fileio._between_renames = lambda: os._exit(137)
-from bertforge.cli import main
+from bertforge.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 

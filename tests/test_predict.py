@@ -7,7 +7,7 @@ import io
 import json
 import sys
 
-from bertforge import cli_downstream
+from bertforge.cli import downstream as cli_downstream
 from conftest import run_cli
 from test_consistency import finetuned  # noqa: F401
 from test_hostile_run import classification_files, one_step_run, one_thread  # noqa: F401
@@ -60,7 +60,7 @@ def test_inputs_stream_a_chunk_at_a_time_with_progress(tmp_path, capsys, monkeyp
                                                        finetuned):
     monkeypatch.setattr(cli_downstream, "PREDICT_CHUNK", 4)
     seen: list[int] = []
-    from bertforge.finetune import Predictor
+    from bertforge.commands.finetune import Predictor
 
     call = Predictor.__call__
     monkeypatch.setattr(Predictor, "__call__",

@@ -266,7 +266,7 @@ def parts(corpus, tokenizer_dir, tmp_path_factory):
 
 
 def run_cli_plain(*argv) -> int:
-    from bertforge.cli import main
+    from bertforge.cli.main import main
     return main([str(a) for a in argv])
 
 

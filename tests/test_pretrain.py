@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_run_config
 
 from bertforge.config import RunConfig
-from bertforge.pretrain import run_pretrain
+from bertforge.commands.pretrain import run_pretrain
 from bertforge.rundir import load_run_model
 
 
@@ -60,8 +60,8 @@ def test_checkpoint_and_export_hold_what_was_trained(tmp_path, data_dir):
     """The model in memory at the end of `fit`, its checkpoint and its export give the
     same logits."""
     from bertforge.hf import export_model, import_model
-    from bertforge.pretrain import MLMTask, pretraining_model
-    from bertforge.train import fit
+    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.train.loop import fit
 
     cfg = tiny_config(max_steps=3, eval_every=0)
     cfg.model.vocab_size = 200
@@ -131,7 +131,7 @@ def _with_dropout(cfg: RunConfig) -> RunConfig:
 
 
 def test_bf16_tracks_fp32(tmp_path, data_dir):
-    from bertforge.runtime import resolve_precision
+    from bertforge.train.runtime import resolve_precision
 
     if resolve_precision("auto", torch.device("cpu")) is None:
         pytest.skip("this CPU has no native bf16")

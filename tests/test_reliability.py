@@ -25,11 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bertforge import checkpoint as ckpt
-from bertforge.cli import main
+from bertforge.train import checkpoint as ckpt
+from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
-from bertforge.pretrain import MLMTask
+from bertforge.commands.pretrain import MLMTask
 from conftest import run_cli
 
 STEPS = 20
@@ -48,8 +48,8 @@ def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
 # `python -c` with this runs the CLI with a sleep before each step.
 SLOW_CLI = """
 import sys, time
-from bertforge import pretrain
-from bertforge.cli import main
+from bertforge.commands import pretrain
+from bertforge.cli.main import main
 real = pretrain.MLMTask.batch
 def slow(self, step):
     time.sleep({delay})
@@ -463,7 +463,7 @@ def test_nan_skip_drops_the_update_and_counts_it(tmp_path, data_dir, capsys, mon
 
 def _defer_reads(monkeypatch) -> None:
     """The GPU path on the CPU: steps' figures read only where the host needs them."""
-    import bertforge.train as train
+    import bertforge.train.loop as train
 
     monkeypatch.setattr(train, "defer_host_reads", lambda device: True)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from bertforge.cli import main
+from bertforge.cli.main import main
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.errors import BertforgeError
-from bertforge.report import build_figure, write_report
+from bertforge.commands.report import build_figure, write_report
 
 pytest.importorskip("matplotlib")
 
@@ -19,7 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, data_dir) -> Path:
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
                    max_position_embeddings=64)
@@ -71,7 +71,7 @@ def test_report_error_is_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def odd_run(tmp_path_factory, data_dir) -> Path:
     """5 steps logged every 2: the last training line is step 4, the final evaluation step 5."""
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
     from conftest import tiny_run_config
 
     out = tmp_path_factory.mktemp("report-odd") / "run"
@@ -93,7 +93,7 @@ def test_report_names_the_step_of_each_figure(odd_run):
 
 
 def test_report_sets_the_held_out_loss_against_the_unigram_baseline(odd_run):
-    from bertforge.evaluate import evaluate_run
+    from bertforge.commands.evaluate import evaluate_run
 
     baseline = evaluate_run(odd_run)["unigram_baseline_loss"]  # the same masked tokens
     text = (odd_run / "report" / "report.md").read_text()
@@ -103,8 +103,8 @@ def test_report_sets_the_held_out_loss_against_the_unigram_baseline(odd_run):
 
 
 def test_every_plot_says_what_its_y_axis_measures(odd_run, tmp_path, monkeypatch):
-    from bertforge import report
-    from bertforge.evaluate import evaluate_run
+    from bertforge.commands import report
+    from bertforge.commands.evaluate import evaluate_run
 
     figures = []
     monkeypatch.setattr(report, "build_figure", lambda panels: figures.append(
@@ -128,7 +128,7 @@ def test_every_plot_says_what_its_y_axis_measures(odd_run, tmp_path, monkeypatch
 
 
 def test_fine_tuning_report_labels(tmp_path, monkeypatch):
-    from bertforge import report
+    from bertforge.commands import report
 
     lines = [{"kind": "train", "step": s, "loss": 0.7, "lr": 1e-4, "tokens": 64 * s,
               "tokens_per_s": 1000.0, "elapsed_s": float(s), "epoch": s / 4} for s in (1, 2)]
@@ -152,7 +152,7 @@ def test_fine_tuning_report_labels(tmp_path, monkeypatch):
 
 
 def test_plot_ranges_are_set_by_the_curve_not_by_step_one_or_noise():
-    from bertforge.report import robust_range
+    from bertforge.commands.report import robust_range
 
     # Step 1's loss of 10.4 does not set the range: the plateau and the fall below it do.
     losses = [10.4, 9.1, 8.0] + [7.5 - 0.001 * i for i in range(40)]
@@ -165,7 +165,7 @@ def test_plot_ranges_are_set_by_the_curve_not_by_step_one_or_noise():
 
 def test_a_time_budget_runs_lr_plot_says_it_follows_training_time(tmp_path):
     from bertforge.config import RunConfig, TrainConfig
-    from bertforge.report import plot_panels
+    from bertforge.commands.report import plot_panels
 
     RunConfig(train=TrainConfig(time_budget=600.0)).save(tmp_path / "config.yaml")
     train = [{"kind": "train", "step": s, "loss": 7.0, "lr": 1e-3, "tokens_per_s": 1.0}

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from bertforge import runtime
+from bertforge.train import runtime
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's <malloc.h>
 
@@ -61,7 +61,7 @@ def test_configure_tunes_the_cpu_only(libc, monkeypatch):
 # from a fresh mmap that would be faulted in again after every free.
 _PROBE = """
 import ctypes, torch
-from bertforge.runtime import configure
+from bertforge.train.runtime import configure
 configure(torch.device("cpu"))
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
@@ -119,7 +119,7 @@ def test_the_cpu_micro_batch_default_is_unchanged(monkeypatch):
 
 def test_pretraining_resolves_the_micro_batch_per_rank(monkeypatch):
     from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
-    from bertforge.pretrain import micro_batch_for, pretraining_model
+    from bertforge.commands.pretrain import micro_batch_for, pretraining_model
 
     cfg = RunConfig(model=preset("mini"), data=DataConfig(seq_len=128),
                     train=TrainConfig(batch_size=512))

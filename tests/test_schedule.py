@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from bertforge.config import RunConfig, TrainConfig, build
 from bertforge.errors import BertforgeError
-from bertforge.optim import MIN_WARMUP_STEPS, lr_at, progress
+from bertforge.train.optim import MIN_WARMUP_STEPS, lr_at, progress
 
 
 def test_warmup_in_steps_is_linear_then_decays_to_zero():
@@ -84,7 +84,7 @@ def test_the_old_warmup_spelling_still_reads(old, new):
 
 
 def test_cli_warmup_flags(tmp_path, data_dir, capsys):
-    from bertforge.cli import build_parser, resolve_config
+    from bertforge.cli.main import build_parser, resolve_config
 
     def train(*flags):
         args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", *flags])

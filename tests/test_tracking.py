@@ -22,8 +22,8 @@ from conftest import run_cli, tiny_run_config
 
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
-from bertforge.pretrain import run_pretrain
-from bertforge.tracking import (WANDB_STATE, _reachable, _wandb_mode, check_available,
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.train.tracking import (WANDB_STATE, _reachable, _wandb_mode, check_available,
                                 open_trackers, scalars)
 
 TRAIN_KEYS = ["loss", "lr", "grad_norm", "tokens_per_s"]
@@ -189,7 +189,9 @@ def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, ca
     next run in the process starts its own; a run the caller opened is refused."""
     import wandb
 
-    from bertforge import tracking, train
+    from bertforge.train import tracking
+
+    from bertforge.train import loop as train
 
     calls, exit_codes = [], []
 
@@ -288,7 +290,7 @@ def test_run_without_flags_imports_neither(tmp_path, data_dir):
         "import sys\n"
         "from pathlib import Path\n"
         "from conftest import tiny_run_config\n"
-        "from bertforge.pretrain import run_pretrain\n"
+        "from bertforge.commands.pretrain import run_pretrain\n"
         f"run_pretrain(Path({str(tmp_path / 'run')!r}), tiny_run_config(max_steps=2),\n"
         f"             data_dir=Path({str(data_dir)!r}), show_progress=False)\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard')\n"
@@ -304,7 +306,7 @@ def test_wandb_mode_is_decided_without_prompt_or_wait(monkeypatch):
     logged_in = SimpleNamespace(login=lambda prompt, verify: True)
     no_key = SimpleNamespace(login=lambda prompt, verify: False)
     reached = []
-    monkeypatch.setattr("bertforge.tracking._reachable",
+    monkeypatch.setattr("bertforge.train.tracking._reachable",
                         lambda host, port: reached.append((host, port)) or True)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert _wandb_mode(logged_in) == ("disabled", "")
@@ -318,7 +320,7 @@ def test_wandb_mode_is_decided_without_prompt_or_wait(monkeypatch):
     monkeypatch.setenv("WANDB_BASE_URL", "http://localhost:8080")
     assert _wandb_mode(logged_in) == ("online", "")
     assert reached == [("api.wandb.ai", 443)] * 2 + [("localhost", 8080)]
-    monkeypatch.setattr("bertforge.tracking._reachable", lambda host, port: False)
+    monkeypatch.setattr("bertforge.train.tracking._reachable", lambda host, port: False)
     assert _wandb_mode(logged_in) == ("offline", "localhost cannot be reached")
 
 

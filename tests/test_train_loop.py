@@ -12,14 +12,14 @@ import torch
 from conftest import tiny_run_config
 from torch.overrides import TorchFunctionMode
 
-from bertforge import checkpoint as ckpt
-from bertforge import ops
+from bertforge.train import checkpoint as ckpt
+from bertforge.model import ops
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
-from bertforge.optim import build_optimizer
-from bertforge.pretrain import MLMTask, pretraining_model, run_pretrain
-from bertforge.step import StepBatch, read_steps, skips_on_device, train_step
-from bertforge.train import TrainState, fit
+from bertforge.train.optim import build_optimizer
+from bertforge.commands.pretrain import MLMTask, pretraining_model, run_pretrain
+from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
+from bertforge.train.loop import TrainState, fit
 
 # Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
@@ -131,7 +131,7 @@ def test_a_deferred_non_finite_update_is_dropped_on_the_device(data_dir):
 def test_deferred_reads_log_the_same_run(tmp_path, data_dir, monkeypatch):
     """A run that reads only to log, checkpoint and end writes the metrics and the
     checkpoints of one that reads every step."""
-    import bertforge.train as train
+    import bertforge.train.loop as train
 
     reads = []
     real = train.read_steps
@@ -193,7 +193,7 @@ def test_shards_pickle_as_paths(data_dir):
 def test_prefetch_workers_started_by_spawn(data_dir):
     """Python 3.14 starts workers by forkserver: the task is pickled into them, as with
     spawn here, and the batches are those built in this process."""
-    from bertforge.step import prefetch
+    from bertforge.train.step import prefetch
 
     cfg = tiny_run_config(max_steps=2, micro_batch_size=8, num_workers=1)
     task = MLMTask(cfg, data_dir, torch.device("cpu"))
@@ -239,7 +239,8 @@ def test_train_state_round_trips_with_the_rng():
 
 def test_bench_times_the_training_step(monkeypatch):
     """`bertforge bench` runs train_step itself, not a copy of it."""
-    from bertforge import bench, step
+    from bertforge.commands import bench
+    from bertforge.train import step
     from bertforge.config import preset
 
     calls = []
@@ -306,8 +307,8 @@ def test_a_non_finite_gradient_never_reaches_the_weights(tmp_path, grad_clip):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_logged_and_evaluated_held_out_loss_agree(tmp_path, data_dir, precision):
-    from bertforge.evaluate import evaluate_run
-    from bertforge.runtime import resolve_precision
+    from bertforge.commands.evaluate import evaluate_run
+    from bertforge.train.runtime import resolve_precision
 
     if precision == "bf16" and resolve_precision("auto", torch.device("cpu")) is None:
         pytest.skip("this CPU has no native bf16")

@@ -11,7 +11,7 @@ import pytest
 
 from bertforge.data.labelled import load_own_task
 from bertforge.errors import BertforgeError
-from bertforge.glue import GLUE_TASKS, load_glue_task
+from bertforge.commands.glue import GLUE_TASKS, load_glue_task
 from conftest import run_cli
 from test_finetune import write_sst2
 from test_hostile_run import (classification_files, error_line, hf_dir,  # noqa: F401

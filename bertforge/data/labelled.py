@@ -56,7 +56,7 @@ class TaskData:
     train: Examples
     validation: dict[str, Examples]  # {"": dev} or e.g. {"matched": ..., "mismatched": ...}
     labels: list[str] | None  # class names in id order; None for regression
-    metrics: tuple[str, ...]  # computed on every validation split (bertforge.metrics names)
+    metrics: tuple[str, ...]  # computed on every validation split (bertforge.tasks.scores names)
     score: tuple[str, ...]  # averaged (over them and over the splits) into the headline score
 
     @property

@@ -102,7 +102,7 @@ class MaskedBatch:
     # (B,) int64 for NSP/SOP: 0 = B follows A, 1 = it does not; -100 = no pair (ignored)
     next_sentence_label: torch.Tensor | None = None
 
-    # What changes from batch to batch, for torch.compile (bertforge.compiling): the
+    # What changes from batch to batch, for torch.compile (bertforge.train.compiling): the
     # number of masked tokens. (B, T) stay; an epoch's padded last batch is a graph apart.
     DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {"masked_positions": (0,),
                                                           "targets": (0,)}

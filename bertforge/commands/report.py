@@ -5,7 +5,7 @@ rate, tokens/s) and fine-tuning outputs alike (their eval lines hold the task's 
 instead). Every figure in report.md names the step it is from (a run's last logged
 training step is often not its last step, where the final evaluation is), and every plot's
 y axis says what it measures, in which unit. A pretraining run's held-out loss is set
-against the unigram-frequency baseline (`bertforge.evaluate.unigram_baseline`) on the same
+against the unigram-frequency baseline (`bertforge.commands.evaluate.unigram_baseline`) on the same
 masked tokens as the run's own evaluation, so report.md and `bertforge evaluate` agree.
 
 Plots use matplotlib's object-oriented API on the Agg canvas: no display, no pyplot global
@@ -190,7 +190,7 @@ def unigram_baseline_loss(run_dir: Path) -> float | None:
     pretraining run or whose data is not at hand."""
     from bertforge.data.loader import ShardedSequences
     from bertforge.data.masking import build_masker
-    from bertforge.evaluate import unigram_baseline
+    from bertforge.commands.evaluate import unigram_baseline
 
     run_dir = Path(run_dir)
     if not (run_dir / rundir.CONFIG).is_file():

@@ -1,6 +1,6 @@
 """The downstream commands: finetune, predict, glue and report.
 
-`add_commands` adds them to the `bertforge` parser (bertforge.cli). Fine-tuning flags
+`add_commands` adds them to the `bertforge` parser (bertforge.cli.main). Fine-tuning flags
 are generated from `FinetuneConfig`'s fields, as pretraining's are from TrainConfig's.
 """
 
@@ -34,7 +34,7 @@ def _finetune_config(args: argparse.Namespace) -> tuple[FinetuneConfig, dict[str
 
 def _task_data(args: argparse.Namespace) -> Any:
     from bertforge.data.labelled import load_own_task
-    from bertforge.glue import load_glue_task
+    from bertforge.commands.glue import load_glue_task
 
     if args.train or args.validation:
         if not (args.train and args.validation):
@@ -54,7 +54,7 @@ def _task_data(args: argparse.Namespace) -> Any:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from bertforge.finetune import run_finetune
+    from bertforge.commands.finetune import run_finetune
 
     check_paths([(flag, v) for flag, v in (("model", args.model), ("--data-dir", args.data_dir),
                                            ("--train", args.train),
@@ -71,7 +71,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from bertforge.finetune import Predictor
+    from bertforge.commands.finetune import Predictor
 
     check_paths([("model_dir", args.model_dir), ("--input", args.input)],
                 [Output("--output", args.output, "file")] if args.output else [])
@@ -126,7 +126,7 @@ def stream_predictions(args: argparse.Namespace, predictor: Any, out: TextIO) ->
 
 
 def cmd_glue(args: argparse.Namespace) -> int:
-    from bertforge.glue import markdown_table, run_glue
+    from bertforge.commands.glue import markdown_table, run_glue
 
     cfg, _ = _finetune_config(args)
     out = Path(args.out) if args.out else Path(str(Path(args.model)).rstrip("/") + "-glue")
@@ -143,8 +143,8 @@ def cmd_glue(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from bertforge import rundir
-    from bertforge.finetune import SPEC
-    from bertforge.report import REPORT, write_report
+    from bertforge.commands.finetune import SPEC
+    from bertforge.commands.report import REPORT, write_report
 
     # What it reads is the run's record, not the whole directory: its report goes inside.
     check_paths([("run_dir", Path(args.run_dir) / name)
@@ -156,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any, add_fields: Any, add_legacy_warmup: Any) -> None:
-    """Add the downstream subcommands; add_fields is bertforge.cli's flag generator."""
+    """Add the downstream subcommands; add_fields is bertforge.cli.main's flag generator."""
     own_fields = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name != "train"]
     train_fields = [f.name for f in dataclasses.fields(TrainConfig)
                     if f.name not in NOT_FOR_FINETUNING]

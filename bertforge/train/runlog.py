@@ -22,8 +22,8 @@ from typing import Any
 
 from bertforge.config import TrainConfig
 from bertforge.fileio import append_text, write_text_atomic
-from bertforge.optim import progress
-from bertforge.step import StepResult
+from bertforge.train.optim import progress
+from bertforge.train.step import StepResult
 
 
 class MetricsLog:
@@ -104,7 +104,7 @@ class RunLog:
     def __init__(self, run_dir: Path, cfg: TrainConfig, start_step: int, resumed: bool,
                  enabled: bool, show_progress: bool, name: str, elapsed: float,
                  run_config: dict[str, Any] | None = None):
-        from bertforge.tracking import open_trackers
+        from bertforge.train.tracking import open_trackers
 
         self.cfg = cfg
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resumed else None,

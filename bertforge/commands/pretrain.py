@@ -23,31 +23,31 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import paths, rundir
-from bertforge.checkpoint import load_model_weights, remove_partial
+from bertforge.train.checkpoint import load_model_weights, remove_partial
 from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig, TrainConfig
-from bertforge.consistency import check_training_fits
+from bertforge.train.consistency import check_training_fits
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
 from bertforge.data.loader import PretrainBatches, ShardedSequences, as_dirs
 from bertforge.data.masking import MaskedBatch, build_masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
 from bertforge.data.readers import quote
 from bertforge.data.tokenizer import copy_tokenizer, load_tokenizer, special_token_ids
-from bertforge.distributed import Distributed
+from bertforge.train.distributed import Distributed
 from bertforge.errors import BertforgeError
-from bertforge.evaluate import heldout_metrics
+from bertforge.commands.evaluate import heldout_metrics
 from bertforge.fileio import hold_lock, require_utf8, write_text_atomic
-from bertforge.model import BertForPreTraining
+from bertforge.model.bert import BertForPreTraining
 from bertforge.paths import Undo, make_marked, replace_owned, require_owned
-from bertforge.ops import cross_entropy_and_hits
-from bertforge.runtime import (
+from bertforge.model.ops import cross_entropy_and_hits
+from bertforge.train.runtime import (
     configure,
     default_micro_batch,
     resolve_device,
     resolve_precision,
     training_memory,
 )
-from bertforge.step import StepBatch
-from bertforge.train import fit
+from bertforge.train.step import StepBatch
+from bertforge.train.loop import fit
 
 # Train-config fields a resume may change; everything else is forced from config.yaml.
 # max_steps and time_budget only where the schedule does not depend on them
@@ -166,7 +166,7 @@ def build_data(run_dir: Path, corpus: list[str], vocab_size: int, lowercase: boo
     shape the result. Where that changed, what it shaped is rebuilt while the run has no
     checkpoint yet, and refused (naming the change) once it has one.
     """
-    from bertforge.checkpoint import any_checkpoint
+    from bertforge.train.checkpoint import any_checkpoint
     from bertforge.data.corpus import resolve_corpus
     from bertforge.data.prepare import prepare
     from bertforge.data.tokenizer import tokenizer_hash, train_tokenizer
@@ -442,8 +442,8 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
     calls this: rank 0 prepares the run directory (config, data, tokenizer) while the
     others wait, then all train; rank 0 alone writes.
     """
-    from bertforge.distributed import init_from_env, launched, shutdown
-    from bertforge.tracking import check_available
+    from bertforge.train.distributed import init_from_env, launched, shutdown
+    from bertforge.train.tracking import check_available
 
     check_available(cfg.train)  # a missing tracker package, before any work
     run_dir = Path(run_dir)
@@ -641,7 +641,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
 def micro_batch_for(cfg: RunConfig, model: torch.nn.Module, device: torch.device,
                     world_size: int) -> int:
     """The default micro-batch: the whole per-rank batch on a GPU where it fits in
-    memory (estimated), else DEFAULT_MICRO_BATCH (bertforge.runtime)."""
+    memory (estimated), else DEFAULT_MICRO_BATCH (bertforge.train.runtime)."""
     m, per_rank = cfg.model, max(cfg.train.batch_size // world_size, 1)
     fixed, per_sequence = training_memory(
         sum(p.numel() for p in model.parameters()), m.num_hidden_layers, m.hidden_size,
@@ -652,7 +652,7 @@ def micro_batch_for(cfg: RunConfig, model: torch.nn.Module, device: torch.device
 
 def write_run_report(run_dir: Path) -> None:
     """Plots and report.md in RUN_DIR/report; a missing matplotlib only warns."""
-    from bertforge.report import write_report
+    from bertforge.commands.report import write_report
 
     try:
         out = write_report(run_dir)

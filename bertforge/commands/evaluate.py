@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from bertforge.data.loader import ShardedSequences, eval_batches, verify_data
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
-from bertforge.ops import cross_entropy_and_hits
-from bertforge.runtime import autocast
+from bertforge.model.ops import cross_entropy_and_hits
+from bertforge.train.runtime import autocast
 
 EVAL_MASK_SEED = 20181011  # the day BERT appeared on arXiv
 EVAL_BATCH_SIZE = 64  # sequences per forward pass, in training's evaluation and `evaluate`
@@ -147,7 +147,7 @@ def evaluate_run(run_dir: Path, data: list[Path] | None = None, split: str = "va
     from bertforge import rundir
     from bertforge.data.masking import build_masker
     from bertforge.errors import BertforgeError
-    from bertforge.runtime import configure, resolve_device, resolve_precision
+    from bertforge.train.runtime import configure, resolve_device, resolve_precision
 
     model, cfg, _ = rundir.load_run_model(Path(run_dir), checkpoint)
     # One data directory or several (--data DIR --data DIR, or the run's list).

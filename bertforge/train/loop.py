@@ -3,13 +3,13 @@
 - `TrainState`: what a checkpoint restores besides the weights and the optimizer: step,
   tokens, training time, skipped steps and the RNG. The data position is the step itself,
   because batches are a pure function of the step.
-- `fit`: prefetched batches go through `train_step` (bertforge.step: accumulation,
+- `fit`: prefetched batches go through `train_step` (bertforge.train.step: accumulation,
   normalisation, clipping, the NaN policy, the update); the loop around it decides when
   to log, evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT: after
   the step it came in, or, during an evaluation (which changes no weight), at once.
 
 Host syncs: on the CPU once a step, inside `train_step` before the update. On a GPU the
-steps run ahead without one (a non-finite update is dropped on the device, bertforge.step)
+steps run ahead without one (a non-finite update is dropped on the device, bertforge.train.step)
 and the loop reads the queued steps' figures in one transfer only where the host needs
 them: a logging, evaluation or checkpoint step, the last step, a stop signal (under
 torchrun, checked at those reads), and every step under torchrun with a time budget,
@@ -34,17 +34,17 @@ from typing import Any
 
 import torch
 
-from bertforge import checkpoint as ckpt
-from bertforge.compiling import compile_loss, ordered_scatter, should_compile
+from bertforge.train import checkpoint as ckpt
+from bertforge.train.compiling import compile_loss, ordered_scatter, should_compile
 from bertforge.config import TrainConfig
-from bertforge.consistency import check_optimizer_state
-from bertforge.distributed import Distributed
+from bertforge.train.consistency import check_optimizer_state
+from bertforge.train.distributed import Distributed
 from bertforge.errors import BertforgeError, Interrupted, NonFiniteStep, Terminated
 from bertforge.fileio import make_dir
-from bertforge.optim import build_optimizer, lr_at
-from bertforge.runlog import RunLog
-from bertforge.runtime import autocast, defer_host_reads
-from bertforge.step import (
+from bertforge.train.optim import build_optimizer, lr_at
+from bertforge.train.runlog import RunLog
+from bertforge.train.runtime import autocast, defer_host_reads
+from bertforge.train.step import (
     PendingStep,
     StepResult,
     Task,

@@ -2,7 +2,7 @@
 
 What is notable here:
 
-- One fused QKV projection per layer. Attention and dropout go through `bertforge.ops`,
+- One fused QKV projection per layer. Attention and dropout go through `bertforge.model.ops`,
   which picks the kernel for the tensor's device (SDPA and F.dropout on GPUs, where a
   batch without padding gets no mask at all and so the flash kernel; tuned CPU paths).
 - Sparse MLM prediction: given the flat indices of the masked positions, the MLM head
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge import ops
+from bertforge.model import ops
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
 

@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bertforge import ops
-from bertforge.checkpoint import model_state
+from bertforge.model import ops
+from bertforge.train.checkpoint import model_state
 from bertforge.errors import BertforgeError
 
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -222,7 +222,7 @@ class Distributed:
 
 
 def _encoder_layers(model: nn.Module) -> list[nn.Module]:
-    from bertforge.model import BertLayer
+    from bertforge.model.bert import BertLayer
 
     return [m for m in model.modules() if isinstance(m, BertLayer)]
 

@@ -37,19 +37,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from bertforge import checkpoint as ckpt
+from bertforge.train import checkpoint as ckpt
 from bertforge import rundir
-from bertforge.checkpoint import load_model_weights
+from bertforge.train.checkpoint import load_model_weights
 from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig
-from bertforge.consistency import check_tokenizer_fits, check_training_fits
+from bertforge.train.consistency import check_tokenizer_fits, check_training_fits
 from bertforge.data.labelled import TaskData, data_hashes
 from bertforge.data.tokenizer import copy_tokenizer
 from bertforge.errors import BertforgeError
 from bertforge.fileio import hold_lock, make_dir, write_atomic, write_text_atomic
 from bertforge.paths import make_marked
 from bertforge.finetune_config import FinetuneConfig
-from bertforge.metrics import compute
-from bertforge.step import StepBatch
+from bertforge.tasks.scores import compute
+from bertforge.train.step import StepBatch
 
 SPEC, BEST, METRICS_SUMMARY = "finetune.json", "best", "metrics.json"
 
@@ -64,7 +64,7 @@ class Batch:
     y: torch.Tensor  # (B,) class ids, or float targets for regression
 
     # Batches are grouped by length and the epoch's last one is smaller: for
-    # torch.compile (bertforge.compiling), B and T change from batch to batch.
+    # torch.compile (bertforge.train.compiling), B and T change from batch to batch.
     DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {
         "input_ids": (0, 1), "token_type_ids": (0, 1), "attention_mask": (0, 1), "y": (0,)}
 
@@ -297,10 +297,10 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     resume: continue from OUT's checkpoint with its saved config (`given`, the values
     the caller insists on, must agree with it)."""
     from bertforge.hf import classifier_config_to_hf, export_model
-    from bertforge.model import BertForSequenceClassification
-    from bertforge.runtime import configure, resolve_device, resolve_precision
-    from bertforge.tracking import check_available
-    from bertforge.train import fit
+    from bertforge.model.bert import BertForSequenceClassification
+    from bertforge.train.runtime import configure, resolve_device, resolve_precision
+    from bertforge.train.tracking import check_available
+    from bertforge.train.loop import fit
 
     start = time.monotonic()
     out = Path(out_dir)
@@ -396,7 +396,7 @@ class Predictor:
 
     def __init__(self, model_dir: Path, max_length: int | None = 0, device: str = "cpu"):
         from bertforge.hf import import_classifier
-        from bertforge.runtime import resolve_device
+        from bertforge.train.runtime import resolve_device
 
         hf_dir = resolve_model_dir(Path(model_dir))
         model, raw = import_classifier(hf_dir)

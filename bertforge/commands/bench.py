@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.compiling import CompileCounters, compile_loss, ordered_scatter
+from bertforge.train.compiling import CompileCounters, compile_loss, ordered_scatter
 from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
-from bertforge.optim import build_optimizer
-from bertforge.runtime import autocast, configure, keep_freed_memory, resolve_device
+from bertforge.train.optim import build_optimizer
+from bertforge.train.runtime import autocast, configure, keep_freed_memory, resolve_device
 
 SPECIAL_IDS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 
@@ -156,8 +156,8 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
     normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
     through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
-    from bertforge.pretrain import mlm_loss_sum, pretraining_model
-    from bertforge.step import StepBatch, train_step
+    from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.train.step import StepBatch, train_step
 
     torch.manual_seed(0)
     model = pretraining_model(cfg, "mlm").to(device).train()
@@ -238,7 +238,7 @@ def run_bench(cfg: ModelConfig, batch_size: int, seq_len: int, *, vs_hf: bool,
     """Time bertforge's training step (bf16 where supported; also compiled with
     `compile_model`, also in fp32 with `fp32`) and, with `vs_hf`, transformers' in eager
     and sdpa attention (bf16, and fp32 with `fp32`; also sdpa compiled with `hf_compile`)."""
-    from bertforge.runtime import resolve_precision
+    from bertforge.train.runtime import resolve_precision
 
     device = resolve_device(device_name)
     where = configure(device)
@@ -300,9 +300,9 @@ def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: 
     `steps` steps after two untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bertforge.pretrain import mlm_loss_sum, pretraining_model
-    from bertforge.runtime import resolve_precision
-    from bertforge.step import StepBatch, train_step
+    from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.train.runtime import resolve_precision
+    from bertforge.train.step import StepBatch, train_step
 
     device = resolve_device(device_name)
     configure(device)

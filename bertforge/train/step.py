@@ -41,9 +41,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bertforge.config import TrainConfig
-from bertforge.distributed import Distributed
+from bertforge.train.distributed import Distributed
 from bertforge.errors import NonFiniteStep
-from bertforge.runtime import autocast, autocast_off, default_workers
+from bertforge.train.runtime import autocast, autocast_off, default_workers
 
 
 @dataclass

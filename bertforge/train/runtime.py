@@ -1,7 +1,7 @@
 """Where and how tensors run: device choice, bf16 support, the process set-up per device.
 
 The decisions that depend on the device live here (and the per-device kernels in
-bertforge.ops), so the rest of the code only sees a `torch.device`, an autocast
+bertforge.model.ops), so the rest of the code only sees a `torch.device`, an autocast
 context and `configure(device)`. A CPU run never creates a CUDA context: nothing here
 touches CUDA unless the device is CUDA.
 """

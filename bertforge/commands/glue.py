@@ -182,9 +182,9 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
              cfg: Any = None, from_scratch: bool = False,
              show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model` on each task into OUT/<task>/; the results and their average."""
-    from bertforge.finetune import run_finetune
+    from bertforge.commands.finetune import run_finetune
 
-    from bertforge.tracking import check_available
+    from bertforge.train.tracking import check_available
 
     if cfg is not None:
         check_available(cfg.train)  # a missing tracker package, before any work

@@ -1,7 +1,7 @@
 """torch.compile for the training step: the forward pass and the loss as one graph.
 
 - `compile_loss(loss_fn)`: a task's loss function (model forward + loss, see
-  `bertforge.step.Task.loss_sum`) through torch.compile. Compiling the loss with the
+  `bertforge.train.step.Task.loss_sum`) through torch.compile. Compiling the loss with the
   model lets Inductor fuse the cross-entropy into the decoder's epilogue and the dropout
   masks, residual adds, GELU and LayerNorm into the kernels around them. Before each call
   the dimensions that change from one micro-batch to the next are marked dynamic, so a
@@ -22,7 +22,7 @@
 - `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
   how `bertforge bench --compile` and the tests tell whether compilation works.
 
-The kernel choices stay in bertforge.ops, which takes the generic kernels under
+The kernel choices stay in bertforge.model.ops, which takes the generic kernels under
 compilation (what Inductor fuses); what differs here by device is only what compiling
 needs (a C++ compiler or Triton) and the CPU's ordered scatter.
 """

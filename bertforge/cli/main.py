@@ -224,7 +224,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from bertforge.pretrain import run_pretrain
+    from bertforge.commands.pretrain import run_pretrain
 
     if not args.data and not args.corpus and not args.resume:
         raise BertforgeError("give --corpus FILES... or --data DATA_DIR")
@@ -257,7 +257,7 @@ def _rank() -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from bertforge.evaluate import evaluate_run
+    from bertforge.commands.evaluate import evaluate_run
 
     check_paths([("run_dir", args.run_dir), *[("--data", d) for d in args.data or []],
                  *([("--checkpoint", args.checkpoint)] if args.checkpoint else [])],
@@ -284,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_fill_mask(args: argparse.Namespace) -> int:
-    from bertforge.fill_mask import fill_mask, numbered
+    from bertforge.commands.fill_mask import fill_mask, numbered
 
     results = fill_mask(Path(args.model), args.text, args.top_k)
     if args.json:
@@ -302,7 +302,7 @@ def cmd_fill_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from bertforge.bench import run_bench
+    from bertforge.commands.bench import run_bench
 
     overrides: dict[str, Any] = {"vocab_size": args.vocab_size,
                                  "max_position_embeddings": max(512, args.seq_len)}
@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(func=cmd_bench)
 
-    from bertforge.cli_downstream import add_commands  # finetune, predict, glue, report
+    from bertforge.cli.downstream import add_commands  # finetune, predict, glue, report
     add_commands(sub, _add_fields, add_legacy_warmup)
     return p
 

@@ -1,0 +1,1 @@
+"""The command line: `bertforge COMMAND ...` (main.py), the downstream commands in downstream.py."""

@@ -1,0 +1,1 @@
+"""One module per command, each reading setup -> fit -> export."""

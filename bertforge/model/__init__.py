@@ -1,0 +1,1 @@
+"""The BERT model (bert.py) and the kernels it runs on (ops.py)."""

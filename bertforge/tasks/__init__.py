@@ -1,0 +1,1 @@
+"""What is learned: GLUE scorers (scores.py)."""
