@@ -1,4 +1,4 @@
-"""The run directory layout (DESIGN.md) and loading a model from a run or HF directory.
+"""The run directory layout (docs/architecture.md) and loading a model from a run or HF directory.
 
 Every model loaded here has its tokenizer checked against its config first
 (`consistency.check_tokenizer_fits`).

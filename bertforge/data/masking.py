@@ -3,7 +3,7 @@
 Every random number is a hash of (seed, epoch, sequence index, position, stream):
 a counter-based generator. A sequence is therefore masked the same way whatever
 micro-batch, process or resume it lands in, which is what makes losses independent
-of the micro-batch size and resumes exact (DESIGN.md, "Batches are defined by
+of the micro-batch size and resumes exact (docs/architecture.md, "Batches are defined by
 sequences"). The hash is vectorised over the whole (B, T) batch in numpy.
 
 Three ways to choose what is predicted (`DataConfig.masking`); all three then apply

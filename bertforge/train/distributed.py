@@ -12,7 +12,7 @@ Notable choices:
   training collectives keep the backend's default timeout.
 - Gradients are averaged over ranks by DDP and by FSDP's reduce-scatter; the loop scales
   each rank's loss by the world size so that the result is the gradient of the global
-  batch's loss, normalised by the global count of loss terms (DESIGN.md).
+  batch's loss, normalised by the global count of loss terms (docs/architecture.md).
 - Parameters an objective never uses (the pooler and NSP head under plain MLM) must be
   frozen by the caller: DDP waits for a gradient of every trainable parameter.
 - FSDP2 shards each encoder layer and then the root (embeddings, heads). Checkpoints are
