@@ -179,9 +179,8 @@ def pretrain(out: PathLike, *, corpus: PathLike | Sequence[PathLike] | None = No
                                              ("--init", options.get("init"))) if v]],
                 [Output("--out", out, "run")])
     cfg, given = resolve_run_config(preset, config, options, dropout)
-    data_dir: Path | list[Path] | None = [Path(d) for d in data_list] if data_list else None
-    if data_dir is not None and len(data_dir) == 1:
-        data_dir = data_dir[0]
+    dirs = [Path(d) for d in data_list or []]
+    data_dir: Path | list[Path] | None = (dirs[0] if len(dirs) == 1 else dirs) if dirs else None
     if tokenizer and not corpus_list:
         raise BertforgeError("--tokenizer goes with --corpus (prepared --data has its "
                              "tokenizer already)")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from bertforge.cli.main import parse_duration
+from bertforge.cli.options import parse_duration
 from conftest import run_cli
 
 

@@ -22,12 +22,10 @@ from typing import Any
 from bertforge import api
 from bertforge.cli.downstream import add_commands
 from bertforge.cli.options import (Parser, add_corpus_options, add_fields, corpus_options,
-                                   parse_duration, parse_size, typed_fields)
+                                   typed_fields)
 from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig,
                               TrainConfig, field_number, number, preset)
 from bertforge.errors import BertforgeError, Interrupted, Terminated
-
-__all__ = ["build_parser", "main", "parse_duration", "parse_size"]
 
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
 MODEL_FLAGS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
