@@ -14,7 +14,7 @@ import types
 import pytest
 from conftest import make_document, run_cli
 
-from bertforge.cli.main import parse_size
+from bertforge.cli.options import parse_size
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
                                    resolve_corpus)
 from bertforge.errors import BertforgeError

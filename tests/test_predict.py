@@ -7,7 +7,7 @@ import io
 import json
 import sys
 
-from bertforge.cli import downstream as cli_downstream
+from bertforge import api
 from conftest import run_cli
 from test_consistency import finetuned  # noqa: F401
 from test_hostile_run import classification_files, one_step_run, one_thread  # noqa: F401
@@ -58,7 +58,7 @@ def test_no_text_keeps_the_line_numbers(tmp_path, capsys, finetuned):
 
 def test_inputs_stream_a_chunk_at_a_time_with_progress(tmp_path, capsys, monkeypatch,
                                                        finetuned):
-    monkeypatch.setattr(cli_downstream, "PREDICT_CHUNK", 4)
+    monkeypatch.setattr(api, "PREDICT_CHUNK", 4)
     seen: list[int] = []
     from bertforge.commands.finetune import Predictor
 
