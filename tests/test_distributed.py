@@ -202,7 +202,7 @@ from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
 from bertforge.train.distributed import init_from_env, shutdown
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.commands.pretrain import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))
@@ -229,7 +229,7 @@ for step, micro in enumerate([1, 1, 2, 2]):
     parts = [synthetic_batch(cfg, 4 // micro, 32, seed=100 * step + 10 * d.rank + i)
              for i in range(micro)]
     batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
-                      sum(m.real_tokens for m in parts))
+                      sum(m.real_tokens for m in parts), MLM_METRIC_COUNTS)
     before = len(gathers)
     result = train_step(wrapped, optimizer, mlm_loss_sum, batch, lr=1e-3, cfg=TrainConfig(),
                         device=torch.device("cpu"), dtype=torch.bfloat16, dist=d, step=step)
@@ -248,7 +248,7 @@ pending, shards = [], []
 for step, loss_fn in ((4, mlm_loss_sum), (5, nan_loss)):
     parts = [synthetic_batch(cfg, 2, 32, seed=100 * step + 10 * d.rank + i) for i in range(2)]
     batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
-                      sum(m.real_tokens for m in parts))
+                      sum(m.real_tokens for m in parts), MLM_METRIC_COUNTS)
     shards.append([p.to_local().clone() for p in model.parameters()])
     pending.append(train_step(wrapped, optimizer, loss_fn, batch, lr=1e-3, cfg=TrainConfig(),
                               device=torch.device("cpu"), dtype=torch.bfloat16, dist=d,

@@ -359,3 +359,46 @@ def test_bf16_weights_are_cast_once_a_step_whatever_the_micro_batches(data_dir):
         results[micro] = (counter.casts, result.loss)
     assert results[2][0] == results[8][0] > 0
     assert results[2][1] == pytest.approx(results[8][1], rel=1e-2)
+
+
+# --------------------------------------------------- figures packed and read by name
+
+class _Scalar(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([2.0]))
+
+
+def _two_terms(model, micro):
+    """Two loss terms and two metrics, each metric over another term's count."""
+    w = model.w.sum()
+    return {"a": 3 * w, "b": 8 * w}, {"a_hits": torch.tensor(6.0), "per_b": torch.tensor(2.0)}
+
+
+def test_each_metric_is_normalised_by_the_count_it_declares():
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b", "per_b": "a"})
+    result = train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
+                        device=torch.device("cpu"), dtype=None)
+    assert result.terms == {"a": 2.0, "b": 4.0}  # each term by its own count
+    assert result.metrics == {"a_hits": 6.0 / 4, "per_b": 2.0 / 3}
+    assert result.counts == {"a": 3, "b": 4} and result.tokens == 5
+
+
+def test_a_metric_without_a_declared_count_is_refused():
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b"})
+    with pytest.raises(ValueError, match="metric 'per_b'"):
+        train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
+                   device=torch.device("cpu"), dtype=None)
+
+
+def test_packed_figures_unpack_by_name():
+    from bertforge.train.step import Packed
+
+    packed = Packed.of({"x": torch.tensor(1.5), "y": torch.tensor(2)}) + Packed(
+        ["z"], torch.tensor([4.0], dtype=torch.float64))
+    assert packed.names == ["x", "y", "z"] and float(packed["y"]) == 2.0
+    assert packed.unpack(packed.values.tolist()) == {"x": 1.5, "y": 2.0, "z": 4.0}

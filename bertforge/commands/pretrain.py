@@ -95,7 +95,7 @@ class MLMTask:
         counts = {"mlm": sum(m.targets.numel() for m in micro)}
         if self.pair_kind is not None:
             counts[self.pair_kind] = sum(int((m.next_sentence_label >= 0).sum()) for m in micro)
-        return StepBatch(micro, counts, sum(m.real_tokens for m in micro))
+        return StepBatch(micro, counts, sum(m.real_tokens for m in micro), MLM_METRIC_COUNTS)
 
     def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -120,6 +120,10 @@ def pretraining_model(config: ModelConfig, objective: str) -> BertForPreTraining
         for module in (model.bert.pooler, model.seq_relationship):
             module.requires_grad_(False)
     return model
+
+
+# What each metric of `mlm_loss_sum` is an average over: the masked tokens, or the pairs.
+MLM_METRIC_COUNTS = {"mlm_accuracy": "mlm", "nsp_accuracy": "nsp", "sop_accuracy": "sop"}
 
 
 def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | None = None,
