@@ -291,18 +291,18 @@ from pathlib import Path
 import torch
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import init_from_env, shutdown
-from bertforge.train.loop import _find_checkpoint
 
 d = init_from_env("ddp", torch.device("cpu"))
 seen = {0: (Path("step-000020"), {"step": 20}), 1: (Path("step-000010"), {"step": 10})}
 ckpt.find_latest = lambda ckpt_dir: seen[d.rank]
-path, saved = _find_checkpoint(Path("checkpoints"), True, d)
-choices = d.gather_objects([path.name, saved["step"]])
+checkpointer = ckpt.Checkpointer(Path("checkpoints"), d, torch.device("cpu"))
+path = checkpointer.choose(True)
+choices = d.gather_objects([path.name, checkpointer._saved["step"]])
 broken = Path(sys.argv[2])
 ckpt.find_latest = lambda ckpt_dir: None
 ckpt.any_checkpoint = lambda ckpt_dir: d.rank == 0  # rank 0 alone finds them all damaged
 try:
-    _find_checkpoint(broken, True, d)
+    ckpt.Checkpointer(broken, d, torch.device("cpu")).choose(True)
     error = None
 except Exception as e:
     error = str(e)

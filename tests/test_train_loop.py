@@ -19,7 +19,7 @@ from bertforge.errors import BertforgeError
 from bertforge.train.optim import build_optimizer
 from bertforge.commands.pretrain import MLMTask, pretraining_model, run_pretrain
 from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
-from bertforge.train.loop import TrainState, fit
+from bertforge.train.loop import fit
 
 # Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
@@ -226,14 +226,16 @@ def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
     run_pretrain(run, cfg, data_dir=data_dir, resume=True, show_progress=False)
 
 
-def test_train_state_round_trips_with_the_rng():
-    state = TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
+def test_train_state_and_the_rng_round_trip():
+    state = ckpt.TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
     torch.manual_seed(11)
-    saved = json.loads(json.dumps(state.state_dict(torch.device("cpu"))))
+    saved = json.loads(json.dumps({**state.state_dict(),
+                                   "rng": ckpt.rng_state(torch.device("cpu"))}))
     expected = torch.rand(3)
     torch.manual_seed(99)
-    again = TrainState()
-    again.load_state_dict(saved, torch.device("cpu"))
+    again = ckpt.TrainState()
+    again.load_state_dict(saved)
+    ckpt.set_rng_state(saved["rng"], torch.device("cpu"))
     assert again == state and torch.equal(torch.rand(3), expected)
 
 

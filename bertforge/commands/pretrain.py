@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import paths, rundir
-from bertforge.train.checkpoint import load_model_weights, remove_partial
+from bertforge.train.checkpoint import gather_model_state, load_model_weights, remove_partial
 from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig, TrainConfig
 from bertforge.train.consistency import check_training_fits
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
@@ -632,7 +632,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
     started()  # from here the run directory holds a run, failed or not
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
-    weights = dist.model_state(model)  # gathered from the shards under FSDP
+    weights = gather_model_state(model, dist)  # gathered from the shards under FSDP
     if dist.is_main:
         final = BertForPreTraining(cfg.model)
         load_model_weights(final, weights)
