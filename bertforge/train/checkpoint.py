@@ -465,9 +465,8 @@ def verify(path: Path) -> dict[str, Any]:
                              f"(truncated or corrupted)") from None
     checksums = state.get("checksums") if isinstance(state, dict) else None
     sealed = state.get("state_sha256") if isinstance(state, dict) else None
-    # (checkpoints written before state.json was sealed have no state_sha256)
     if (not isinstance(checksums, dict) or MODEL_FILE not in checksums
-            or (sealed is not None and sealed != _state_digest(state))):
+            or sealed != _state_digest(state)):
         raise BertforgeError(f"{path / STATE_FILE}: checksum mismatch (corrupted)")
     step, named = state.get("step"), step_of(path)
     if (not isinstance(step, int) or isinstance(step, bool) or step < 0
