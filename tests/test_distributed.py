@@ -297,7 +297,7 @@ seen = {0: (Path("step-000020"), {"step": 20}), 1: (Path("step-000010"), {"step"
 ckpt.find_latest = lambda ckpt_dir: seen[d.rank]
 checkpointer = ckpt.Checkpointer(Path("checkpoints"), d, torch.device("cpu"))
 path = checkpointer.choose(True)
-choices = d.gather_objects([path.name, checkpointer._saved["step"]])
+choices = d.gather_objects([path.name, checkpointer.found_state["step"]])
 broken = Path(sys.argv[2])
 ckpt.find_latest = lambda ckpt_dir: None
 ckpt.any_checkpoint = lambda ckpt_dir: d.rank == 0  # rank 0 alone finds them all damaged

@@ -61,7 +61,7 @@ class Checkpointer:
                  keep_last: int = 3):
         self.dir, self.dist, self.device, self.keep_last = Path(ckpt_dir), dist, device, keep_last
         self.found: Path | None = None  # the checkpoint `choose` found to resume from
-        self._saved: dict[str, Any] = {}  # its state.json
+        self.found_state: dict[str, Any] = {}  # its state.json
         self.saved_at: int | None = None  # the step of the newest checkpoint of this run
 
     def choose(self, resume: bool) -> Path | None:
@@ -92,7 +92,7 @@ class Checkpointer:
                 print(f"--resume: no checkpoint in {self.dir} yet; starting from step 0",
                       file=sys.stderr)
             return None
-        self.found, self._saved = Path(value), saved
+        self.found, self.found_state = Path(value), saved
         return self.found
 
     def load_weights(self, model: torch.nn.Module) -> None:
@@ -109,7 +109,7 @@ class Checkpointer:
             if self.dist.rank > 0:
                 torch.manual_seed(seed + _RANK_SEED * self.dist.rank)
             return
-        path, saved = self.found, self._saved
+        path, saved = self.found, self.found_state
         optimizer_state = load_optimizer_state(path)
         check_optimizer_state(optimizer_state, optimizer, str(path / OPTIMIZER_FILE))
         load_full_optimizer_state(model, optimizer, optimizer_state, self.dist)
