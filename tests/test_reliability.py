@@ -314,9 +314,10 @@ def test_state_json_records_a_verified_checksum_of_every_file(tmp_path):
     state = json.loads((path / "state.json").read_text())
     assert set(state["checksums"]) == {"model.safetensors", "optimizer.pt"}
     assert ckpt.verify(path)["step"] == 7
-    legacy = {k: v for k, v in state.items() if k != "state_sha256"}
-    (path / "state.json").write_text(json.dumps(legacy))  # written before the seal existed
-    assert ckpt.verify(path)["step"] == 7
+    unsealed = {k: v for k, v in state.items() if k != "state_sha256"}
+    (path / "state.json").write_text(json.dumps(unsealed))
+    with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):
+        ckpt.verify(path)
     state["step"] = 8  # a plausible-looking edit of state.json itself is caught
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):

@@ -174,7 +174,8 @@ class ClassificationTask:
         B, mb = self.batch_size, self.micro_batch_size
         index = self._order(epoch)[j * B:(j + 1) * B]
         micro = [self.train.batch(index[s:s + mb]) for s in range(0, len(index), mb)]
-        return StepBatch(micro, {"examples": len(index)}, int(self.train.lengths[index].sum()))
+        return StepBatch(micro, {"examples": len(index)}, int(self.train.lengths[index].sum()),
+                         {"accuracy": "examples"})
 
     def loss_sum(self, model: torch.nn.Module, micro: Batch
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bertforge import paths, rundir
-from bertforge.train.checkpoint import load_model_weights, remove_partial
+from bertforge.train.checkpoint import gather_model_state, load_model_weights, remove_partial
 from bertforge.config import DEFAULT_MICRO_BATCH, ModelConfig, RunConfig, TrainConfig
 from bertforge.train.consistency import check_training_fits
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
@@ -95,7 +95,7 @@ class MLMTask:
         counts = {"mlm": sum(m.targets.numel() for m in micro)}
         if self.pair_kind is not None:
             counts[self.pair_kind] = sum(int((m.next_sentence_label >= 0).sum()) for m in micro)
-        return StepBatch(micro, counts, sum(m.real_tokens for m in micro))
+        return StepBatch(micro, counts, sum(m.real_tokens for m in micro), MLM_METRIC_COUNTS)
 
     def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -120,6 +120,10 @@ def pretraining_model(config: ModelConfig, objective: str) -> BertForPreTraining
         for module in (model.bert.pooler, model.seq_relationship):
             module.requires_grad_(False)
     return model
+
+
+# What each metric of `mlm_loss_sum` is an average over: the masked tokens, or the pairs.
+MLM_METRIC_COUNTS = {"mlm_accuracy": "mlm", "nsp_accuracy": "nsp", "sop_accuracy": "sop"}
 
 
 def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | None = None,
@@ -628,7 +632,7 @@ def _train(run_dir: Path, cfg: RunConfig, data_dir: list[Path], device: torch.de
     started()  # from here the run directory holds a run, failed or not
     result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
                  show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
-    weights = dist.model_state(model)  # gathered from the shards under FSDP
+    weights = gather_model_state(model, dist)  # gathered from the shards under FSDP
     if dist.is_main:
         final = BertForPreTraining(cfg.model)
         load_model_weights(final, weights)
