@@ -376,9 +376,10 @@ def merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything a run was started with: what RUN_DIR/config.yaml holds."""
+    """Everything a run was started with: what RUN_DIR/config.yaml holds. Frozen: a run's
+    config is resolved once (bertforge.commands.resolve), each step making a new one."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

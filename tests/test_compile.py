@@ -20,7 +20,7 @@ from bertforge.config import TrainConfig
 from bertforge.data.masking import MaskedBatch
 from bertforge.commands.finetune import Batch
 from bertforge.model.bert import BertForSequenceClassification
-from bertforge.commands.pretrain import MLMTask, mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import MLMTask, mlm_loss_sum, pretraining_model
 
 DEVICE = torch.device("cpu")
 

@@ -202,7 +202,7 @@ from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
 from bertforge.train.distributed import init_from_env, shutdown
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import mlm_loss_sum, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))

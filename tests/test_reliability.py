@@ -29,7 +29,7 @@ from bertforge.train import checkpoint as ckpt
 from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
-from bertforge.commands.pretrain import MLMTask
+from bertforge.tasks.mlm import MLMTask
 from conftest import run_cli
 
 STEPS = 20

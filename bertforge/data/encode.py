@@ -40,7 +40,7 @@ _JOIN_CHARS = 1 << 16  # new chunks are encoded joined into strings of about thi
 _HASH_BUCKETS = 10_000
 
 
-class Encoded(NamedTuple):
+class EncodedDocuments(NamedTuple):
     """One batch of documents, tokenized."""
 
     ids: np.ndarray  # (N,) the documents' tokens, one after another, in the shard dtype
@@ -55,8 +55,8 @@ def is_valid_document(doc: str, valid_fraction: float) -> bool:
     return int.from_bytes(digest, "big") % _HASH_BUCKETS < valid_fraction * _HASH_BUCKETS
 
 
-def default_workers() -> int:
-    """The cores this process may run on."""
+def available_cores() -> int:
+    """The cores this process may run on: the default number of tokenizer processes."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -124,7 +124,7 @@ class BatchEncoder:
         self.chunk_start.extend(np.zeros(1, dtype=np.int64))  # and its end at number + 1
         self.chunk_ids = _Growable(self.dtype)  # every cached chunk's ids, one after another
 
-    def __call__(self, docs: list[str]) -> Encoded:
+    def __call__(self, docs: list[str]) -> EncodedDocuments:
         valid = np.fromiter((is_valid_document(d, self.valid_fraction) for d in docs),
                             dtype=bool, count=len(docs))
         if not self.cached:
@@ -132,7 +132,7 @@ class BatchEncoder:
             lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(docs))
             ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
                               dtype=self.dtype, count=int(lengths.sum()))
-            return Encoded(ids, lengths, valid)
+            return EncodedDocuments(ids, lengths, valid)
 
         pieces = [d.replace("\n", " ").split(" ") for d in docs]
         per_doc = np.fromiter(map(len, pieces), np.int64, len(docs))  # chunks a document
@@ -152,7 +152,7 @@ class BatchEncoder:
         ids = self.chunk_ids.array[index]
         chunk_end = np.cumsum(count)[np.cumsum(per_doc) - 1]  # (D,) a document's last chunk
         lengths = np.diff(chunk_end, prepend=0)
-        return Encoded(ids, lengths, valid)
+        return EncodedDocuments(ids, lengths, valid)
 
     def _encode_new(self, chunks: list[str]) -> None:
         """Encode `chunks` (numbered in order after the cached ones) and cache their ids.
@@ -202,13 +202,13 @@ def _init_worker(tokenizer_json: str, dtype: str, valid_fraction: float) -> None
     _worker = BatchEncoder(tok, np.dtype(dtype), valid_fraction)
 
 
-def _work(docs: list[str]) -> Encoded:
+def _work(docs: list[str]) -> EncodedDocuments:
     assert _worker is not None
     return _worker(docs)
 
 
 def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype,
-                   valid_fraction: float, workers: int) -> Iterator[Encoded]:
+                   valid_fraction: float, workers: int) -> Iterator[EncodedDocuments]:
     """The batches, tokenized in order, by this process and `workers - 1` others.
 
     This process encodes the first batch alone, then forks the others, which start with
@@ -251,8 +251,8 @@ def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype
 
 
 def _done(item: Any) -> bool:
-    return isinstance(item, Encoded) or item.ready()
+    return isinstance(item, EncodedDocuments) or item.ready()
 
 
-def _result(item: Any) -> Encoded:
-    return item if isinstance(item, Encoded) else item.get()
+def _result(item: Any) -> EncodedDocuments:
+    return item if isinstance(item, EncodedDocuments) else item.get()

@@ -58,7 +58,7 @@ from tqdm import tqdm
 from bertforge.config import DOCUMENT_BOUNDARIES
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
                                    iter_documents, resolve_corpus)
-from bertforge.data.encode import default_workers, encode_batches
+from bertforge.data.encode import available_cores, encode_batches
 from bertforge.data.readers import quote
 from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
                                       tokenizer_hash)
@@ -108,7 +108,7 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     if document_boundary not in DOCUMENT_BOUNDARIES:
         raise BertforgeError(f"document_boundary {document_boundary!r} must be one of "
                              f"{', '.join(DOCUMENT_BOUNDARIES)}")
-    workers = default_workers() if workers is None else workers
+    workers = available_cores() if workers is None else workers
     if workers < 1:
         raise BertforgeError(f"workers {workers} must be >= 1")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
@@ -450,7 +450,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         raise BertforgeError(f"{path}: manifest version {_shown(manifest.get('version'))} is "
                              f"not supported (this bertforge reads version {VERSION})")
-    missing = [k for k in ("seq_len", "dtype", "vocab_size", "special_token_ids", "splits")
+    missing = [k for k in ("seq_len", "dtype", "vocab_size", "tokenizer_hash",
+                           "special_token_ids", "valid_fraction", "document_boundary", "splits")
                if k not in manifest]
     if missing:
         raise BertforgeError(f"{path}: manifest lacks {', '.join(missing)}")
@@ -485,17 +486,14 @@ def _check_fields(path: Path, m: dict[str, Any]) -> None:
         value = specials.get(name)
         need(_is_int(value) and value < m["vocab_size"], f"special_token_ids.{name}",
              "a token id below vocab_size", value)
-    if "tokenizer_hash" in m:
-        value = m["tokenizer_hash"]
-        need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
-             "tokenizer_hash", "hex digits", value)
-    if "document_boundary" in m:
-        need(m["document_boundary"] in DOCUMENT_BOUNDARIES, "document_boundary",
-             f"one of {', '.join(DOCUMENT_BOUNDARIES)}", m["document_boundary"])
-    if "valid_fraction" in m:
-        value = m["valid_fraction"]
-        need(isinstance(value, (int, float)) and not isinstance(value, bool)
-             and 0 <= value < 1, "valid_fraction", "a number in [0, 1)", value)
+    value = m["tokenizer_hash"]
+    need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
+         "tokenizer_hash", "hex digits", value)
+    need(m["document_boundary"] in DOCUMENT_BOUNDARIES, "document_boundary",
+         f"one of {', '.join(DOCUMENT_BOUNDARIES)}", m["document_boundary"])
+    value = m["valid_fraction"]
+    need(isinstance(value, (int, float)) and not isinstance(value, bool)
+         and 0 <= value < 1, "valid_fraction", "a number in [0, 1)", value)
     need(isinstance(m["splits"], dict), "splits", "an object", m["splits"])
     for split, entry in m["splits"].items():
         where = f"splits.{quote(split)}"
@@ -511,11 +509,9 @@ def _check_fields(path: Path, m: dict[str, Any]) -> None:
             # prepare writes no empty shard, and an empty file cannot be memory-mapped
             need(_is_int(shard.get("sequences"), 1), f"{where}.shards[{i}].sequences",
                  "an integer >= 1", shard.get("sequences"))
-            if SHARD_HASH in shard:
-                digest = shard[SHARD_HASH]
-                need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
-                     is not None, f"{where}.shards[{i}].{SHARD_HASH}", "64 hex digits",
-                     digest)
+            digest = shard.get(SHARD_HASH)
+            need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+                 is not None, f"{where}.shards[{i}].{SHARD_HASH}", "64 hex digits", digest)
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
