@@ -1,24 +1,9 @@
 """Batch tokenization for `prepare`: exact, cached per chunk, on a pool of worker processes.
 
-Notable choices:
-
-- A chunk cache. With BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) a
-  space or a newline always ends a word, and normalisation maps characters one by one
-  (NFD's reordering of combining marks stops at a space), so the tokens of a text are
-  the tokens of its space/newline-separated chunks, concatenated. Most chunks of a corpus have been seen before (Zipf), so a chunk is looked
-  up in a dict (a C-level `map` over the batch; Python code runs only for new chunks) and
-  only new chunks go to the Rust tokenizer, all of a batch's joined in a few long strings
-  and cut apart by their offsets. The ids are the tokenizer's exactly; tokenizers built
-  otherwise (another normaliser, non-special added tokens, truncation) are encoded
-  directly instead. The cache is emptied when it reaches `CACHE_CHUNKS` entries, so its
-  memory is bounded whatever the corpus size.
-- Parallelism is processes, not the tokenizer's threads: the cache lookups are Python,
-  which threads would serialise. `workers` processes (this one included) each encode
-  whole batches with the tokenizer single-threaded. The others are forked after this one
-  has encoded the first batch, so they start with its warm cache instead of each paying
-  for the corpus's most frequent new chunks (where there is no fork, they start cold). Results come back in order, at most two
-  batches a worker in flight, so memory does not grow with the corpus. The output does
-  not depend on `workers`.
+A text's tokens are its space-separated chunks' tokens, concatenated (`chunk_additive`),
+so `BatchEncoder` looks most chunks up in a cache and sends only new ones to the Rust
+tokenizer; `encode_batches` spreads batches over processes. The ids, and the output, are
+the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -109,7 +94,19 @@ class _Growable:
 
 class BatchEncoder:
     """Tokenizes batches of documents into flat id arrays (one process, single-threaded
-    when the caller disables the tokenizer's parallelism)."""
+    when the caller disables the tokenizer's parallelism).
+
+    With BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) a space or a newline
+    always ends a word, and normalisation maps characters one by one (NFD's reordering of
+    combining marks stops at a space), so the tokens of a text are the tokens of its
+    space/newline-separated chunks, concatenated. Most chunks of a corpus have been seen
+    before (Zipf), so a chunk is looked up in a dict (a C-level `map` over the batch;
+    Python code runs only for new chunks) and only new chunks go to the Rust tokenizer,
+    all of a batch's joined in a few long strings and cut apart by their offsets.
+    Tokenizers built otherwise (another normaliser, non-special added tokens, truncation)
+    are encoded directly instead. The cache is emptied when it reaches `cache_chunks`
+    entries, so its memory is bounded whatever the corpus size.
+    """
 
     def __init__(self, tok: Tokenizer, dtype: np.dtype, valid_fraction: float,
                  cache_chunks: int = CACHE_CHUNKS) -> None:
@@ -210,6 +207,10 @@ def _work(docs: list[str]) -> EncodedDocuments:
 def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype,
                    valid_fraction: float, workers: int) -> Iterator[EncodedDocuments]:
     """The batches, tokenized in order, by this process and `workers - 1` others.
+
+    Processes, not the tokenizer's threads: the cache lookups are Python, which threads
+    would serialise. Results come back in order, at most two batches a worker in flight,
+    so memory does not grow with the corpus.
 
     This process encodes the first batch alone, then forks the others, which start with
     its cache (new chunks are most frequent at the start), and takes every `workers`-th

@@ -1,4 +1,5 @@
-"""Tokenize a corpus once into fixed-length token shards plus a manifest.
+"""Tokenize a corpus once into fixed-length token shards plus a manifest (`prepare`), and
+read a data directory's manifest back, checked (`load_manifest`).
 
 Layout of a data directory::
 
@@ -6,34 +7,6 @@ Layout of a data directory::
     tokenizer/                    a copy of the tokenizer, so the directory stands alone
     train-00000.bin ...           raw C-order arrays (sequences, seq_len), uint16 or uint32
     valid-00000.bin ...
-
-Notable choices:
-
-- The validation split is chosen per document from a hash of its text, so it does not
-  depend on file order or batch sizes, and exact duplicates never straddle the splits.
-- Each split is one token stream, documents joined by [SEP], cut into sequences
-  ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
-  no padding except in the last sequence of a split). A body never starts with the
-  joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
-  With ``document_boundary="new"`` each document starts a sequence instead, and its
-  last one is ``[CLS] rest [SEP]`` padded with [PAD] (sequences never mix documents).
-- Text that spells a special token ("[MASK]") is tokenized as plain text, so special
-  ids in the shards only ever come from packing.
-- Memory stays flat: documents stream in batches, `workers` processes tokenize them
-  (bertforge.data.encode: a chunk cache in front of the Rust tokenizer, same ids), and
-  sequences go to disk as they are cut. The shards do not depend on `workers`.
-- One corpus can be prepared on several machines: part i of n takes the documents whose
-  ordinal in the corpus is i mod n (balanced to one document; the parts together are
-  the corpus, each document once), and is a complete data directory whose manifest
-  names the part. `pretrain --data DIR --data DIR ...` reads the parts as one dataset.
-- Everything is written into a hidden sibling directory that is renamed into place at
-  the end, so a killed run never leaves a manifest that points at partial shards. A
-  failed write (a full disk) removes it at once; those of killed runs are removed by the
-  next prepare of the same output (never those of a process still alive).
-- The manifest records each shard's sha256, computed as it is written; runs check the
-  shards against it, and their token ids against the vocabulary, when they open the data
-  (bertforge.data.loader.verify_data). `load_manifest` checks every field's type, so a
-  damaged or hostile manifest is refused in one short line.
 """
 
 from __future__ import annotations
@@ -98,6 +71,32 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     (each document starts a sequence). `workers`: tokenizing processes (default: every
     core). `num_shards`, `shard_index`: prepare only part `shard_index` of `num_shards`.
     Returns the manifest (also written to out_dir/manifest.json).
+
+    - The validation split is chosen per document from a hash of its text, so it does not
+      depend on file order or batch sizes, and exact duplicates never straddle the splits.
+    - Each split is one token stream, documents joined by [SEP], cut into sequences
+      ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
+      no padding except in the last sequence of a split). A body never starts with the
+      joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
+      With ``document_boundary="new"`` each document starts a sequence instead, and its
+      last one is ``[CLS] rest [SEP]`` padded with [PAD] (sequences never mix documents).
+    - Text that spells a special token ("[MASK]") is tokenized as plain text, so special
+      ids in the shards only ever come from packing.
+    - Memory stays flat: documents stream in batches, `workers` processes tokenize them
+      (bertforge.data.encode: a chunk cache in front of the Rust tokenizer, same ids), and
+      sequences go to disk as they are cut. The shards do not depend on `workers`.
+    - One corpus can be prepared on several machines: part i of n takes the documents whose
+      ordinal in the corpus is i mod n (balanced to one document; the parts together are
+      the corpus, each document once), and is a complete data directory whose manifest
+      names the part. `pretrain --data DIR --data DIR ...` reads the parts as one dataset.
+    - Everything is written into a hidden sibling directory that is renamed into place at
+      the end, so a killed run never leaves a manifest that points at partial shards. A
+      failed write (a full disk) removes it at once; those of killed runs are removed by the
+      next prepare of the same output (never those of a process still alive).
+    - The manifest records each shard's sha256, computed as it is written; runs check the
+      shards against it, and their token ids against the vocabulary, when they open the data
+      (bertforge.data.loader.verify_data). `load_manifest` checks every field's type, so a
+      damaged or hostile manifest is refused in one short line.
     """
     if seq_len < MIN_SEQ_LEN:
         raise BertforgeError(f"seq_len {seq_len} is too short (minimum {MIN_SEQ_LEN})")
