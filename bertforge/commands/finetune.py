@@ -114,9 +114,9 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     the caller insists on, must agree with it)."""
     from bertforge.hf import classifier_config_to_hf, export_model
     from bertforge.model.bert import BertForSequenceClassification
+    from bertforge.train.loop import fit
     from bertforge.train.runtime import configure, resolve_device, resolve_precision
     from bertforge.train.tracking import check_available
-    from bertforge.train.loop import fit
 
     start = time.monotonic()
     out = Path(out_dir)
@@ -148,7 +148,8 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         pad_id = config.pad_token_id
         train_examples = data.train.head(cfg.max_train_examples)
         t0 = time.monotonic()
-        train = TokenizedSplit(tok, train_examples.texts, train_examples.pairs, train_examples.y, pad_id)
+        train = TokenizedSplit(tok, train_examples.texts, train_examples.pairs, train_examples.y,
+                               pad_id)
         valid = {name: TokenizedSplit(tok, ex.texts, ex.pairs, ex.y, pad_id)
                  for name, ex in data.validation.items()}
         tokenize_s = time.monotonic() - t0

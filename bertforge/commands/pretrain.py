@@ -26,7 +26,7 @@ from bertforge.commands.resolve import Given, resolve_data, resolve_start
 from bertforge.config import DEFAULT_MICRO_BATCH, RunConfig
 from bertforge.data.cache import BUILT_FROM, build_data
 from bertforge.data.corpus import CorpusOptions, CorpusStats, iter_documents, resolve_corpus
-from bertforge.data.loader import as_dirs
+from bertforge.data.loader import DataDirs, as_dirs
 from bertforge.data.tokenizer import copy_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
 from bertforge.fileio import hold_lock, require_utf8
@@ -88,7 +88,8 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
                                        given or {}, show_progress, corpus_options,
                                        sample_bytes, tokenizer)
                 finally:
-                    dist.wait_for_main()  # on an error too: the others then fail on the missing config
+                    # On an error too: the others then fail on the missing config.
+                    dist.wait_for_main()
             else:
                 dist.wait_for_main()
                 if not (run_dir / rundir.CONFIG).is_file():
@@ -123,27 +124,28 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
     tok_dir = run_dir / rundir.TOKENIZER
     if source is not None and not tok_dir.exists():
         copy_tokenizer(source, tok_dir)
+    data: DataDirs
     if corpus:
         # A resume's cached tokenizer is a copy of --tokenizer's or of its --init model's.
         cached_from = source or (Path(tokenizer) if tokenizer is not None else None) or (
             init_source(Path(cfg.train.init))[1] if cfg.train.init else None)
-        data_dir = build_data(run_dir, corpus, cfg.data,
+        data = build_data(run_dir, corpus, cfg.data,
                               has_checkpoint=any_checkpoint(run_dir / rundir.CHECKPOINTS),
                               vocab_size=given.get("model", {}).get("vocab_size",
                                                                     cfg.model.vocab_size),
                               lowercase=lowercase, tokenizer=cached_from,
                               corpus_options=corpus_options, sample_bytes=sample_bytes,
                               show_progress=show_progress)
-    elif data_dir is None:
-        data_dir = cfg.data.path or run_dir / rundir.DATA  # one directory or a list
+    else:
+        data = data_dir or cfg.data.path or run_dir / rundir.DATA  # one directory or a list
     # The tokenizer the data must have been made with: the run's own (on resume), or the
     # one it was given; a run that trained its own takes the data's.
     known = (cfg.data.tokenizer_hash if resume
              else tokenizer_hash(tok_dir) if source is not None else None)
-    cfg = resolve_data(cfg, data_dir, given, tokenizer_hash=known,
+    cfg = resolve_data(cfg, data, given, tokenizer_hash=known,
                        fixed_vocab=resume or bool(cfg.train.init))
     if not tok_dir.exists():  # copied whole or not at all
-        copy_tokenizer(as_dirs(cfg.data.path)[0] / "tokenizer", tok_dir)  # they share it
+        copy_tokenizer(as_dirs(data)[0] / "tokenizer", tok_dir)  # the directories share it
     cfg.save(run_dir / rundir.CONFIG)
     return cfg
 
@@ -185,7 +187,8 @@ def _train(run_dir: Path, cfg: RunConfig, device: torch.device,
         micro = micro_batch_for(cfg, model, device, dist.world_size)
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
                                                                  micro_batch_size=micro))
-    task = MLMTask(cfg, as_dirs(cfg.data.path), device, dist.rank, dist.world_size, dtype)
+    data_dirs = as_dirs(cfg.data.path or run_dir / rundir.DATA)
+    task = MLMTask(cfg, data_dirs, device, dist.rank, dist.world_size, dtype)
     if dist.is_main:
         procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
         print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "

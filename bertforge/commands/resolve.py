@@ -17,7 +17,7 @@ from typing import Any
 from bertforge import rundir
 from bertforge.commands.loading import init_source
 from bertforge.config import RunConfig, TrainConfig
-from bertforge.data.loader import as_dirs, load_manifests, verify_data
+from bertforge.data.loader import DataDirs, as_dirs, load_manifests, verify_data
 from bertforge.errors import BertforgeError
 
 Given = dict[str, dict[str, Any]]  # the values the user typed, by section (flags, --config)
@@ -53,14 +53,14 @@ def resolve_start(run_dir: Path, cfg: RunConfig, given: Given, *, resume: bool,
         if tokenizer is not None:
             raise BertforgeError("give --init or --tokenizer, not both: --init brings the "
                                  "model's own tokenizer")
-        cfg, source = apply_init(cfg, given.get("model", {}))
+        cfg, source = apply_init(cfg, cfg.train.init, given.get("model", {}))
     else:
         source = Path(tokenizer) if tokenizer is not None else None
     check_lengths(cfg)  # before any work: building the data can take a while
     return cfg, source
 
 
-def resolve_data(cfg: RunConfig, data_dir: Path | list[Path], given: Given, *,
+def resolve_data(cfg: RunConfig, data_dir: DataDirs, given: Given, *,
                  tokenizer_hash: str | None, fixed_vocab: bool) -> RunConfig:
     """`cfg` with its data: the directories (absolute), the held-out fraction and the
     tokenizer they were prepared with, and unless `fixed_vocab` (a resumed run, an --init
@@ -85,7 +85,7 @@ def resolve_data(cfg: RunConfig, data_dir: Path | list[Path], given: Given, *,
     return dataclasses.replace(cfg, model=model, data=data)
 
 
-def check_data(data_dir: Path | list[Path], cfg: RunConfig, tokenizer_hash: str | None = None,
+def check_data(data_dir: DataDirs, cfg: RunConfig, tokenizer_hash: str | None = None,
                fixed_vocab: bool = False) -> dict[str, Any]:
     """The manifest of the data directory (the first of several, which must agree with
     each other), refused if it does not fit the run's config: its seq_len, its document
@@ -170,11 +170,13 @@ def check_schedule_change(train: TrainConfig, key: str, old: Any, new: Any) -> N
                              f"--warmup-steps can be lengthened")
 
 
-def apply_init(cfg: RunConfig, given_model: dict[str, Any]) -> tuple[RunConfig, Path]:
-    """(`cfg` with the architecture of cfg.train.init's model and the init path made
-    absolute, the directory of the model's tokenizer). The dropout and other values the
-    user gave stay; a given architecture field that contradicts the model is refused."""
-    init = Path(cfg.train.init).expanduser()
+def apply_init(cfg: RunConfig, init_path: str, given_model: dict[str, Any]
+               ) -> tuple[RunConfig, Path]:
+    """(`cfg` with the architecture of the model at `init_path` (cfg.train.init) and that
+    path made absolute, the directory of the model's tokenizer). The dropout and other
+    values the user gave stay; a given architecture field that contradicts the model is
+    refused."""
+    init = Path(init_path).expanduser()
     model, tokenizer = init_source(init)
     for key in ARCHITECTURE:
         if key in given_model and given_model[key] != getattr(model, key):

@@ -23,8 +23,7 @@ from bertforge.config import DataConfig
 from bertforge.data.corpus import CorpusOptions, resolve_corpus
 from bertforge.data.prepare import prepare
 from bertforge.data.readers import quote
-from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, tokenizer_hash,
-                                      train_tokenizer)
+from bertforge.data.tokenizer import copy_tokenizer, load_tokenizer, tokenizer_hash, train_tokenizer
 from bertforge.errors import BertforgeError
 from bertforge.fileio import write_text_atomic
 from bertforge.paths import replace_owned, require_owned
@@ -112,7 +111,7 @@ def _build_record(files: list[str], corpus_options: CorpusOptions | None,
     """The input of `build_data` but the tokenizer's: each corpus file's absolute path,
     size and mtime (an hf: dataset by its name), the corpus-reading options, and the
     data options."""
-    corpus = []
+    corpus: list[list[Any]] = []
     for f in files:
         if f.startswith("hf:"):
             corpus.append([f, None, None])
@@ -142,9 +141,10 @@ def _changes(path: Path, record: dict[str, Any], tok_dir: Path
     changed = [k for k, v in record.items() if known.get(k) != v]
     # A resume passes the run's vocab_size, the trained tokenizer's: it can be smaller
     # than the size asked for, on a corpus with fewer word pieces.
-    if "vocab_size" in changed and (tok_dir / "tokenizer.json").is_file():
-        if load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True) == record["vocab_size"]:
-            changed.remove("vocab_size")
+    if ("vocab_size" in changed and (tok_dir / "tokenizer.json").is_file()
+            and load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True)
+            == record["vocab_size"]):
+        changed.remove("vocab_size")
     return changed, known
 
 

@@ -33,7 +33,6 @@ from bertforge.data.prepare import MANIFEST, SHARD_HASH, load_manifest, open_spl
 from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
 
-
 DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
 # What data directories read together must share (the tokenizer fixes the vocabulary and
 # the special ids).

@@ -29,12 +29,22 @@ import numpy as np
 from tqdm import tqdm
 
 from bertforge.config import DOCUMENT_BOUNDARIES
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
-                                   iter_documents, resolve_corpus)
+from bertforge.data.corpus import (
+    CorpusOptions,
+    CorpusStats,
+    batched,
+    estimate_bytes,
+    iter_documents,
+    resolve_corpus,
+)
 from bertforge.data.encode import available_cores, encode_batches
 from bertforge.data.readers import quote
-from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
-                                      tokenizer_hash)
+from bertforge.data.tokenizer import (
+    copy_tokenizer,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_hash,
+)
 from bertforge.errors import BertforgeError
 from bertforge.fileio import alive, hold_lock, open_new, write_text_atomic
 from bertforge.paths import replace_owned, require_owned
