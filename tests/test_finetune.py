@@ -299,7 +299,7 @@ def test_the_training_options_of_pretraining_reach_fine_tuning(tmp_path, tiny_ru
     code, _, err = run_cli(capsys, "finetune", tiny_run, "--task", "sst2", "--data-dir",
                            task_dir, "--out", tmp_path / "out", "--max-steps", "2",
                            "--schedule", "cosine", "--adam-beta2", "0.98", "--on-nan", "skip",
-                           "--warmup", "1", "--max-length", "32", "--quiet")
+                           "--warmup-steps", "1", "--max-length", "32", "--quiet")
     assert code == 0, err
     spec = json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]
     assert spec["train"]["schedule"] == "cosine" and spec["train"]["adam_beta2"] == 0.98
