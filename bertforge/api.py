@@ -264,12 +264,12 @@ def evaluate(run_dir: PathLike, *, data: PathLike | Sequence[PathLike] | None = 
 def export(run_dir: PathLike, out: PathLike) -> Path:
     """Write the run's final weights and tokenizer as a Hugging Face model directory
     (`bertforge export`); returns it. transformers.BertForMaskedLM.from_pretrained reads it."""
-    from bertforge import rundir
+    from bertforge.commands.loading import load_run_model
     from bertforge.hf import export_model
 
     require_utf8(out, "--out")  # the tokenizer library takes paths as text
     check_paths([("run_dir", run_dir)], [Output("--out", out, "export")])
-    model, _, tok_dir = rundir.load_run_model(Path(run_dir))
+    model, _, tok_dir = load_run_model(Path(run_dir))
     export_model(model, Path(out), tokenizer_dir=tok_dir)
     return Path(out)
 

@@ -1,14 +1,10 @@
 """Configuration: one small dataclass per concern, plus the named model presets.
 
-`ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json
-from the Hugging Face world maps onto it one to one. Every config is validated on
-construction; a bad value raises `BertforgeError` naming the field. No float may be NaN or
-infinite (`--lr inf` passes `lr > 0`), and a model must fit in memory: its parameters are
-counted from the config and refused, before anything is allocated, when their fp32 weights
-alone exceed the memory this machine has available (training needs more:
-`consistency.check_training_fits`). A numeric field's range is its `rule`, checked for
-config files and flags alike (`number` parses every numeric flag of every command). The
-resolved configs of a run are written to RUN_DIR/config.yaml and forced on resume.
+`ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json from the
+Hugging Face world maps onto it one to one. Every config is validated on construction; a
+bad value raises `BertforgeError` naming the field, and a numeric field's range is its
+`rule`, checked for config files and flags alike (`number`). A run's resolved configs are
+written to RUN_DIR/config.yaml and forced on resume.
 """
 
 from __future__ import annotations
@@ -376,9 +372,10 @@ def merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything a run was started with: what RUN_DIR/config.yaml holds."""
+    """Everything a run was started with: what RUN_DIR/config.yaml holds. Frozen: a run's
+    config is resolved once (bertforge.commands.resolve), each step making a new one."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

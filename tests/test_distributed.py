@@ -29,7 +29,7 @@ STEPS = 20
 # the same schedule as a run to 20 (a linear decay would depend on --max-steps).
 COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
           "--dropout", "0", "--precision", "fp32", "--seed", "3", "--log-every", "1",
-          "--schedule", "constant", "--warmup", "2", "--quiet"]
+          "--schedule", "constant", "--warmup-steps", "2", "--quiet"]
 
 
 def _env() -> dict[str, str]:
@@ -202,7 +202,7 @@ from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
 from bertforge.train.distributed import init_from_env, shutdown
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))

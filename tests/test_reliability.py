@@ -29,7 +29,7 @@ from bertforge.train import checkpoint as ckpt
 from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
-from bertforge.commands.pretrain import MLMTask
+from bertforge.tasks.mlm import MLMTask
 from conftest import run_cli
 
 STEPS = 20
@@ -40,7 +40,7 @@ def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
             "--hidden-size", "64", "--num-attention-heads", "2", "--intermediate-size", "128",
             "--max-position-embeddings", "64", "--seq-len", "32", "--dropout", "0.1",
-            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup", "0.1",
+            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-fraction", "0.1",
             "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "0",
             "--eval-sequences", "32", "--precision", "fp32", "--seed", "0", "--quiet", *extra]
 

@@ -17,7 +17,8 @@ from bertforge.model import ops
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import MLMTask, pretraining_model, run_pretrain
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.tasks.mlm import MLMTask, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
 from bertforge.train.loop import fit
 

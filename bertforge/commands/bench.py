@@ -156,7 +156,7 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
     normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
     through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
-    from bertforge.commands.pretrain import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
+    from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.step import StepBatch, train_step
 
     torch.manual_seed(0)
@@ -301,7 +301,7 @@ def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: 
     `steps` steps after two untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bertforge.commands.pretrain import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
+    from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.runtime import resolve_precision
     from bertforge.train.step import StepBatch, train_step
 
