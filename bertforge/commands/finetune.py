@@ -38,8 +38,8 @@ from bertforge.fileio import hold_lock, write_text_atomic
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.paths import make_marked
 from bertforge.tasks.classification import ClassificationTask, TokenizedSplit, predict_logits
-from bertforge.train.checkpoint import load_model_weights
 from bertforge.train.consistency import check_tokenizer_fits, check_training_fits
+from bertforge.weights import load_model_weights
 
 SPEC, BEST, METRICS_SUMMARY = "finetune.json", "best", "metrics.json"
 

@@ -33,8 +33,7 @@ from bertforge.fileio import hold_lock, require_utf8
 from bertforge.model.bert import BertForPreTraining
 from bertforge.paths import Undo, make_marked
 from bertforge.tasks.mlm import MLMTask, pretraining_model
-from bertforge.train.checkpoint import (any_checkpoint, gather_model_state, load_model_weights,
-                                        remove_partial)
+from bertforge.train.checkpoint import any_checkpoint, gather_model_state, remove_partial
 from bertforge.train.consistency import check_training_fits
 from bertforge.train.distributed import Distributed
 from bertforge.train.loop import fit
@@ -45,6 +44,7 @@ from bertforge.train.runtime import (
     resolve_precision,
     training_memory,
 )
+from bertforge.weights import load_model_weights
 
 # What a start writes in RUN_DIR before training; a failed start removes those it made.
 RUN_FILES = (paths.MARKER, rundir.CONFIG, rundir.TOKENIZER, rundir.DATA, BUILT_FROM)

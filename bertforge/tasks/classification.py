@@ -10,7 +10,6 @@ validation in best/, which is what the command exports.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from bertforge.config import DEFAULT_MICRO_BATCH
 from bertforge.data.labelled import TaskData
 from bertforge.fileio import make_dir, write_atomic, write_text_atomic
 from bertforge.finetune_config import FinetuneConfig
+from bertforge.tasks.base import StepBatch
 from bertforge.tasks.scores import compute
-from bertforge.train import checkpoint as ckpt
-from bertforge.train.step import StepBatch
+from bertforge.weights import model_state, require_finite
 
 
 @dataclass
@@ -125,9 +124,14 @@ class ClassificationTask:
         self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         state = best_dir / "state.json"
         self.best = json.loads(state.read_text()) if state.is_file() else None
+        self._orders: dict[int, np.ndarray] = {}
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            self._orders = {epoch: self._new_order(epoch)}  # batches come in epoch order
+        return self._orders[epoch]
+
+    def _new_order(self, epoch: int) -> np.ndarray:
         """Epoch `epoch`'s example order: a seeded permutation. With length_grouping G,
         each run of G batches is then sorted by length and the full batches shuffled, so
         a batch holds examples of similar lengths (less padding); the short one stays last."""
@@ -184,8 +188,8 @@ class ClassificationTask:
         the previous weights removed: a kill at any point leaves a consistent best/."""
         make_dir(self.best_dir)
         name = f"step-{step:06d}.safetensors"
-        weights = ckpt.model_state(model)
-        ckpt.require_finite(weights, f"not keeping the weights of step {step} as the best")
+        weights = model_state(model)
+        require_finite(weights, f"not keeping the weights of step {step} as the best")
         write_atomic(self.best_dir / name, lambda tmp: save_file(weights, str(tmp)))
         self.best = {"step": step, "weights": name, **result}
         write_text_atomic(self.best_dir / "state.json", json.dumps(self.best, indent=1) + "\n")

@@ -25,7 +25,7 @@ from bertforge.data.masking import MaskedBatch, Masker, build_masker
 from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
 from bertforge.model.bert import BertForPreTraining
 from bertforge.model.ops import cross_entropy_and_hits
-from bertforge.train.step import StepBatch
+from bertforge.tasks.base import StepBatch
 
 EVAL_MASK_SEED = 20181011  # the day BERT appeared on arXiv
 EVAL_BATCH_SIZE = 64  # sequences per forward pass, in training's evaluation and `evaluate`
