@@ -1,18 +1,13 @@
-"""Atomic file writes: a kill or a crash at any moment leaves the old file or the new one.
+"""Atomic file writes, the per-directory lock, and no writing through symbolic links.
 
-Each write goes to a hidden temporary file beside the target (the same filesystem, so the
-rename is atomic), is fsynced, renamed over the target, and the directory is fsynced so
-the rename itself survives a power cut. A failed write removes its temporary file.
-Files written through a private temporary file elsewhere get the usual mode back with
-`give_usual_mode`.
-
-`hold_lock` keeps a second command off a directory that one is writing (a run, a data
-directory being prepared): an flock, which the kernel drops when its holder dies, even by
-kill -9, so a lock is never stale.
-
-Nothing is written through a symbolic link bertforge did not make: every file it writes is
-opened here with O_NOFOLLOW (`open_new`, the lock, the temporary file of an atomic write),
-and a link planted at an output's own name is refused (`refuse_link`), in one line.
+Each write goes to a hidden temporary file beside the target, is fsynced, renamed over the
+target, and the directory is fsynced, so a kill or a power cut leaves the old file or the
+new one; a failed write removes its temporary file. `hold_lock` keeps a second command off
+a directory one is writing with an flock, which the kernel drops when its holder dies, so
+a lock is never stale. Every file bertforge writes is opened here with O_NOFOLLOW
+(`open_new`, the lock, the temporary file of an atomic write), and a link at an output's
+own name is refused (`refuse_link`). `give_usual_mode` gives the usual mode back to a file
+written through a private temporary file elsewhere. The guarantees: docs/reliability.md.
 """
 
 from __future__ import annotations

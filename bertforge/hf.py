@@ -1,25 +1,14 @@
 """Export to and import from Hugging Face BERT directories.
 
 One explicit key map (`KEY_MAP`, bertforge name -> transformers name) drives both
-directions; `to_hf_state_dict` and `from_hf_state_dict` are its two readings and the
-exact reverse of each other. Three things are not one-to-one renames:
-
-- bertforge's fused `qkv` projection is transformers' `query`, `key` and `value`
-  concatenated along the output dimension (`FUSED_QKV`);
-- bertforge pads the vocabulary to a multiple of 64 (`VOCAB_PADDED`): the padding rows
-  are dropped on export and re-added as zeros on import;
-- the MLM decoder is tied to the word embeddings. transformers (4.x and 5.x) writes
-  neither `cls.predictions.decoder.weight` nor `.decoder.bias` to model.safetensors and
-  ties them itself on load, so neither do we; older checkpoints that carry them are
-  accepted if they really are tied.
-
-An exported directory is a BertForPreTraining checkpoint: `transformers.BertForPreTraining`
-loads every key, none missing or unexpected, and gives the same logits as bertforge's
-model. `BertForMaskedLM` and `AutoModel` (a bare BertModel) load it with no key missing
-and report the heads they have no place for as unexpected: the pooler and the NSP head
-(`cls.seq_relationship.*`) for BertForMaskedLM, every `cls.*` head for AutoModel. A
-fine-tuned BertForSequenceClassification exports through the same map plus
-`CLASSIFIER_KEY_MAP`, with num_labels, id2label/label2id and problem_type in config.json.
+directions; `to_hf_state_dict` and `from_hf_state_dict` are its two readings and the exact
+reverse of each other. Three things are not one-to-one renames: the fused `qkv` projection
+(`FUSED_QKV`), the vocabulary padded to a multiple of 64 (`VOCAB_PADDED`), and the MLM
+decoder tied to the word embeddings, which is not written (transformers ties it on load)
+and on import is accepted only if it really is tied. A fine-tuned classifier exports
+through the same map plus `CLASSIFIER_KEY_MAP`. The map's rules:
+docs/architecture.md#the-hugging-face-key-map; what loads an export:
+docs/evaluation-and-export.md.
 """
 
 from __future__ import annotations

@@ -6,10 +6,9 @@ inside (or would replace) an artefact of another kind, or is `/` or the home dir
 itself, is refused in one line. An artefact is a directory bertforge writes: a
 tokenizer, data, a run, an export, a fine-tuning run, a GLUE run or a report.
 
-Every such directory bertforge makes carries a MARKER naming its kind. bertforge deletes
-or replaces a directory only when it can show it wrote it (`owned`: the marker), and
-replaces it atomically
-(`replace_owned`: built in a sibling, then swapped in by rename).
+Every such directory carries a MARKER naming its kind. bertforge deletes or replaces a
+directory only when it can show it wrote it (`owned`: the marker), and replaces it
+atomically (`replace_owned`: built in a sibling, then swapped in by rename).
 """
 
 from __future__ import annotations

@@ -1,20 +1,16 @@
 """`bertforge bench`: training throughput, MFU and peak memory, against transformers.
 
 Every figure is a full training step (forward, backward, optimizer) on the same config,
-batch and masked tokens, timed in one process, so ratios compare like with like.
-transformers' BertForMaskedLM is timed in each of eager/sdpa attention x fp32/bf16 and
-its best setting is reported.
-
-Model FLOPs utilisation counts *useful* FLOPs: the work a dense-math BERT needs for the
-tokens that carry a loss, whatever an implementation spends on top (padding, the MLM
-decoder at unmasked positions). Per token, with L layers, hidden H, feed-forward I,
-sequence length T, vocab V and masking rate r, a forward pass costs
+batch and masked tokens, timed in one process; transformers' BertForMaskedLM is timed in
+each of eager/sdpa attention x fp32/bf16 and its best setting is reported. Model FLOPs
+utilisation counts *useful* FLOPs (docs/performance.md#bench): per token, with L layers,
+hidden H, feed-forward I, sequence length T, vocab V and masking rate r, a forward pass costs
 
     L * (2 * (4 * H**2 + 2 * H * I)  +  4 * T * H)  +  r * (2 * H**2 + 2 * H * V)
          (QKV, out, FFN matmuls)        (QK^T, PV)     (MLM transform + decoder)
 
-and a training step three times that (backward = 2x forward). MFU divides the achieved
-useful FLOP/s by the peak bf16 matmul FLOP/s this command measures on the machine.
+and a training step three times that (`flops_per_token`). MFU divides the achieved useful
+FLOP/s by the peak matmul FLOP/s this command measures on the machine (`matmul_peak`).
 """
 
 from __future__ import annotations

@@ -3,16 +3,8 @@ pretrained (or, as a baseline, randomly initialised) encoder.
 
 `run_finetune` reads top to bottom: set up OUT (the model, its tokenizer, the tokenized
 splits), fit the classification task (bertforge.tasks.classification) with the training
-loop pretraining uses, then export the best epoch's weights.
-
-OUT/
-  finetune.json   what was run (model, task, labels, config); forced on --resume
-  tokenizer/      the model's tokenizer files
-  checkpoints/    one per epoch (the newest only), for --resume
-  metrics.jsonl   train and eval lines, as in pretraining
-  best/           the best epoch's weights so far, and state.json naming them
-  metrics.json    validation metrics per epoch, the best epoch, times
-  hf/             the export: transformers.BertForSequenceClassification.from_pretrained
+loop pretraining uses, then export the best epoch's weights to OUT/hf. What OUT holds:
+docs/run-directory.md#a-fine-tuning-output.
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
 """Run reports: PNG plots of a run's metrics.jsonl and a report.md summary, in RUN_DIR/report/.
 
-Works for pretraining runs (training loss, held-out MLM loss and accuracy, learning
-rate, tokens/s) and fine-tuning outputs alike (their eval lines hold the task's metrics
-instead). Every figure in report.md names the step it is from (a run's last logged
-training step is often not its last step, where the final evaluation is), and every plot's
-y axis says what it measures, in which unit. A pretraining run's held-out loss is set
-against the unigram-frequency baseline (`bertforge.commands.evaluate.unigram_baseline`) on the same
-masked tokens as the run's own evaluation, so report.md and `bertforge evaluate` agree.
-
-Plots use matplotlib's object-oriented API on the Agg canvas: no display, no pyplot global
-state, safe at the end of a run on a headless machine. matplotlib is an optional
-dependency (`pip install 'bertforge[report]'`); without it, BertforgeError.
+Works for pretraining runs and fine-tuning outputs alike (their eval lines hold the task's
+metrics). Every figure in report.md names the step it is from, and every plot's y axis
+says what it measures, in which unit. A pretraining run's held-out loss is set against the
+unigram baseline (`bertforge.commands.evaluate.unigram_baseline`) on the same masked
+tokens as the run's own evaluation, so report.md and `bertforge evaluate` agree. Plots use
+matplotlib's object-oriented API on the Agg canvas (no display, no pyplot global state);
+matplotlib is optional (`pip install 'bertforge[report]'`), and without it, BertforgeError.
 """
 
 from __future__ import annotations

@@ -1,19 +1,13 @@
 """Find the files of a corpus and stream their documents, one at a time.
 
-A corpus is a list of files, directories (walked recursively, hidden entries skipped,
-symlinks followed but each real directory entered once, so a symlink loop ends), globs
-and ``hf:NAME[:CONFIG]`` Hugging Face datasets; `resolve_corpus` turns it into a
-deterministic list of sources. The format of a file is told by its name, without a
-compression suffix (``.gz .bz2 .xz .zst``): ``.jsonl``/``.json``, ``.csv``, ``.tsv``,
-``.parquet``, else plain text or WikiExtractor output (`file_format`); the readers and
-parsers for each are in `bertforge.data.readers`.
-
-`iter_documents` strips documents, drops empty ones and (optionally) exact duplicates,
-splits one longer than `CorpusOptions.max_document_chars` into several, and with
+`resolve_corpus` turns files, directories (walked recursively, hidden entries skipped,
+each real directory entered once, so a symlink loop ends), globs and ``hf:NAME[:CONFIG]``
+datasets into a deterministic list of sources; `file_format` tells a file's format by its
+name, and `bertforge.data.readers` parses it. `iter_documents` strips documents, drops
+empty ones and (optionally) exact duplicates, splits over-long ones, and with
 `sample_bytes` reads only about that many bytes, spread over the sources by their size.
 Dirty input never stops a run and is never passed over in silence: every repair is
-counted in `CorpusStats`, and a file that cannot be read (no permission, a corrupt
-archive, a bad Parquet file) is skipped and named.
+counted in `CorpusStats`, and an unreadable file is skipped and named (docs/data.md).
 """
 
 from __future__ import annotations

@@ -1,19 +1,12 @@
 """Deterministic, resumable, rank-aware batches from prepared token shards.
 
-The global batch of step t is a pure function of (seed, t): the k-th sequence the
-run ever sees is position k mod N of epoch k // N's seeded permutation. Nothing is
-iterated, so resuming at step 10,000 costs the same as at step 10 (one permutation
-of the current epoch), and any split of the global batch into micro-batches or
-processes sees the same sequences with the same masks.
-
-`ShardedSequences` reads one data directory or several (the parts of a corpus prepared
-on several machines, or several corpora) as one dataset, their shards in the order the
-directories are given; they must agree on tokenizer, seq_len and dtype.
-
-`verify_data` is what a run calls when it opens data: one pass over each shard, checking
-its bytes against the digest `prepare` recorded and its token ids against the vocabulary,
-so that changed or hostile shards are refused in one line instead of training silently
-or failing deep inside torch.
+The global batch of step t is a pure function of (seed, t): the k-th sequence the run ever
+sees is position k mod N of epoch k // N's seeded permutation. Nothing is iterated, so a
+resume at any step costs the same, and any split of the global batch into micro-batches
+or processes sees the same sequences with the same masks. `ShardedSequences` reads one
+data directory or several as one dataset (they must agree on tokenizer, seq_len and
+dtype). `verify_data`, called when a run opens data, checks each shard's bytes against
+the digest `prepare` recorded and its token ids against the vocabulary.
 """
 
 from __future__ import annotations

@@ -1,27 +1,13 @@
 """Low-level corpus reading: opening, decoding, cleaning and cutting, and one document
 parser per format (`bertforge.data.corpus` picks the parser by file name).
 
-- ``.jsonl`` / ``.json``: one JSON object per line; the document is its
-  `CorpusOptions.text_field` (``text``).
-- ``.csv`` / ``.tsv``: a header row, then one document per row in the column
-  `CorpusOptions.text_column` (``text``). CSV is quoted as usual; TSV is split on tabs,
-  unquoted, as GLUE's files are.
-- ``.parquet``: the column `text_column`, read in record batches (needs pyarrow); a
-  compressed file is inflated into a temporary file first, as Parquet needs to seek.
-- ``hf:NAME[:CONFIG]``: the train split of a Hub dataset, streamed (needs datasets).
-- WikiExtractor output (first non-empty line starts with ``<doc ``): each
-  ``<doc ...>`` ... ``</doc>`` block is one document, without the tags and without the
-  title line WikiExtractor repeats under the opening tag.
-- anything else: plain text, documents separated by blank lines, or one document per
-  line with `CorpusOptions.one_doc_per_line`.
-
-Each repair is counted in `CorpusStats`: invalid UTF-8 becomes U+FFFD, control
-characters (NUL and the rest of C0/C1, but tab and newline) are removed, and CR and CRLF
-end lines. Memory stays bounded whatever the input: files are read in blocks of
-`BLOCK_BYTES`, a line longer than `CorpusOptions.max_document_chars` is cut into pieces
-(at whitespace where there is some), a document longer than that is split into several,
-and a JSON/CSV line longer than `CorpusOptions.max_record_chars` is skipped. A source that
-cannot be parsed at all (no text column, a bad CSV header) raises `_Unreadable`.
+The formats (JSON lines, CSV, TSV, Parquet, ``hf:`` datasets, WikiExtractor output, plain
+text) and their options are in docs/data.md#corpus-formats. Each repair (invalid UTF-8,
+control characters, CR line ends) is counted in `CorpusStats`. Memory stays bounded
+whatever the input: files are read in blocks of `BLOCK_BYTES`, a line or document longer
+than `CorpusOptions.max_document_chars` is cut into pieces, and a JSON/CSV record longer
+than `CorpusOptions.max_record_chars` is skipped. A source that cannot be parsed at all
+(no text column, a bad CSV header) raises `_Unreadable`.
 
 `CorpusOptions` and `CorpusStats` are defined here so that this module needs nothing
 from `bertforge.data.corpus`, which re-exports them.

@@ -1,19 +1,13 @@
 """Train and load BERT WordPiece tokenizers (the `tokenizers` library, Rust).
 
-The tokenizer is built exactly like Google's BERT / transformers' BertTokenizer:
-BertNormalizer (clean text, split CJK characters, optional lowercasing with accent
-stripping), BertPreTokenizer, WordPiece with "##" continuations, and the
-``[CLS] A [SEP] (B [SEP])`` template. The five special tokens always take ids 0-4
-([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4), so code and configs can rely on them.
-
-A tokenizer directory holds tokenizer.json (what bertforge loads), plus vocab.txt,
-tokenizer_config.json and special_tokens_map.json, so `transformers.AutoTokenizer`
-loads the same directory offline and encodes identically.
-
-Training is not bit-for-bit reproducible: the Rust trainer breaks ties between equally
-frequent merges in hash-map order, so two runs on one corpus can differ in a few
-tokens and in id order (huggingface/tokenizers#1794). Train once and reuse the
-directory; data prepared with it records `tokenizer_hash` to catch mix-ups.
+The tokenizer is built exactly like Google's BERT / transformers' BertTokenizer
+(BertNormalizer, BertPreTokenizer, WordPiece with "##" continuations, the
+``[CLS] A [SEP] (B [SEP])`` template). The five special tokens always take ids 0-4
+([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4), so code and configs can rely on them. A
+tokenizer directory holds tokenizer.json (what bertforge loads) and the files
+`transformers.AutoTokenizer` reads, so it loads the same directory offline and encodes
+identically. Training is not bit-for-bit reproducible (docs/data.md#the-tokenizer):
+train once and reuse the directory.
 """
 
 from __future__ import annotations

@@ -1,24 +1,17 @@
 """BERT in plain PyTorch, built for pretraining speed.
 
-What is notable here:
-
-- One fused QKV projection per layer. Attention and dropout go through `bertforge.model.ops`,
-  which picks the kernel for the tensor's device (SDPA and F.dropout on GPUs, where a
-  batch without padding gets no mask at all and so the flash kernel; tuned CPU paths).
+- One fused QKV projection per layer; attention and dropout go through
+  `bertforge.model.ops`, which picks the kernel for the tensor's device.
 - Sparse MLM prediction: given the flat indices of the masked positions, the MLM head
-  (transform + vocab decoder, the most expensive matmul in a small BERT) runs on those
-  rows only, about 15% of the tokens.
-- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64). In
-  training on GPUs and under torch.compile the decoder multiplies by all of them (aligned
-  rows) and the loss leaves the padding columns out; on the CPU's eager path it takes the
-  real rows only (`ops.pad_decoder`).
-- The MLM decoder is tied to the word embeddings by using the embedding Parameter
-  itself, so the state_dict holds that tensor once (no duplicate key to dedupe when
-  saving with safetensors).
+  (transform + vocab decoder) runs on those rows only.
+- The word embedding matrix has `config.padded_vocab_size` rows (a multiple of 64);
+  whether the decoder multiplies by all of them is `ops.pad_decoder`'s choice.
+- The MLM decoder is tied to the word embeddings by using the embedding Parameter itself,
+  so the state_dict holds that tensor once.
 
-The model knows nothing of training: no loss, optimizer, data or device code.
-Layer and attribute names follow Hugging Face where that keeps bertforge.hf's key map
-readable.
+The model knows nothing of training: no loss, optimizer, data or device code. Layer and
+attribute names follow Hugging Face where that keeps bertforge.hf's key map readable.
+Why this is fast: docs/performance.md#where-the-speed-comes-from.
 """
 
 from __future__ import annotations

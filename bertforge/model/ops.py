@@ -1,34 +1,20 @@
 """The kernels that differ between the CPU and GPUs, each picked by its tensor's device.
 
 Every device-specific kernel of the model and the training step lives here, and nothing
-else in bertforge branches on the device type for speed:
+else in bertforge branches on the device type for speed. Each has a hand-made CPU path,
+where the generic kernel is slow, and PyTorch's kernel on a GPU:
 
-- `attention`: CPU, two batched matmuls and a softmax; GPU,
-  `F.scaled_dot_product_attention`.
-- `dropout`: CPU, a {0, 1} mask from numpy SFC64 bits; GPU, `F.dropout`.
-- `cross_entropy_and_hits` (and `cross_entropy_sum`): CPU, fp32 in cache-sized chunks
-  with the softmax kept for backward and the hits read off the row maxima; GPU,
-  `F.cross_entropy` on fp32 logits and one `amax`.
-- `pad_decoder`: GPU, compiled and bf16, the MLM decoder on the padded vocabulary
-  (aligned rows; the loss masks the padding columns); CPU eager fp32, the real rows.
-- `grad_norm_squared`: CPU, float64 sums of float32 chunk norms; GPU, one
-  `torch._foreach_norm` launch.
+- `attention`: two batched matmuls and a softmax; GPU, SDPA.
+- `dropout`: a {0, 1} mask from numpy SFC64 bits; GPU, `F.dropout`.
+- `cross_entropy_and_hits` (and `cross_entropy_sum`): fp32 in cache-sized chunks, the
+  hits read off the row maxima; GPU, `F.cross_entropy` and one `amax`.
+- `grad_norm_squared`: float64 sums of float32 chunk norms; GPU, `torch._foreach_norm`.
+- `pad_decoder`: whether the MLM decoder runs on the padded vocabulary.
 
-The CPU paths exist because the generic kernels are slow there (measured with torch 2.13,
-bf16, BERT's shapes): SDPA's CPU backward is about 3x slower than two matmuls at head
-size 64, `F.dropout` draws one Mersenne-Twister number per element on one thread, and
-`F.cross_entropy` on (N, 30522) fp32 copies streams several 75 MB tensors through memory.
-On a GPU none of that holds, and the fused kernels are what to use: SDPA takes its flash
-kernel when there is no mask (packed batches) and its memory-efficient kernel with the
-boolean mask of padded ones.
-
-Under `torch.compile` every function here takes the generic path whatever the device:
-Inductor fuses F.dropout's mask, the softmax and the cross-entropy into the kernels around
-them, which is what the hand-made CPU paths approximate in eager mode, and the generic
-paths trace into one graph (numpy calls and host reads would break it).
-
-`use_kernels("gpu")` runs the GPU paths on the CPU too, which is how the test suite
-checks them without a GPU; nothing else sets it.
+Under `torch.compile` every function takes the generic path whatever the device, which
+Inductor fuses. `use_kernels("gpu")` runs the GPU paths on the CPU too, which is how the
+test suite checks them; nothing else sets it. Why, with the measurements:
+docs/performance.md#kernels-per-device.
 """
 
 from __future__ import annotations

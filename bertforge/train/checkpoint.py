@@ -1,20 +1,14 @@
 """Checkpoints: the `Checkpointer` that saves and restores a run, and the files it writes.
 
-- `Checkpointer`: the one owner of a run's checkpoints. It gathers the full state from
-  every rank (FSDP's shards included), saves it with each rank's RNG, chooses the
-  checkpoint a resume starts from (rank 0 chooses, every rank follows) and restores the
-  weights, the optimizer, the loop's `TrainState` and the RNG. Every checkpoint is the
-  same file whatever wrote it (one process, DDP or FSDP, any world size) and loads in any
-  of them.
-- The files: safetensors weights, optimizer state, JSON run state. A checkpoint is
-  written into a temporary directory, every file fsynced, then renamed into place;
-  `checkpoints/latest` is replaced (also atomically) only after that, and older
-  checkpoints are pruned only after that. Each file's sha256, and one of state.json's own
-  content, is recorded in state.json and verified on load, so a truncated or corrupted
-  checkpoint is detected and the previous good one used instead. A resume takes the
-  newest checkpoint that verifies (`latest` names it too, unless a kill fell between the
-  rename and the update of `latest`). Nothing pickled is ever loaded without
-  `weights_only=True`, and weights that are not finite (a diverged run) are never written.
+The `Checkpointer` is the one owner of a run's checkpoints: it gathers the full state from
+every rank (FSDP's shards included), saves it with each rank's RNG, chooses the checkpoint
+a resume starts from (rank 0 chooses, every rank follows) and restores the weights, the
+optimizer, the loop's `TrainState` and the RNG. A checkpoint (safetensors weights,
+optimizer state, JSON run state holding every file's sha256) is written into a temporary
+directory, fsynced and renamed into place before `checkpoints/latest` names it, and a
+resume takes the newest one that verifies. Nothing pickled is loaded without
+`weights_only=True`, and weights that are not finite are never written. The whole
+contract: docs/architecture.md#the-checkpointer.
 """
 
 from __future__ import annotations

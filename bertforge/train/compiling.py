@@ -1,30 +1,19 @@
 """torch.compile for the training step: the forward pass and the loss as one graph.
 
-- `compile_loss(loss_fn)`: a task's loss function (model forward + loss, see
-  `bertforge.train.step.Task.loss_sum`) through torch.compile. Compiling the loss with the
-  model lets Inductor fuse the cross-entropy into the decoder's epilogue and the dropout
-  masks, residual adds, GELU and LayerNorm into the kernels around them. Before each call
-  the dimensions that change from one micro-batch to the next are marked dynamic, so a
-  run compiles once (twice when some micro-batches are padded and others are not):
-  the number of masked positions (a pretraining batch's is random) and the batch and
-  length of padded batches (fine-tuning's, grouped by length).
-- `ordered_scatter(device)`: a compiled CPU step is as deterministic as an eager one.
-  Inductor writes the embedding gradient (a scatter-add over the batch's token ids) with
-  atomic adds in parallel loops, whose order, and so rounding, changes from run to run;
-  in PyTorch's deterministic mode it calls ATen's ordered kernel instead, which is what
-  keeps a resumed compiled run bitwise equal to an uninterrupted one.
-- `should_compile(cfg, device)`: whether a run compiles. `--compile` and `--no-compile`
-  decide; by default a GPU run compiles when it is long enough for compiling to pay (at
-  least `AUTO_MIN_STEPS` steps or an `AUTO_MIN_BUDGET_S` budget: compiling takes a minute
-  or more) and Triton is there. A CPU run stays eager unless asked: measured on an AVX2
-  CPU in fp32, where the matmuls are most of a step, the compiled step was no faster than
-  the eager one with its hand-made kernels (benchmarks/README.md).
-- `CompileCounters`: graph breaks and graphs compiled, from dynamo's counters, which is
-  how `bertforge bench --compile` and the tests tell whether compilation works.
+- `compile_loss(loss_fn)`: a task's `loss_sum` (bertforge.tasks.base) compiled, so that
+  Inductor fuses the cross-entropy, dropout masks, residual adds, GELU and LayerNorm into
+  the kernels around the matmuls. The sizes that vary between micro-batches are marked
+  dynamic, so a run compiles once (twice when some micro-batches are padded and others not).
+- `ordered_scatter(device)`: on the CPU, PyTorch's deterministic mode, in which Inductor
+  adds the embedding gradient with ATen's ordered scatter, not with atomic adds whose order
+  changes between runs: a resumed compiled run stays bitwise equal to an uninterrupted one.
+- `should_compile(cfg, device)`: `--compile` and `--no-compile` decide; by default a GPU run
+  compiles when it is long enough for compiling (a minute or more) to pay (`AUTO_MIN_STEPS`
+  steps or an `AUTO_MIN_BUDGET_S` budget) and Triton is there; a CPU run stays eager.
+- `CompileCounters`: graph breaks and graphs compiled, which is how
+  `bertforge bench --compile` and the tests tell whether compilation works.
 
-The kernel choices stay in bertforge.model.ops, which takes the generic kernels under
-compilation (what Inductor fuses); what differs here by device is only what compiling
-needs (a C++ compiler or Triton) and the CPU's ordered scatter.
+Why, with the measurements: docs/performance.md#torchcompile.
 """
 
 from __future__ import annotations

@@ -3,20 +3,12 @@ the training loop needs.
 
 `init_from_env` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR...)
 and returns a `Distributed`; a plain `python -m bertforge` run gets `Distributed()`, one
-process whose collectives are no-ops, so the training loop has one code path.
-
-Notable choices:
-
-- The ranks wait for rank 0's data preparation on a gloo group with a long timeout
-  (`wait_for_main`), and take its choice of checkpoint (`broadcast_object`); the
-  training collectives keep the backend's default timeout.
-- Gradients are averaged over ranks by DDP and by FSDP's reduce-scatter; the loop scales
-  each rank's loss by the world size so that the result is the gradient of the global
-  batch's loss, normalised by the global count of loss terms (docs/architecture.md).
-- Parameters an objective never uses (the pooler and NSP head under plain MLM) must be
-  frozen by the caller: DDP waits for a gradient of every trainable parameter.
-- FSDP2 shards each encoder layer and then the root (embeddings, heads). Checkpoints
-  gather the full state from the shards (bertforge.train.checkpoint).
+process whose collectives are no-ops, so the training loop has one code path. The ranks
+wait for rank 0's data preparation on a gloo group with a long timeout (`wait_for_main`)
+and take its choice of checkpoint (`broadcast_object`); the training collectives keep the
+backend's default timeout. Parameters an objective never uses must be frozen by the
+caller: DDP waits for a gradient of every trainable parameter. How gradients are averaged
+and how FSDP2 shards the model: docs/distributed.md.
 """
 
 from __future__ import annotations

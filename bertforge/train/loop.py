@@ -1,20 +1,13 @@
 """The one training loop, shared by pretraining and fine-tuning.
 
 `fit` sets up (the `Checkpointer` chooses and restores, bertforge.train.checkpoint), then
-sends prefetched batches through `train_step` (bertforge.train.step: accumulation,
-normalisation, clipping, the NaN policy, the update); `_Loop` decides when to log,
-evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT: after the step
-it came in, or, during an evaluation (which changes no weight), at once.
-
-Host syncs: on the CPU once a step, inside `train_step` before the update. On a GPU the
-steps run ahead without one (a non-finite update is dropped on the device) and the loop
-reads the queued steps' figures in one transfer only where the host needs them: a
-logging, evaluation or checkpoint step, the last step, a stop signal (under torchrun,
-checked at those reads), and every step under torchrun with a time budget, whose
-learning rate follows rank 0's clock. The NaN policy is applied at the read: with
-on_nan 'stop' the run stops naming the first non-finite step, before any checkpoint
-after it. Evaluation and checkpoints are off the training clock, which is what time
-budgets and tokens/s count.
+sends prefetched batches through `train_step` (bertforge.train.step); `_Loop` decides when
+to log, evaluate, checkpoint and stop, and saves a checkpoint on SIGTERM/SIGINT: after the
+step it came in, or, during an evaluation (which changes no weight), at once. On a GPU the
+steps run ahead without a host read, and the loop reads the queued steps' figures only
+where it needs them, applying the NaN policy there
+(docs/architecture.md#train_step-and-its-one-host-read). Evaluation and checkpoints are
+off the training clock, which is what time budgets and tokens/s count.
 """
 
 from __future__ import annotations

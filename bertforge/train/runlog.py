@@ -1,14 +1,10 @@
 """What a run reports as it trains: metrics.jsonl and the progress output.
 
-metrics.jsonl holds one JSON object per line. A "train" line (every `log_every` steps,
-the first step and any skipped step) has: step; loss (the sum of the loss terms over the
-global batch, each normalised by its count, null for a skipped step) and, with several
-terms, `<term>_loss` for each; lr; grad_norm (before clipping); skipped_steps; tokens
-(real input tokens trained on so far, padding excluded, all processes together);
-tokens_per_s (over the steps since the previous line, training time only); elapsed_s
-(training time: evaluation and checkpoints are off the clock); epoch; and the task's
-metrics (mlm_accuracy, accuracy, ...). An "eval" line has step, tokens, elapsed_s and
-the held-out metrics, among them `precision`, the arithmetic they were computed in.
+metrics.jsonl holds one JSON object per line: a "train" line every `log_every` steps (and
+for the first and any skipped step) with the loss and its terms, lr, grad_norm,
+skipped_steps, tokens, throughput, training time, epoch and the task's metrics; an "eval"
+line with the held-out metrics and the `precision` they were computed in. Every field:
+docs/run-directory.md#metricsjsonl.
 """
 
 from __future__ import annotations

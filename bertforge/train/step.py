@@ -1,33 +1,17 @@
-"""One optimizer step, and the batches that feed it.
+"""One optimizer step, and the prefetching of the batches that feed it.
 
-- `StepBatch`: this process's share of one step's global batch, on the host: the
-  micro-batches, how many loss terms of each kind they hold, and their real tokens.
-  A task builds it from the step alone (`Task.batch(step)`), which is what makes resume
-  exact and O(1).
-- `prefetch`: the batches of the steps to come, built ahead of time by a
-  `torch.utils.data.DataLoader` over step indices: in `num_workers` background
-  processes, into pinned memory when the device is a GPU, so that the masking of step
-  t + 1 overlaps the compute of step t and the copy to the device does not block.
-- `train_step`: `accumulate_gradients` (forward and backward over the micro-batches,
-  each loss term normalised by its count over the whole global batch), then
-  `finish_step` (gradient clipping; the non-finite guard and the `on_nan` policy; the
-  update). It returns a `StepResult`, or with `defer` a `PendingStep` whose figures
-  `read_steps` brings over later, with those of other steps.
+- `train_step`: `accumulate_gradients` (forward and backward over the micro-batches of a
+  `StepBatch`, each loss term normalised by its count over the whole global batch), then
+  `finish_step` (clipping, the non-finite guard and the `on_nan` policy, the update).
+- `prefetch`: the batches of the steps to come, built ahead by a DataLoader over step
+  indices in background processes (into pinned memory on a GPU).
 
-Host-device synchronisation. Nothing in the micro-batch loop reads a device value: the
-counts that normalise the loss come from the host side of the batch, metrics stay
-tensors, and the clipping factor is applied on the device. What the host wants of a
-step (loss sums, metrics, gradient norm, and under torchrun the global counts, the stop
-flag and rank 0's clock) is packed by name into one device tensor (`Packed`), read in
-one transfer and unpacked by name:
-
-- on a GPU with fused AdamW (`defer=True`), not before `optimizer.step()`: a non-finite
-  update is dropped on the device (`found_inf`, as GradScaler does), and the caller
-  reads the steps' figures when it needs them (`read_steps`), so the device never
-  drains between steps;
-- otherwise (the CPU, where a read costs nothing, or an optimizer that cannot skip on
-  the device) once per step, before `optimizer.step()`: the host decides whether the
-  update may be applied.
+Nothing in the micro-batch loop reads a device value. What the host wants of a step is
+packed by name into one device tensor (`Packed`) and read in one transfer: on a GPU with
+fused AdamW (`defer=True`) not before `optimizer.step()`, a non-finite update being dropped
+on the device and the figures read later by `read_steps` (from a `PendingStep`); otherwise
+once a step, before `optimizer.step()`, so that the host decides whether the update is
+applied. Why: docs/architecture.md#train_step-and-its-one-host-read.
 """
 
 from __future__ import annotations

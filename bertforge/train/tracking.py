@@ -1,18 +1,11 @@
 """Experiment tracking: TensorBoard event files and Weights & Biases runs, on request.
 
-Each tracker gets every record metrics.jsonl gets, as scalars against the record's step:
-`train/<key>` for train lines, `eval/<key>` for eval lines, one for each numeric value
-(None, booleans and strings such as `precision` are left out). Both packages are optional
-extras, imported only when a run asks for them (`check_available` names the extra to
-install), and only the main process opens trackers (the caller sees to that).
-
-TensorBoard writes to RUN_DIR/tensorboard; a resumed run appends there and hides the
-events a killed attempt wrote past the resumed step. W&B keeps its files in RUN_DIR/wandb
-and the run's id in RUN_DIR/wandb-run.json, so a resumed run continues the same W&B run
-(skipping the steps it holds already: W&B's steps only go forward). W&B never prompts
-for an API key: it logs offline where WANDB_MODE=offline, where the server cannot be
-reached or where no key is configured, and prints how to upload the run later
-(`wandb sync`); WANDB_MODE=disabled turns it off.
+Each tracker gets every numeric value of every metrics.jsonl record, as `train/<key>` or
+`eval/<key>` against the record's step. Both packages are optional extras, imported only
+when a run asks for them (`check_available` names the extra to install), and only the main
+process opens trackers (the caller sees to that). A resumed run continues the same
+TensorBoard directory and the same W&B run, without duplicating steps, and W&B never
+prompts for an API key: docs/training.md#experiment-tracking.
 """
 
 from __future__ import annotations
