@@ -16,18 +16,12 @@ import torch
 import yaml
 
 from bertforge import __version__
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "scripts" / "demo.sh"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
             max_position_embeddings=64)
-
-
-def one_line_error(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 # ------------------------------------------------------------------------- scripts/demo.sh

@@ -9,15 +9,7 @@ import sys
 import pytest
 
 from bertforge.cli.main import parse_duration
-from conftest import run_cli
-
-
-
-
-def one_line_error(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from conftest import one_line_error, run_cli
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -82,7 +74,6 @@ def test_console_entry_point_has_no_traceback(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert one_line_error(proc.stderr).startswith("bertforge: error:")
-
 
 
 # Every flag of bertforge 0.1.0, by command: users' scripts rely on them.

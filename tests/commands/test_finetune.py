@@ -18,31 +18,10 @@ from bertforge.commands.finetune import ClassificationTask, Encoded, predict, ru
 from bertforge.finetune_config import FinetuneConfig
 from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
 from bertforge.tasks.scores import accuracy, f1, matthews, mse, pearson, rank, spearman
-from conftest import run_cli
+from bertforge.testing import NOUNS
+from conftest import run_cli, sentence, tiny_finetune, write_sst2
 
-SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-
-# Words of the conftest corpus, so the tiny tokenizer knows them.
-NOUNS = "cat dog bird horse king queen river city garden teacher".split()
-POSITIVE, NEGATIVE = "happy bright young green large".split(), "dark old quiet small red".split()
-VERBS = "sees follows finds likes meets".split()
-
-
-def sentence(rng: random.Random) -> tuple[str, int]:
-    """A sentence whose label is whether its two adjectives are 'positive' ones."""
-    label = rng.random() < 0.5
-    adj = POSITIVE if label else NEGATIVE
-    return (f"the {rng.choice(adj)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the "
-            f"{rng.choice(adj)} {rng.choice(NOUNS)} ."), int(label)
-
-
-def write_sst2(folder: Path, train: int = 128, dev: int = 48, header: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for split, n in (("train", train), ("dev", dev)):
-        rows = "".join(f"{s}\t{y}\n" for s, y in (sentence(rng) for _ in range(n)))
-        (folder / f"{split}.tsv").write_text(("sentence\tlabel\n" if header else "") + rows)
-    return folder
+SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 
 
 def write_stsb(folder: Path, n: int = 24) -> Path:
@@ -58,15 +37,6 @@ def write_stsb(folder: Path, n: int = 24) -> Path:
             rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{2.5 * (ya + yb):.3f}\n")
         (folder / f"{split}.tsv").write_text(header + "".join(rows))
     return folder
-
-
-def tiny_finetune(**kw) -> FinetuneConfig:
-    # A tiny, barely pretrained model sits at chance for a while before it finds the
-    # adjectives; these settings leave it a margin (seeds 1-4 learn the task by epoch 2).
-    values = dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=32,
-                  dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
-    values.update(kw)
-    return FinetuneConfig.from_dict(values)
 
 
 @pytest.fixture(scope="module")
