@@ -135,6 +135,19 @@ def reseal(step_dir: Path, state: dict | None = None) -> None:
     ckpt.write_state(step_dir, state)
 
 
+def tiny_model(tokenizer_dir: Path):
+    """A random 2-layer, 32-wide BertForPreTraining (seed 0, eval mode) sized to the
+    tokenizer in `tokenizer_dir`."""
+    from bertforge.config import ModelConfig
+    from bertforge.model.bert import BertForPreTraining
+
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    torch.manual_seed(0)
+    return BertForPreTraining(ModelConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=37, max_position_embeddings=64)).eval()
+
+
 # ------------------------------------------------------------------ fine-tuning data and runs
 
 @pytest.fixture(scope="module")
