@@ -107,9 +107,10 @@ def tiny_pretrain_argv(data_dir: Path, run: Path, *extra: object) -> list[object
             "--checkpoint-every", "1", *extra]
 
 
-@pytest.fixture(scope="module")
-def one_step_run(tmp_path_factory, data_dir, one_thread) -> Path:
-    """A finished run with one checkpoint (step 1) and its export."""
+@pytest.fixture(scope="session")
+def one_step_run(tmp_path_factory, data_dir) -> Path:
+    """A finished run with one checkpoint (step 1) and its export; tests that change it
+    work on a copy."""
     from bertforge.cli.main import main
 
     run = tmp_path_factory.mktemp("one-step") / "run"
@@ -118,7 +119,7 @@ def one_step_run(tmp_path_factory, data_dir, one_thread) -> Path:
     return run
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hf_dir(one_step_run) -> Path:
     """The one-step run's Hugging Face export."""
     return one_step_run / "hf"
@@ -150,7 +151,7 @@ def tiny_model(tokenizer_dir: Path):
 
 # ------------------------------------------------------------------ fine-tuning data and runs
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def classification_files(tmp_path_factory) -> list[object]:
     """finetune's own-data flags for a tiny labelled task."""
     root = tmp_path_factory.mktemp("task")
@@ -163,9 +164,10 @@ def classification_files(tmp_path_factory) -> list[object]:
             "--max-length", "32", "--quiet"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finetuned(tmp_path_factory, one_step_run, classification_files) -> tuple[Path, list]:
-    """A one-step fine-tuning run of the tiny model, and its command line."""
+    """A one-step fine-tuning run of the tiny model, and its command line; tests that
+    change it work on a copy."""
     from bertforge.cli.main import main
 
     out = tmp_path_factory.mktemp("ft") / "ft"
@@ -208,6 +210,23 @@ def tiny_finetune(**kw):
                   dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
     values.update(kw)
     return FinetuneConfig.from_dict(values)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "report: keeps the plots and report.md that "
+                            "pretraining writes at its end (other tests skip them)")
+
+
+@pytest.fixture(autouse=True)
+def no_run_report(request, monkeypatch):
+    """A pretraining run ends by drawing its report (four matplotlib figures, about a
+    second); over the suite's many tiny runs that is a minute of plotting. Tests marked
+    `report` (commands/test_report.py, where reports may go, what the commands print)
+    keep it; the others skip it."""
+    if request.node.get_closest_marker("report") is None:
+        from bertforge.commands import pretrain
+
+        monkeypatch.setattr(pretrain, "write_run_report", lambda run_dir: None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_cli, write_corpus
 
 from bertforge.data.prepare import split_warnings
 from bertforge.data.readers import CorpusStats
+
+pytestmark = pytest.mark.report  # what the commands print includes the report's line
 
 
 def test_tokenizer_and_prepare_write_plain_lines_off_a_terminal(tmp_path, capfd):
