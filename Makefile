@@ -1,6 +1,7 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   create .venv, install, and pretrain a real model end to end
 #   make test   create .venv, install, and run the test suite
+#   make lint   ruff and mypy, as CI runs them
 # The demo reads DEMO_CORPUS (default: the Wikipedia sample in data/, see data/README.md),
 # trains for DEMO_STEPS steps (or DEMO_BUDGET=10m of training time instead) and writes to
 # DEMO_OUT. Run `make demo` again after an interruption and it continues where it stopped;
@@ -15,12 +16,12 @@ TORCH_VERSION ?= 2.13.0
 
 DEMO_CORPUS ?= data/enwiki-2015-sample.txt.xz
 DEMO_CORPUS_OPTIONS ?=
-DEMO_STEPS ?= 3000
+DEMO_STEPS ?= 5000
 DEMO_BUDGET ?=
 DEMO_VOCAB ?= 8192
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +42,16 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# ruff (lint and format check) over the code, mypy over the package: pyproject.toml sets both.
+lint: install
+	$(BIN)/ruff check bertforge tests scripts benchmarks
+	$(BIN)/ruff format --check bertforge tests scripts benchmarks
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix bertforge tests scripts benchmarks
+	$(BIN)/ruff format bertforge tests scripts benchmarks
 
 clean:
 	rm -rf $(VENV) runs

@@ -23,7 +23,7 @@ import resource, sys, time, torch
 from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import mlm_loss_sum, pretraining_model
 from bertforge.train.runtime import configure, keep_freed_memory, resolve_precision
 from bertforge.train.step import StepBatch, train_step
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bertforge.cli.main import parse_duration
+from bertforge.cli.options import parse_duration
 from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.data.loader import ShardedSequences, eval_batches
 from bertforge.data.masking import Masker

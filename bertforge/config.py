@@ -1,14 +1,10 @@
 """Configuration: one small dataclass per concern, plus the named model presets.
 
-`ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json
-from the Hugging Face world maps onto it one to one. Every config is validated on
-construction; a bad value raises `BertforgeError` naming the field. No float may be NaN or
-infinite (`--lr inf` passes `lr > 0`), and a model must fit in memory: its parameters are
-counted from the config and refused, before anything is allocated, when their fp32 weights
-alone exceed the memory this machine has available (training needs more:
-`consistency.check_training_fits`). A numeric field's range is its `rule`, checked for
-config files and flags alike (`number` parses every numeric flag of every command). The
-resolved configs of a run are written to RUN_DIR/config.yaml and forced on resume.
+`ModelConfig` uses the field names of `transformers.BertConfig`, so a config.json from the
+Hugging Face world maps onto it one to one. Every config is validated on construction; a
+bad value raises `BertforgeError` naming the field, and a numeric field's range is its
+`rule`, checked for config files and flags alike (`number`). A run's resolved configs are
+written to RUN_DIR/config.yaml and forced on resume.
 """
 
 from __future__ import annotations
@@ -351,24 +347,9 @@ class TrainConfig:
         return self.schedule != "constant" or bool(self.warmup_fraction)
 
 
-def legacy_warmup(value: Any, where: str) -> dict[str, Any]:
-    """The old `warmup` key (a number of steps if >= 1, else a fraction of the run) as
-    warmup_steps or warmup_fraction."""
-    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise BertforgeError(f"{where}: expected a number >= 0, got {value!r}")
-    if value >= 1:
-        return {"warmup_steps": int(round(value))}
-    return {"warmup_fraction": float(value)}
-
-
 def merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """`into` updated with `values`, a later layer of config (preset < file < flags);
     a warmup given in one form replaces an earlier layer's other form."""
-    if "warmup" in values:
-        values = {**{k: v for k, v in values.items() if k != "warmup"},
-                  **legacy_warmup(values["warmup"], "warmup")}
     if any(k in values for k in WARMUP_FIELDS):
         for k in WARMUP_FIELDS:
             into.pop(k, None)
@@ -376,9 +357,10 @@ def merge(into: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything a run was started with: what RUN_DIR/config.yaml holds."""
+    """Everything a run was started with: what RUN_DIR/config.yaml holds. Frozen: a run's
+    config is resolved once (bertforge.commands.resolve), each step making a new one."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -440,14 +422,11 @@ def build(kind: type, values: dict[str, Any], where: str) -> Any:
 
 def typed(kind: type, values: dict[str, Any], where: str) -> dict[str, Any]:
     """`values` with every key a field of dataclass `kind` and every value coerced to the
-    field's type (the old `warmup` in its new form); BertforgeError naming `where` if not.
+    field's type; BertforgeError naming `where` if not.
     The rules across fields are `kind`'s own, applied when it is built."""
     if not isinstance(values, dict):
         raise BertforgeError(f"{where}: expected a mapping, got {type(values).__name__}")
     names = {f.name for f in fields(kind)}
-    if "warmup" in values and "warmup" not in names:  # the old spelling
-        values = merge({k: v for k, v in values.items() if k != "warmup"},
-                       legacy_warmup(values["warmup"], f"{where}.warmup"))
     hints = typing.get_type_hints(kind)
     checked = {}
     for key, value in values.items():

@@ -67,15 +67,15 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], where: str = "finetune config") -> FinetuneConfig:
-        """From `dataclasses.asdict` output; also the flat form of earlier versions, whose
-        optimisation fields sat beside epochs and max_length."""
+        """From `dataclasses.asdict` output (finetune.json's "config"): the optimisation
+        under "train", whose fields not given take the fine-tuning defaults."""
         if not isinstance(raw, dict):
             raise BertforgeError(f"{where}: expected a mapping")
-        trainable = {f.name for f in dataclasses.fields(TrainConfig)} | {"warmup"}
-        flat = {k: v for k, v in raw.items() if k in trainable}
-        own = {k: v for k, v in raw.items() if k not in trainable}
-        train = merge(dict(FINETUNE_DEFAULTS), {**own.pop("train", {}), **flat})
-        return build(cls, {**own, "train": train}, where)
+        own = dict(raw)
+        train = own.pop("train", {})
+        if not isinstance(train, dict):
+            raise BertforgeError(f"{where}: train: expected a mapping")
+        return build(cls, {**own, "train": merge(dict(FINETUNE_DEFAULTS), train)}, where)
 
     def train_config(self, steps_per_epoch: int) -> TrainConfig:
         """The TrainConfig `fit` runs: evaluation and a checkpoint at every epoch's end."""

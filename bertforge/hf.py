@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from bertforge.train.checkpoint import load_pickled, load_safetensors, require_finite
 from bertforge.config import ModelConfig, build
 from bertforge.errors import BertforgeError
 from bertforge.fileio import give_usual_mode, make_dir
 from bertforge.model.bert import BertForPreTraining
 from bertforge.paths import replace_owned, require_owned, sibling
+from bertforge.weights import load_pickled, load_safetensors, require_finite
 
 log = logging.getLogger("bertforge")
 

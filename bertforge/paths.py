@@ -7,8 +7,8 @@ itself, is refused in one line. An artefact is a directory bertforge writes: a
 tokenizer, data, a run, an export, a fine-tuning run, a GLUE run or a report.
 
 Every such directory bertforge makes carries a MARKER naming its kind. bertforge deletes
-or replaces a directory only when it can show it wrote it (`owned`: the marker, or the
-unmistakable layout of an earlier bertforge's), and replaces it atomically
+or replaces a directory only when it can show it wrote it (`owned`: the marker), and
+replaces it atomically
 (`replace_owned`: built in a sibling, then swapped in by rename).
 """
 
@@ -69,8 +69,8 @@ def _marker_kind(directory: Path) -> str | None:
 
 
 def _layout_kind(d: Path) -> str | None:
-    """The kind an unmarked directory's files show (an earlier bertforge's, or a model
-    directory from elsewhere); None when they show none."""
+    """The kind an unmarked directory's files show (a model or tokenizer directory from
+    elsewhere, say); None when they show none."""
     def has(name: str) -> bool:
         return (d / name).exists()
 
@@ -109,7 +109,10 @@ def owned(path: Path, kind: str) -> bool:
         return False
     if all(p.name in _OURS for p in path.iterdir()):
         return True  # empty: nothing of anyone's to lose
-    return kind_of(path) == kind
+    try:
+        return _marker_kind(path) == kind  # a layout alone is not proof: only the marker
+    except OSError:
+        return False
 
 
 def require_owned(path: Path, kind: str) -> None:

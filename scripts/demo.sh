@@ -15,7 +15,7 @@ SAMPLE=data/enwiki-2015-sample.txt.xz
 SAMPLE_TOKENIZER=data/enwiki-2015-sample-tokenizer
 CORPUS=${DEMO_CORPUS:-$SAMPLE}
 CORPUS_OPTIONS=${DEMO_CORPUS_OPTIONS:-}
-STEPS=${DEMO_STEPS:-3000}
+STEPS=${DEMO_STEPS:-5000}
 BUDGET=${DEMO_BUDGET:-}
 VOCAB=${DEMO_VOCAB:-8192}
 OUT=${DEMO_OUT:-runs/demo}
@@ -102,7 +102,7 @@ if [ -n "$BUDGET" ]; then
 else
     length_flags=(--max-steps "$STEPS" --warmup-steps $(( STEPS / 20 > 100 ? STEPS / 20 : 100 )))
 fi
-stage "3/5 pretrain: preset mini for $length (exported to Hugging Face format at the end)"
+stage "3/5 pretrain: preset tiny for $length (exported to Hugging Face format at the end)"
 if [ -f "$OUT/run/hf/config.json" ]; then
     echo "   done earlier: $OUT/run"
 else
@@ -113,8 +113,8 @@ else
     else
         rm -rf "$OUT/run"  # stopped before its first checkpoint: nothing to keep
     fi
-    timed quiet "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset mini "${length_flags[@]}" \
-        --batch-size 16 --micro-batch-size 16 --lr 1e-3 --mask-rate 0.4 --adam-beta2 0.98 \
+    timed quiet "$bf" pretrain --data "$OUT/data" --out "$OUT/run" --preset tiny "${length_flags[@]}" \
+        --batch-size 16 --micro-batch-size 16 --lr 2e-3 --mask-rate 0.4 --adam-beta2 0.98 \
         --dropout 0 --eval-every 250 --checkpoint-every 250 --log-every 50 "${resume[@]}"
 fi
 

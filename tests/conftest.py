@@ -8,6 +8,7 @@ it is absent. Helpers that scripts/ and benchmarks/ use too live in bertforge.te
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -201,7 +202,8 @@ def write_sst2(folder: Path, train: int = 128, dev: int = 48, header: bool = Tru
 
 
 def tiny_finetune(**kw):
-    """A FinetuneConfig for tiny fp32 runs; `kw` overrides its fields."""
+    """A FinetuneConfig for tiny fp32 runs; `kw` overrides its fields and TrainConfig's."""
+    from bertforge.config import TrainConfig
     from bertforge.finetune_config import FinetuneConfig
 
     # A tiny, barely pretrained model sits at chance for a while before it finds the
@@ -209,7 +211,9 @@ def tiny_finetune(**kw):
     values = dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=32,
                   dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
     values.update(kw)
-    return FinetuneConfig.from_dict(values)
+    train = {f.name for f in dataclasses.fields(TrainConfig)}
+    return FinetuneConfig.from_dict({**{k: v for k, v in values.items() if k not in train},
+                                     "train": {k: v for k, v in values.items() if k in train}})
 
 
 def pytest_configure(config):

@@ -127,7 +127,7 @@ def test_fsdp2_in_one_process(tmp_path, data_dir):
     import torch.distributed as dist
 
     from bertforge.train.distributed import Distributed
-    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.tasks.mlm import MLMTask, pretraining_model
     from bertforge.train.loop import fit
 
     cfg = tiny_run_config(max_steps=5, checkpoint_every=5, eval_every=0, device="cuda")
@@ -157,7 +157,7 @@ def test_host_syncs_per_optimizer_step(data_dir, defer):
     step of three micro-batches makes exactly one, before its update; with `defer` (the
     training loop's GPU path) none, and one read brings several steps' figures."""
     from bertforge.train.optim import build_optimizer
-    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.tasks.mlm import MLMTask, pretraining_model
     from bertforge.train.step import read_steps, train_step
 
     cfg = tiny_run_config("mlm+nsp", batch_size=12, micro_batch_size=4, device="cuda")

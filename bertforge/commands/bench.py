@@ -156,14 +156,15 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
     normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
     through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
-    from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.step import StepBatch, train_step
 
     torch.manual_seed(0)
     model = pretraining_model(cfg, "mlm").to(device).train()
     train_cfg = TrainConfig()
     optimizer = build_optimizer(model, train_cfg)
-    step_batches = [StepBatch([b], {"mlm": b.targets.numel()}, b.real_tokens) for b in batches]
+    step_batches = [StepBatch([b], {"mlm": b.targets.numel()}, b.real_tokens, MLM_METRIC_COUNTS)
+                    for b in batches]
     if device.type == "cuda":  # as training's prefetcher hands them over
         step_batches = [b.pin_memory() for b in step_batches]
     loss_fn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
@@ -300,7 +301,7 @@ def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: 
     `steps` steps after two untimed ones."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+    from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.runtime import resolve_precision
     from bertforge.train.step import StepBatch, train_step
 
@@ -312,7 +313,8 @@ def profile_steps(cfg: ModelConfig, batch_size: int, seq_len: int, device_name: 
     model = pretraining_model(cfg, "mlm").to(device).train()
     train_cfg = TrainConfig()
     optimizer = build_optimizer(model, train_cfg)
-    step_batch = StepBatch([batch], {"mlm": batch.targets.numel()}, batch.real_tokens)
+    step_batch = StepBatch([batch], {"mlm": batch.targets.numel()}, batch.real_tokens,
+                           MLM_METRIC_COUNTS)
     if device.type == "cuda":
         step_batch = step_batch.pin_memory()
 

@@ -1,118 +1,22 @@
-"""Held-out masked-LM and sentence-pair metrics, and the unigram baseline for MLM.
+"""`bertforge evaluate`: held-out metrics of a run's checkpoint, and the unigram baseline.
 
-Evaluation masks the held-out sequences with a fixed seed (EVAL_MASK_SEED) that does not
-depend on the training seed, so any two checkpoints, or two calls on one checkpoint, are
-scored on exactly the same masked tokens. The masker passed in is the held-out one,
-`build_masker(..., for_eval=True)`: token masking at the run's rate even for runs that
-trained with whole-word or span masking, so runs of every variant face the same task.
-
-MLM metrics are always computed on the plain held-out sequences, whatever the objective,
-so they too compare across objectives. A run trained with NSP or SOP is also scored on
-held-out pairs (`pair_metrics`), built from the same sequences with the same fixed seed
-and masked like the held-out MLM sequences.
-
-Training's periodic evaluation and `bertforge evaluate` both go through
-`heldout_metrics`: the same sequences, batches and precision (the run's, bf16 where it
-trained in bf16), so the held-out loss a run logs is the one `evaluate` prints for that
-checkpoint; both record the precision they used.
+The metrics are `tasks.mlm.heldout_metrics`, the ones training logs, on the same masked
+tokens and in the same precision, so the figures `evaluate` prints for a checkpoint equal
+the run's logged evaluation. The unigram baseline scores those masked tokens from
+training-set token frequencies alone.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from bertforge.data.loader import ShardedSequences, eval_batches, verify_data
 from bertforge.data.masking import Masker
-from bertforge.data.pairs import PairBuilder, PairedMasker, pair_kind
-from bertforge.model.ops import cross_entropy_and_hits
-from bertforge.train.runtime import autocast
+from bertforge.tasks.mlm import EVAL_MASK_SEED, heldout_metrics
 
-EVAL_MASK_SEED = 20181011  # the day BERT appeared on arXiv
-EVAL_BATCH_SIZE = 64  # sequences per forward pass, in training's evaluation and `evaluate`
-
-
-def heldout_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Masker,
-                    objective: str, device: torch.device, dtype: torch.dtype | None,
-                    max_sequences: int = 0) -> dict:
-    """MLM metrics, and the objective's pair metrics, on the first `max_sequences` (0:
-    all) of `sequences`, computed under `dtype` autocast (None: fp32)."""
-    with torch.no_grad(), autocast(device, dtype):
-        result = mlm_metrics(model, sequences, masker, device, EVAL_BATCH_SIZE, max_sequences)
-        result.update(objective_metrics(model, sequences, masker, objective, device,
-                                        EVAL_BATCH_SIZE, max_sequences))
-    if result:
-        result["precision"] = "bf16" if dtype is not None else "fp32"
-    return result
-
-
-@torch.no_grad()
-def mlm_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Masker,
-                device: torch.device, batch_size: int = 64, max_sequences: int = 0) -> dict:
-    """mlm_loss (nats per masked token), mlm_accuracy and perplexity on held-out data."""
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: read once
-    count = 0
-    for batch in eval_batches(sequences, masker, batch_size, max_sequences, EVAL_MASK_SEED):
-        count += batch.targets.numel()
-        batch = batch.to(device)
-        logits, _ = model(batch.input_ids, token_type_ids=batch.token_type_ids,
-                          attention_mask=batch.attention_mask,
-                          masked_positions=batch.masked_positions, next_sentence=False)
-        loss, hits = cross_entropy_and_hits(logits, batch.targets)
-        sums[0] += loss
-        sums[1] += hits
-    if count == 0:
-        return {}
-    loss_sum, correct = sums.tolist()
-    loss = loss_sum / count
-    return {"mlm_loss": loss, "mlm_accuracy": correct / count,
-            "perplexity": math.exp(min(loss, 50.0)), "masked_tokens": count}
-
-
-@torch.no_grad()
-def pair_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Masker,
-                 kind: str, device: torch.device, batch_size: int = 64,
-                 max_sequences: int = 0) -> dict:
-    """{kind}_loss (nats per pair) and {kind}_accuracy of the 2-way head on held-out pairs.
-
-    kind is 'nsp' or 'sop'. Pairs are built from the first `max_sequences` held-out
-    sequences (all if 0); NSP's replacement segments come from the whole split.
-    """
-    paired = PairedMasker(masker, PairBuilder(sequences, masker.special_ids, kind))
-    n = len(sequences) if max_sequences == 0 else min(max_sequences, len(sequences))
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, correct: read once
-    count = 0
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
-        batch = paired(sequences.take(idx), idx, EVAL_MASK_SEED, 0)
-        count += int((batch.next_sentence_label >= 0).sum())  # -100: no pair could be made
-        batch = batch.to(device)
-        none = batch.masked_positions[:0]  # only the pair head is scored: skip the MLM decoder
-        _, logits = model(batch.input_ids, token_type_ids=batch.token_type_ids,
-                          attention_mask=batch.attention_mask, masked_positions=none)  # (B, 2)
-        labels = batch.next_sentence_label  # (B,); -100 never matches an argmax
-        sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        sums[1] += (logits.argmax(-1) == labels).sum()
-    if count == 0:
-        return {}
-    loss_sum, correct = sums.tolist()
-    return {f"{kind}_loss": loss_sum / count, f"{kind}_accuracy": correct / count,
-            f"{kind}_pairs": count}
-
-
-def objective_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Masker,
-                      objective: str, device: torch.device, batch_size: int = 64,
-                      max_sequences: int = 0) -> dict:
-    """The held-out metrics of an objective beyond MLM: pair metrics for mlm+nsp and
-    mlm+sop, nothing for mlm."""
-    kind = pair_kind(objective)
-    if kind is None:
-        return {}
-    return pair_metrics(model, sequences, masker, kind, device, batch_size, max_sequences)
+__all__ = ["EVAL_MASK_SEED", "evaluate_run", "unigram_baseline"]
 
 
 def unigram_baseline(train: ShardedSequences, valid: ShardedSequences, masker: Masker,
@@ -145,11 +49,12 @@ def evaluate_run(run_dir: Path, data: list[Path] | None = None, split: str = "va
     tokens. max_sequences and precision default to the run's own (train.eval_sequences
     and train.precision), so the figures equal the run's logged evaluation."""
     from bertforge import rundir
+    from bertforge.commands.loading import load_run_model
     from bertforge.data.masking import build_masker
     from bertforge.errors import BertforgeError
     from bertforge.train.runtime import configure, resolve_device, resolve_precision
 
-    model, cfg, _ = rundir.load_run_model(Path(run_dir), checkpoint)
+    model, cfg, _ = load_run_model(Path(run_dir), checkpoint)
     # One data directory or several (--data DIR --data DIR, or the run's list).
     valid = ShardedSequences(data or cfg.data.path or Path(run_dir) / rundir.DATA, split)
     verify_data(valid.data_dirs)  # changed shards, or ids outside the vocabulary: refused

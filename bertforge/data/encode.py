@@ -1,24 +1,9 @@
 """Batch tokenization for `prepare`: exact, cached per chunk, on a pool of worker processes.
 
-Notable choices:
-
-- A chunk cache. With BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) a
-  space or a newline always ends a word, and normalisation maps characters one by one
-  (NFD's reordering of combining marks stops at a space), so the tokens of a text are
-  the tokens of its space/newline-separated chunks, concatenated. Most chunks of a corpus have been seen before (Zipf), so a chunk is looked
-  up in a dict (a C-level `map` over the batch; Python code runs only for new chunks) and
-  only new chunks go to the Rust tokenizer, all of a batch's joined in a few long strings
-  and cut apart by their offsets. The ids are the tokenizer's exactly; tokenizers built
-  otherwise (another normaliser, non-special added tokens, truncation) are encoded
-  directly instead. The cache is emptied when it reaches `CACHE_CHUNKS` entries, so its
-  memory is bounded whatever the corpus size.
-- Parallelism is processes, not the tokenizer's threads: the cache lookups are Python,
-  which threads would serialise. `workers` processes (this one included) each encode
-  whole batches with the tokenizer single-threaded. The others are forked after this one
-  has encoded the first batch, so they start with its warm cache instead of each paying
-  for the corpus's most frequent new chunks (where there is no fork, they start cold). Results come back in order, at most two
-  batches a worker in flight, so memory does not grow with the corpus. The output does
-  not depend on `workers`.
+A text's tokens are its space-separated chunks' tokens, concatenated (`chunk_additive`),
+so `BatchEncoder` looks most chunks up in a cache and sends only new ones to the Rust
+tokenizer; `encode_batches` spreads batches over processes. The ids, and the output, are
+the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -40,7 +25,7 @@ _JOIN_CHARS = 1 << 16  # new chunks are encoded joined into strings of about thi
 _HASH_BUCKETS = 10_000
 
 
-class Encoded(NamedTuple):
+class EncodedDocuments(NamedTuple):
     """One batch of documents, tokenized."""
 
     ids: np.ndarray  # (N,) the documents' tokens, one after another, in the shard dtype
@@ -55,8 +40,8 @@ def is_valid_document(doc: str, valid_fraction: float) -> bool:
     return int.from_bytes(digest, "big") % _HASH_BUCKETS < valid_fraction * _HASH_BUCKETS
 
 
-def default_workers() -> int:
-    """The cores this process may run on."""
+def available_cores() -> int:
+    """The cores this process may run on: the default number of tokenizer processes."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -109,7 +94,19 @@ class _Growable:
 
 class BatchEncoder:
     """Tokenizes batches of documents into flat id arrays (one process, single-threaded
-    when the caller disables the tokenizer's parallelism)."""
+    when the caller disables the tokenizer's parallelism).
+
+    With BERT's pipeline (BertNormalizer, BertPreTokenizer, WordPiece) a space or a newline
+    always ends a word, and normalisation maps characters one by one (NFD's reordering of
+    combining marks stops at a space), so the tokens of a text are the tokens of its
+    space/newline-separated chunks, concatenated. Most chunks of a corpus have been seen
+    before (Zipf), so a chunk is looked up in a dict (a C-level `map` over the batch;
+    Python code runs only for new chunks) and only new chunks go to the Rust tokenizer,
+    all of a batch's joined in a few long strings and cut apart by their offsets.
+    Tokenizers built otherwise (another normaliser, non-special added tokens, truncation)
+    are encoded directly instead. The cache is emptied when it reaches `cache_chunks`
+    entries, so its memory is bounded whatever the corpus size.
+    """
 
     def __init__(self, tok: Tokenizer, dtype: np.dtype, valid_fraction: float,
                  cache_chunks: int = CACHE_CHUNKS) -> None:
@@ -124,7 +121,7 @@ class BatchEncoder:
         self.chunk_start.extend(np.zeros(1, dtype=np.int64))  # and its end at number + 1
         self.chunk_ids = _Growable(self.dtype)  # every cached chunk's ids, one after another
 
-    def __call__(self, docs: list[str]) -> Encoded:
+    def __call__(self, docs: list[str]) -> EncodedDocuments:
         valid = np.fromiter((is_valid_document(d, self.valid_fraction) for d in docs),
                             dtype=bool, count=len(docs))
         if not self.cached:
@@ -132,7 +129,7 @@ class BatchEncoder:
             lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(docs))
             ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
                               dtype=self.dtype, count=int(lengths.sum()))
-            return Encoded(ids, lengths, valid)
+            return EncodedDocuments(ids, lengths, valid)
 
         pieces = [d.replace("\n", " ").split(" ") for d in docs]
         per_doc = np.fromiter(map(len, pieces), np.int64, len(docs))  # chunks a document
@@ -152,7 +149,7 @@ class BatchEncoder:
         ids = self.chunk_ids.array[index]
         chunk_end = np.cumsum(count)[np.cumsum(per_doc) - 1]  # (D,) a document's last chunk
         lengths = np.diff(chunk_end, prepend=0)
-        return Encoded(ids, lengths, valid)
+        return EncodedDocuments(ids, lengths, valid)
 
     def _encode_new(self, chunks: list[str]) -> None:
         """Encode `chunks` (numbered in order after the cached ones) and cache their ids.
@@ -202,14 +199,18 @@ def _init_worker(tokenizer_json: str, dtype: str, valid_fraction: float) -> None
     _worker = BatchEncoder(tok, np.dtype(dtype), valid_fraction)
 
 
-def _work(docs: list[str]) -> Encoded:
+def _work(docs: list[str]) -> EncodedDocuments:
     assert _worker is not None
     return _worker(docs)
 
 
 def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype,
-                   valid_fraction: float, workers: int) -> Iterator[Encoded]:
+                   valid_fraction: float, workers: int) -> Iterator[EncodedDocuments]:
     """The batches, tokenized in order, by this process and `workers - 1` others.
+
+    Processes, not the tokenizer's threads: the cache lookups are Python, which threads
+    would serialise. Results come back in order, at most two batches a worker in flight,
+    so memory does not grow with the corpus.
 
     This process encodes the first batch alone, then forks the others, which start with
     its cache (new chunks are most frequent at the start), and takes every `workers`-th
@@ -251,8 +252,8 @@ def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype
 
 
 def _done(item: Any) -> bool:
-    return isinstance(item, Encoded) or item.ready()
+    return isinstance(item, EncodedDocuments) or item.ready()
 
 
-def _result(item: Any) -> Encoded:
-    return item if isinstance(item, Encoded) else item.get()
+def _result(item: Any) -> EncodedDocuments:
+    return item if isinstance(item, EncodedDocuments) else item.get()

@@ -22,7 +22,6 @@ import bisect
 import functools
 import hashlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.data.prepare import MANIFEST, SHARD_HASH, load_manifest, open_split
 from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
-
 
 DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
 # What data directories read together must share (the tokenizer fixes the vocabulary and
@@ -73,33 +71,28 @@ def load_manifests(data_dirs: DataDirs) -> list[dict[str, Any]]:
 def verify_data(data_dirs: DataDirs) -> None:
     """Refuse data directories whose shards are not what `prepare` wrote: a shard whose
     SHARD_HASH differs from its manifest's, or that holds a token id outside the vocabulary
-    (the manifest's vocab_size, which must be its tokenizer's). Data prepared before shards
-    were hashed gets a warning, and its ids are still checked."""
+    (the manifest's vocab_size, which must be its tokenizer's)."""
     for d in as_dirs(data_dirs):
         manifest = load_manifest(d)
         tok_dir = d / "tokenizer"
         found = tokenizer_hash(tok_dir)
-        if manifest.get("tokenizer_hash", found) != found:
+        if manifest["tokenizer_hash"] != found:
             raise BertforgeError(f"{tok_dir} is not the tokenizer the manifest names "
                                  f"(tokenizer_hash); prepare the data again")
         vocab = int(manifest["vocab_size"])
         tokens = load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True)
         dtype = np.dtype(manifest["dtype"])
         shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-        if not all(SHARD_HASH in s for s in shards):
-            print(f"warning: {d} records no shard checksums (prepared by an earlier "
-                  f"bertforge): its token ids are checked, its content cannot be",
-                  file=sys.stderr)
         for split in manifest["splits"]:
             open_split(d, split)  # every shard there, at its size
         for shard in shards:
             path = d / shard["file"]
-            top, digest = _scan(path, dtype, SHARD_HASH in shard)
+            top, digest = _scan(path, dtype)
             if top >= min(vocab, tokens):
                 raise BertforgeError(f"{path} holds token id {top}, outside the vocabulary "
                                      f"(vocab_size {vocab}, tokenizer {tokens} tokens); "
                                      f"prepare the data again")
-            if digest is not None and digest != shard[SHARD_HASH]:
+            if digest != shard[SHARD_HASH]:
                 raise BertforgeError(f"{path}: {SHARD_HASH} mismatch, the shard changed "
                                      f"since it was prepared; prepare the data again")
         if vocab != tokens:
@@ -107,19 +100,18 @@ def verify_data(data_dirs: DataDirs) -> None:
                                  f"({tokens} tokens); prepare the data again")
 
 
-def _scan(path: Path, dtype: np.dtype, digest: bool) -> tuple[int, str | None]:
-    """(largest token id, or -1 if none; SHARD_HASH hex digest if `digest`) of a shard,
-    in one pass that reads _SCAN_BYTES at a time into one buffer."""
-    h = hashlib.new(SHARD_HASH) if digest else None
+def _scan(path: Path, dtype: np.dtype) -> tuple[int, str]:
+    """(largest token id, or -1 if none; SHARD_HASH hex digest) of a shard, in one pass
+    that reads _SCAN_BYTES at a time into one buffer."""
+    h = hashlib.new(SHARD_HASH)
     buf = bytearray(_SCAN_BYTES)
     top = -1
     with open(path, "rb") as f:
         while n := f.readinto(buf):
             ids = np.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize)
             top = max(top, int(ids.max()))
-            if h is not None:
-                h.update(memoryview(buf)[:n])
-    return top, None if h is None else h.hexdigest()
+            h.update(memoryview(buf)[:n])
+    return top, h.hexdigest()
 
 
 class ShardedSequences:

@@ -1,38 +1,10 @@
 """Dynamic MLM masking, seeded per sequence: BERT tokens, whole words, SpanBERT spans.
 
-Every random number is a hash of (seed, epoch, sequence index, position, stream):
-a counter-based generator. A sequence is therefore masked the same way whatever
-micro-batch, process or resume it lands in, which is what makes losses independent
-of the micro-batch size and resumes exact (DESIGN.md, "Batches are defined by
-sequences"). The hash is vectorised over the whole (B, T) batch in numpy.
-
-Three ways to choose what is predicted (`DataConfig.masking`); all three then apply
-the 80/10/10 rule ([MASK] / random token / unchanged, ratios configurable) once per
-*unit*, so the pieces of a unit are all [MASK], all random or all unchanged:
-
-- ``token`` (BERT): each maskable token is selected with probability mask_rate; the
-  unit is the token.
-- ``wwm`` (whole-word masking): a word is a token plus the WordPiece continuations
-  (``##`` pieces) that follow it; each word is selected with probability mask_rate,
-  decided by the hash at its first piece, and all its pieces are masked together. The
-  expected token rate stays mask_rate. The unit is the word: deciding 80/10/10 per piece
-  would leave the word's other pieces visible 10-20% of the time and give away much of
-  what whole-word masking hides.
-- ``span`` (SpanBERT, Joshi et al. 2020): span lengths in words are drawn from a
-  geometric distribution with p = span_p truncated (renormalised) at span_max words
-  (SpanBERT's p=0.2, max 10: mean 3.8 words); a span starts at a word start chosen
-  uniformly among the words not yet masked and covers whole words. Spans are added
-  until the sequence's budget, mask_rate x its maskable tokens (stochastically rounded),
-  is reached. The word that reaches the budget is still masked whole, so a sequence may
-  overshoot it by less than one word, and the span ends there. A span also stops early
-  at [SEP], [CLS] or [PAD] (packed sequences join documents with [SEP]: no span crosses
-  one) and at a word another span already holds (spans never overlap), so spans come
-  out shorter than drawn: on Wikipedia text (8,000-token vocabulary, rate 0.15) a mean
-  of 3.5 words at 512 tokens and 3.2 at 128, where the budget holds only a few spans.
-  The unit is the span.
-
-[CLS], [SEP] and [PAD] are never selected. A sequence that starts with continuation
-pieces (packing cut a word) treats them as one word of their own.
+Every random number is a hash of (seed, epoch, sequence index, position, stream), a
+counter-based generator vectorised over the (B, T) batch in numpy: a sequence is masked
+the same way whatever micro-batch, process or resume it lands in, which makes losses
+independent of the micro-batch size and resumes exact (docs/architecture.md). `Masker`
+describes the variants.
 """
 
 from __future__ import annotations
@@ -129,7 +101,32 @@ class MaskedBatch:
 
 @dataclass
 class Masker:
-    """Applies MLM masking ('token', 'wwm' or 'span'; see the module docstring) to batches."""
+    """Applies MLM masking to batches, in one of three ways (`DataConfig.masking`); all
+    three then apply the 80/10/10 rule ([MASK] / random token / unchanged, ratios
+    configurable) once per *unit*, so the pieces of a unit are all [MASK], all random or
+    all unchanged:
+
+    - ``token`` (BERT): each maskable token is selected with probability mask_rate; the
+      unit is the token.
+    - ``wwm`` (whole-word masking): a word is a token plus the WordPiece continuations
+      (``##`` pieces) that follow it; each word is selected with probability mask_rate,
+      decided by the hash at its first piece, and all its pieces are masked together. The
+      expected token rate stays mask_rate. The unit is the word: deciding 80/10/10 per
+      piece would leave the word's other pieces visible and give away much of what
+      whole-word masking hides.
+    - ``span`` (SpanBERT, Joshi et al. 2020): span lengths in words are drawn from a
+      geometric distribution with p = span_p truncated (renormalised) at span_max words;
+      a span starts at a word start chosen uniformly among the words not yet masked and
+      covers whole words. Spans are added until the sequence's budget, mask_rate x its
+      maskable tokens (stochastically rounded), is reached. The word that reaches the
+      budget is still masked whole, so a sequence may overshoot it by less than one word.
+      A span also stops early at [SEP], [CLS] or [PAD] (no span crosses a document
+      boundary) and at a word another span already holds (spans never overlap), so spans
+      come out shorter than drawn. The unit is the span.
+
+    [CLS], [SEP] and [PAD] are never selected. A sequence that starts with continuation
+    pieces (packing cut a word) treats them as one word of their own.
+    """
 
     vocab_size: int
     special_ids: dict[str, int]  # pad, unk, cls, sep, mask

@@ -1,34 +1,9 @@
 """Sentence pairs for next-sentence (BERT) and sentence-order (ALBERT) prediction.
 
 Pairs are built at load time from the prepared sequences, so one data directory serves
-every objective. A prepared sequence is ``[CLS] body [SEP]`` (then [PAD] in a split's
-last sequence, or after each document with ``document_boundary: new``); an inner [SEP]
-in the body marks a document boundary. For sequence i:
-
-- its document pieces are the runs of ordinary tokens between special tokens ([CLS],
-  [SEP], [PAD]); the longest (the first of equals) is taken, cut to the seq_len - 3
-  tokens a pair has room for: L tokens;
-- a cut point c, uniform in [1, L - 1], splits that piece into A (before) and B (after):
-  contiguous text of one document, label 0 ("B follows A", as in transformers). Cuts
-  fall at any token, not at sentence ends: prepared data keeps no sentence boundaries;
-- NSP: with probability 0.5, B is replaced by a segment of the same length from another
-  sequence j (label 1): a window at a random offset in j's longest piece. j is uniform
-  over the sequences other than i and, when there are more than three, its immediate
-  neighbours, which share i's document whenever that document crosses a sequence
-  boundary. That B comes from another document is therefore likely, not certain: a
-  document spanning more than three sequences is drawn again with probability about
-  (its length in sequences) / N. Up to four candidates j are tried for a piece long
-  enough; if none has one, B is the longest of theirs, shorter than the true B;
-- SOP: with probability 0.5, A and B are swapped (label 1);
-- a sequence whose longest piece has fewer than 2 tokens cannot be split: it becomes
-  ``[CLS] piece [SEP]`` with label -100, which the loss and its count ignore.
-
-The result is ``[CLS] A [SEP] B [SEP]`` padded with [PAD] to seq_len, with token type
-0 for [CLS] A [SEP] and 1 for B [SEP] (0 on padding). Every random choice is a hash of
-(seed, epoch, sequence index, draw number) under a stream of its own, like the MLM masks,
-so a sequence pairs the same way in any micro-batch, process or resume. Everything is
-vectorised over the batch in numpy (about 1 ms per 256 sequences of 128 tokens).
-Masking is applied afterwards, to the pair (`PairedMasker`).
+every objective; `PairBuilder` describes how, and `PairedMasker` masks the pair after.
+Every random choice is a hash, like the MLM masks: a sequence pairs the same way in any
+micro-batch, process or resume.
 """
 
 from __future__ import annotations
@@ -80,7 +55,36 @@ class Pairs:
 
 
 class PairBuilder:
-    """Turns rows of prepared sequences into NSP or SOP pairs (see the module docstring)."""
+    """Turns rows of prepared sequences into NSP or SOP pairs.
+
+    A prepared sequence is ``[CLS] body [SEP]`` (then [PAD] in a split's
+    last sequence, or after each document with ``document_boundary: new``); an inner [SEP]
+    in the body marks a document boundary. For sequence i:
+
+    - its document pieces are the runs of ordinary tokens between special tokens ([CLS],
+      [SEP], [PAD]); the longest (the first of equals) is taken, cut to the seq_len - 3
+      tokens a pair has room for: L tokens;
+    - a cut point c, uniform in [1, L - 1], splits that piece into A (before) and B (after):
+      contiguous text of one document, label 0 ("B follows A", as in transformers). Cuts
+      fall at any token, not at sentence ends: prepared data keeps no sentence boundaries;
+    - NSP: with probability 0.5, B is replaced by a segment of the same length from another
+      sequence j (label 1): a window at a random offset in j's longest piece. j is uniform
+      over the sequences other than i and, when there are more than three, its immediate
+      neighbours, which share i's document whenever that document crosses a sequence
+      boundary. That B comes from another document is therefore likely, not certain: a
+      document spanning more than three sequences is drawn again with probability about
+      (its length in sequences) / N. Up to four candidates j are tried for a piece long
+      enough; if none has one, B is the longest of theirs, shorter than the true B;
+    - SOP: with probability 0.5, A and B are swapped (label 1);
+    - a sequence whose longest piece has fewer than 2 tokens cannot be split: it becomes
+      ``[CLS] piece [SEP]`` with label -100, which the loss and its count ignore.
+
+    The result is ``[CLS] A [SEP] B [SEP]`` padded with [PAD] to seq_len, with token type
+    0 for [CLS] A [SEP] and 1 for B [SEP] (0 on padding). Every random choice is a hash of
+    (seed, epoch, sequence index, draw number) under a stream of its own, like the MLM masks,
+    so a sequence pairs the same way in any micro-batch, process or resume. Everything is
+    vectorised over the batch in numpy.
+    """
 
     def __init__(self, sequences: Sequences, special_ids: dict[str, int], kind: str):
         if kind not in ("nsp", "sop"):

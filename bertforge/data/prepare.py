@@ -1,4 +1,5 @@
-"""Tokenize a corpus once into fixed-length token shards plus a manifest.
+"""Tokenize a corpus once into fixed-length token shards plus a manifest (`prepare`), and
+read a data directory's manifest back, checked (`load_manifest`).
 
 Layout of a data directory::
 
@@ -6,34 +7,6 @@ Layout of a data directory::
     tokenizer/                    a copy of the tokenizer, so the directory stands alone
     train-00000.bin ...           raw C-order arrays (sequences, seq_len), uint16 or uint32
     valid-00000.bin ...
-
-Notable choices:
-
-- The validation split is chosen per document from a hash of its text, so it does not
-  depend on file order or batch sizes, and exact duplicates never straddle the splits.
-- Each split is one token stream, documents joined by [SEP], cut into sequences
-  ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
-  no padding except in the last sequence of a split). A body never starts with the
-  joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
-  With ``document_boundary="new"`` each document starts a sequence instead, and its
-  last one is ``[CLS] rest [SEP]`` padded with [PAD] (sequences never mix documents).
-- Text that spells a special token ("[MASK]") is tokenized as plain text, so special
-  ids in the shards only ever come from packing.
-- Memory stays flat: documents stream in batches, `workers` processes tokenize them
-  (bertforge.data.encode: a chunk cache in front of the Rust tokenizer, same ids), and
-  sequences go to disk as they are cut. The shards do not depend on `workers`.
-- One corpus can be prepared on several machines: part i of n takes the documents whose
-  ordinal in the corpus is i mod n (balanced to one document; the parts together are
-  the corpus, each document once), and is a complete data directory whose manifest
-  names the part. `pretrain --data DIR --data DIR ...` reads the parts as one dataset.
-- Everything is written into a hidden sibling directory that is renamed into place at
-  the end, so a killed run never leaves a manifest that points at partial shards. A
-  failed write (a full disk) removes it at once; those of killed runs are removed by the
-  next prepare of the same output (never those of a process still alive).
-- The manifest records each shard's sha256, computed as it is written; runs check the
-  shards against it, and their token ids against the vocabulary, when they open the data
-  (bertforge.data.loader.verify_data). `load_manifest` checks every field's type, so a
-  damaged or hostile manifest is refused in one short line.
 """
 
 from __future__ import annotations
@@ -56,12 +29,22 @@ import numpy as np
 from tqdm import tqdm
 
 from bertforge.config import DOCUMENT_BOUNDARIES
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
-                                   iter_documents, resolve_corpus)
-from bertforge.data.encode import default_workers, encode_batches
+from bertforge.data.corpus import (
+    CorpusOptions,
+    CorpusStats,
+    batched,
+    estimate_bytes,
+    iter_documents,
+    resolve_corpus,
+)
+from bertforge.data.encode import available_cores, encode_batches
 from bertforge.data.readers import quote
-from bertforge.data.tokenizer import (copy_tokenizer, load_tokenizer, special_token_ids,
-                                      tokenizer_hash)
+from bertforge.data.tokenizer import (
+    copy_tokenizer,
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_hash,
+)
 from bertforge.errors import BertforgeError
 from bertforge.fileio import alive, hold_lock, open_new, write_text_atomic
 from bertforge.paths import replace_owned, require_owned
@@ -98,6 +81,32 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     (each document starts a sequence). `workers`: tokenizing processes (default: every
     core). `num_shards`, `shard_index`: prepare only part `shard_index` of `num_shards`.
     Returns the manifest (also written to out_dir/manifest.json).
+
+    - The validation split is chosen per document from a hash of its text, so it does not
+      depend on file order or batch sizes, and exact duplicates never straddle the splits.
+    - Each split is one token stream, documents joined by [SEP], cut into sequences
+      ``[CLS] + (seq_len - 2) stream tokens + [SEP]`` (RoBERTa's "full-sentences" packing:
+      no padding except in the last sequence of a split). A body never starts with the
+      joining [SEP]; the previous sequence's closing [SEP] already marks the boundary.
+      With ``document_boundary="new"`` each document starts a sequence instead, and its
+      last one is ``[CLS] rest [SEP]`` padded with [PAD] (sequences never mix documents).
+    - Text that spells a special token ("[MASK]") is tokenized as plain text, so special
+      ids in the shards only ever come from packing.
+    - Memory stays flat: documents stream in batches, `workers` processes tokenize them
+      (bertforge.data.encode: a chunk cache in front of the Rust tokenizer, same ids), and
+      sequences go to disk as they are cut. The shards do not depend on `workers`.
+    - One corpus can be prepared on several machines: part i of n takes the documents whose
+      ordinal in the corpus is i mod n (balanced to one document; the parts together are
+      the corpus, each document once), and is a complete data directory whose manifest
+      names the part. `pretrain --data DIR --data DIR ...` reads the parts as one dataset.
+    - Everything is written into a hidden sibling directory that is renamed into place at
+      the end, so a killed run never leaves a manifest that points at partial shards. A
+      failed write (a full disk) removes it at once; those of killed runs are removed by the
+      next prepare of the same output (never those of a process still alive).
+    - The manifest records each shard's sha256, computed as it is written; runs check the
+      shards against it, and their token ids against the vocabulary, when they open the data
+      (bertforge.data.loader.verify_data). `load_manifest` checks every field's type, so a
+      damaged or hostile manifest is refused in one short line.
     """
     if seq_len < MIN_SEQ_LEN:
         raise BertforgeError(f"seq_len {seq_len} is too short (minimum {MIN_SEQ_LEN})")
@@ -108,7 +117,7 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     if document_boundary not in DOCUMENT_BOUNDARIES:
         raise BertforgeError(f"document_boundary {document_boundary!r} must be one of "
                              f"{', '.join(DOCUMENT_BOUNDARIES)}")
-    workers = default_workers() if workers is None else workers
+    workers = available_cores() if workers is None else workers
     if workers < 1:
         raise BertforgeError(f"workers {workers} must be >= 1")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
@@ -450,7 +459,8 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     if manifest.get("version") != VERSION:
         raise BertforgeError(f"{path}: manifest version {_shown(manifest.get('version'))} is "
                              f"not supported (this bertforge reads version {VERSION})")
-    missing = [k for k in ("seq_len", "dtype", "vocab_size", "special_token_ids", "splits")
+    missing = [k for k in ("seq_len", "dtype", "vocab_size", "tokenizer_hash",
+                           "special_token_ids", "valid_fraction", "document_boundary", "splits")
                if k not in manifest]
     if missing:
         raise BertforgeError(f"{path}: manifest lacks {', '.join(missing)}")
@@ -485,17 +495,14 @@ def _check_fields(path: Path, m: dict[str, Any]) -> None:
         value = specials.get(name)
         need(_is_int(value) and value < m["vocab_size"], f"special_token_ids.{name}",
              "a token id below vocab_size", value)
-    if "tokenizer_hash" in m:
-        value = m["tokenizer_hash"]
-        need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
-             "tokenizer_hash", "hex digits", value)
-    if "document_boundary" in m:
-        need(m["document_boundary"] in DOCUMENT_BOUNDARIES, "document_boundary",
-             f"one of {', '.join(DOCUMENT_BOUNDARIES)}", m["document_boundary"])
-    if "valid_fraction" in m:
-        value = m["valid_fraction"]
-        need(isinstance(value, (int, float)) and not isinstance(value, bool)
-             and 0 <= value < 1, "valid_fraction", "a number in [0, 1)", value)
+    value = m["tokenizer_hash"]
+    need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
+         "tokenizer_hash", "hex digits", value)
+    need(m["document_boundary"] in DOCUMENT_BOUNDARIES, "document_boundary",
+         f"one of {', '.join(DOCUMENT_BOUNDARIES)}", m["document_boundary"])
+    value = m["valid_fraction"]
+    need(isinstance(value, (int, float)) and not isinstance(value, bool)
+         and 0 <= value < 1, "valid_fraction", "a number in [0, 1)", value)
     need(isinstance(m["splits"], dict), "splits", "an object", m["splits"])
     for split, entry in m["splits"].items():
         where = f"splits.{quote(split)}"
@@ -511,11 +518,9 @@ def _check_fields(path: Path, m: dict[str, Any]) -> None:
             # prepare writes no empty shard, and an empty file cannot be memory-mapped
             need(_is_int(shard.get("sequences"), 1), f"{where}.shards[{i}].sequences",
                  "an integer >= 1", shard.get("sequences"))
-            if SHARD_HASH in shard:
-                digest = shard[SHARD_HASH]
-                need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
-                     is not None, f"{where}.shards[{i}].{SHARD_HASH}", "64 hex digits",
-                     digest)
+            digest = shard.get(SHARD_HASH)
+            need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
+                 is not None, f"{where}.shards[{i}].{SHARD_HASH}", "64 hex digits", digest)
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:

@@ -265,6 +265,14 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
     return tok
 
 
+def load_truncating_tokenizer(tokenizer_dir: str | os.PathLike, max_length: int) -> Tokenizer:
+    """`load_tokenizer`, set to truncate each text (or pair, longest first) to `max_length`
+    tokens, and not to pad: what fine-tuning and prediction encode examples with."""
+    tok = load_tokenizer(tokenizer_dir)
+    tok.enable_truncation(max_length)
+    return tok
+
+
 def tokenizer_from_vocab(tokenizer_dir: Path) -> Tokenizer:
     """BERT's tokenizer built from a directory's vocab.txt, lowercasing (and stripping
     accents) as its tokenizer_config.json's do_lower_case says (default: lowercase)."""

@@ -1,1 +1,2 @@
-"""What is learned: GLUE scorers (scores.py)."""
+"""What is learned: masked-LM pretraining (mlm.py), sequence classification (classification.py)
+and the GLUE scorers (scores.py); each task's batches, loss and evaluation."""

@@ -1,35 +1,316 @@
-"""Atomic checkpoints: safetensors weights, optimizer state, JSON run state.
+"""Checkpoints: the `Checkpointer` that saves and restores a run, and the files it writes.
 
-A checkpoint is written into a temporary directory, every file fsynced, then renamed
-into place; `checkpoints/latest` is replaced (also atomically) only after that, and
-older checkpoints are pruned only after that. Each file's sha256, and one of state.json's
-own content, is recorded in state.json and verified on load, so a truncated or corrupted
-checkpoint is detected and the previous good one used instead. A resume takes the newest
-checkpoint that verifies (`latest` names it too, unless a kill fell between the rename
-and the update of `latest`). Nothing pickled is ever loaded without `weights_only=True`,
-and weights that are not finite (a diverged run) are never written.
+- `Checkpointer`: the one owner of a run's checkpoints. It gathers the full state from
+  every rank (FSDP's shards included), saves it with each rank's RNG, chooses the
+  checkpoint a resume starts from (rank 0 chooses, every rank follows) and restores the
+  weights, the optimizer, the loop's `TrainState` and the RNG. Every checkpoint is the
+  same file whatever wrote it (one process, DDP or FSDP, any world size) and loads in any
+  of them.
+- The files: safetensors weights, optimizer state, JSON run state. A checkpoint is
+  written into a temporary directory, every file fsynced, then renamed into place;
+  `checkpoints/latest` is replaced (also atomically) only after that, and older
+  checkpoints are pruned only after that. Each file's sha256, and one of state.json's own
+  content, is recorded in state.json and verified on load, so a truncated or corrupted
+  checkpoint is detected and the previous good one used instead. A resume takes the
+  newest checkpoint that verifies (`latest` names it too, unless a kill fell between the
+  rename and the update of `latest`). Nothing pickled is ever loaded without
+  `weights_only=True`, and weights that are not finite (a diverged run) are never written.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from bertforge.errors import BertforgeError
 from bertforge.fileio import fsync, give_usual_mode, make_dir, write_text_atomic
+from bertforge.train.consistency import check_optimizer_state
+from bertforge.weights import (
+    load_model_weights,
+    load_pickled,
+    load_safetensors,
+    model_state,
+    require_finite,
+    short,
+)
+
+if TYPE_CHECKING:
+    from bertforge.train.distributed import Distributed
+    from bertforge.train.step import StepResult
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.safetensors", "optimizer.pt", "state.json"
 _PREFIX = "step-"
+_RANK_SEED = 1_000_003  # rank r > 0 seeds its dropout with seed + r * _RANK_SEED
+
+
+class Checkpointer:
+    """Saves and restores everything stateful in a run, under `ckpt_dir`.
+
+    Every rank makes one and calls each method (they are collectives); rank 0 alone
+    reads the directory to choose and writes. The state.json of a checkpoint holds the
+    loop's `TrainState`, the epoch, the world size and strategy that wrote it, and the
+    RNG: rank 0's as "rng", and under torchrun every rank's as "rng_ranks".
+    """
+
+    def __init__(self, ckpt_dir: Path, dist: Distributed, device: torch.device,
+                 keep_last: int = 3):
+        self.dir, self.dist, self.device, self.keep_last = Path(ckpt_dir), dist, device, keep_last
+        self.found: Path | None = None  # the checkpoint `choose` found to resume from
+        self.found_state: dict[str, Any] = {}  # its state.json
+        self.saved_at: int | None = None  # the step of the newest checkpoint of this run
+
+    def choose(self, resume: bool) -> Path | None:
+        """The checkpoint to resume from: None for a fresh run, or for a resume of a run
+        killed before its first checkpoint was complete. Rank 0 chooses and every rank
+        takes its choice (or its error): ranks looking each for themselves could disagree
+        on a shared filesystem that caches attributes."""
+        if not resume:
+            return None
+        choice: tuple[str, Any, Any] = ("none", None, None)
+        if self.dist.is_main:
+            try:
+                found = find_latest(self.dir)
+                if found is None and any_checkpoint(self.dir):
+                    # all damaged: starting over would overwrite them
+                    raise BertforgeError(f"--resume: no checkpoint in {self.dir} verifies "
+                                         f"(see the warnings above); move them away to "
+                                         f"start over")
+                if found is not None:
+                    choice = ("found", str(found[0]), found[1])
+            except BertforgeError as e:
+                choice = ("error", str(e), None)
+        kind, value, saved = self.dist.broadcast_object(choice)
+        if kind == "error":
+            raise BertforgeError(value)
+        if kind == "none":
+            if self.dist.is_main:
+                print(f"--resume: no checkpoint in {self.dir} yet; starting from step 0",
+                      file=sys.stderr)
+            return None
+        self.found, self.found_state = Path(value), saved
+        return self.found
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """The chosen checkpoint's weights into `model`, if one was chosen. Called before
+        the model is sharded: every rank reads the full file."""
+        if self.found is not None:
+            load_model_weights(model, load_weights(self.found))
+
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                state: TrainState, seed: int, max_steps: int | None = None) -> None:
+        """The chosen checkpoint's optimizer state, loop state and RNG; for a fresh run,
+        each rank past the first seeds its own dropout (the weights are the same)."""
+        if self.found is None:
+            if self.dist.rank > 0:
+                torch.manual_seed(seed + _RANK_SEED * self.dist.rank)
+            return
+        path, saved = self.found, self.found_state
+        optimizer_state = load_optimizer_state(path)
+        check_optimizer_state(optimizer_state, optimizer, str(path / OPTIMIZER_FILE))
+        load_full_optimizer_state(model, optimizer, optimizer_state, self.dist)
+        where = str(path / STATE_FILE)
+        state.load_state_dict(saved, where, max_steps)
+        self._restore_rng(saved, seed, where)
+        self.saved_at = state.step
+        if self.dist.is_main:
+            print(f"resuming from {path.name} (step {state.step}, {state.tokens:,} tokens)",
+                  file=sys.stderr)
+
+    def _restore_rng(self, saved: dict[str, Any], seed: int, where: str) -> None:
+        """This rank's saved RNG when the world size is the one that saved. Otherwise data
+        order and masks still continue exactly (they depend on the step alone), but
+        dropout's random streams start afresh: each rank is reseeded."""
+        dist = self.dist
+        rngs = saved.get("rng_ranks") or [saved.get("rng")]
+        if not isinstance(rngs, list) or not all(isinstance(r, dict) for r in rngs):
+            raise BertforgeError(f"{where}: rng is missing or not a random generator state")
+        if len(rngs) == dist.world_size:
+            set_rng_state(rngs[dist.rank], self.device, where)
+            return
+        torch.manual_seed(seed + _RANK_SEED * dist.rank + saved["step"])
+        if dist.is_main:
+            print(f"resuming a run saved by {len(rngs)} process(es) with {dist.world_size}: "
+                  f"data order and masks continue exactly; dropout's random stream restarts",
+                  file=sys.stderr)
+
+    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             state: TrainState, epoch: float) -> None:
+        """A checkpoint of the full state at `state.step`; a collective (FSDP gathers its
+        shards), written by rank 0."""
+        dist = self.dist
+        weights = gather_model_state(model, dist)
+        optimizer_state = gather_optimizer_state(model, optimizer, dist)
+        rngs = dist.gather_objects(rng_state(self.device))
+        if dist.is_main:
+            record = {**state.state_dict(), "rng": rngs[0], "epoch": epoch,
+                      "world_size": dist.world_size, "strategy": dist.strategy}
+            if dist.enabled:
+                record["rng_ranks"] = rngs
+            save_checkpoint(self.dir, state.step, weights, optimizer_state, record,
+                            self.keep_last)
+        dist.barrier()
+        self.saved_at = state.step
+
+
+@dataclass
+class TrainState:
+    """The loop's own state: all a checkpoint holds besides weights, optimizer and RNG.
+    The data position is the step itself, because batches are a pure function of it."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # real input tokens trained on, all processes together
+    elapsed_s: float = 0.0  # training time (evaluation and checkpoints excluded)
+    skipped_steps: int = 0  # updates dropped for a non-finite loss or gradient
+
+    def advance(self, result: StepResult) -> None:
+        self.step += 1
+        self.tokens += result.tokens
+        self.skipped_steps += not result.applied
+        self.elapsed_s = result.elapsed_s or 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
+                "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict[str, Any], where: str = "state",
+                        max_steps: int | None = None) -> None:
+        """Restore from `state_dict()`'s output (other keys are ignored).
+
+        A value that cannot be restored is refused (BertforgeError naming `where` and the
+        field): a state.json's checksums only say that it is what was sealed. So is a
+        step past the run's `max_steps`: no run of this config wrote it.
+        """
+        self.step, self.tokens = _count(state, "step", where), _count(state, "tokens", where)
+        if max_steps and self.step > max_steps:
+            raise BertforgeError(f"{where}: step {self.step} is past the run's max_steps "
+                                 f"{max_steps} (a state from another run, or --max-steps "
+                                 f"lowered below it)")
+        elapsed = state.get("elapsed_s")
+        if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
+                or not math.isfinite(elapsed) or elapsed < 0):
+            raise BertforgeError(f"{where}: elapsed_s {elapsed!r:.40} is not a time in seconds")
+        self.elapsed_s = float(elapsed)
+        self.skipped_steps = _count(state, "skipped_steps", where)
+
+
+def _count(state: dict[str, Any], name: str, where: str) -> int:
+    """state[name], which must be an integer that int64 holds, >= 0."""
+    value = state.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise BertforgeError(f"{where}: {name} {value!r:.40} is not a count (an integer >= 0)")
+    return value
+
+
+# ------------------------------------------------------------------------- the RNG
+
+def rng_state(device: torch.device) -> dict[str, str]:
+    """torch's CPU generator, and the device's when it is a GPU (a CPU run never touches
+    CUDA), as base64 text for state.json."""
+    def enc(t: torch.Tensor) -> str:
+        return base64.b64encode(t.numpy().tobytes()).decode()
+    state = {"torch": enc(torch.get_rng_state())}
+    if device.type == "cuda":
+        state["cuda"] = enc(torch.cuda.get_rng_state(device))
+    return state
+
+
+def set_rng_state(state: dict[str, str], device: torch.device, where: str = "state") -> None:
+    """Restore `rng_state`'s output; BertforgeError naming `where` if torch refuses it."""
+    def dec(s: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    try:
+        torch.set_rng_state(dec(state["torch"]))
+        if device.type == "cuda" and "cuda" in state:
+            torch.cuda.set_rng_state(dec(state["cuda"]), device)
+    except (KeyError, TypeError, ValueError, RuntimeError):  # base64's errors are ValueErrors
+        raise BertforgeError(f"{where}: rng is not a random generator state torch can "
+                             f"restore") from None
+
+
+# ------------------------------------------------------- gathering from the ranks
+
+def gather_model_state(model: torch.nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
+    """Full (unsharded) weights on the CPU, as `model_state` gives them; a collective
+    under FSDP (torch.distributed.checkpoint's full_state_dict)."""
+    if dist.strategy != "fsdp":
+        return model_state(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    return cast(dict[str, torch.Tensor], full)
+
+
+def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                           dist: Distributed) -> dict[str, Any]:
+    """The optimizer's state_dict in plain single-process form (parameters numbered in
+    optimizer order), on rank 0; a collective under FSDP."""
+    if dist.strategy != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    return _numbered(full) if dist.is_main else {}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any], dist: Distributed) -> None:
+    """Load `gather_optimizer_state`'s output; under FSDP every rank takes its shards."""
+    if dist.strategy != "fsdp":
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(model, optimizer, _named(state, model, optimizer),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the optimizer's order (the ids of a plain state_dict)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _numbered(named: dict[str, Any]) -> dict[str, Any]:
+    """A name-keyed optimizer state_dict (torch.distributed.checkpoint's form) -> ids."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in named["param_groups"]:
+        params = [ids.setdefault(n, len(ids)) for n in group["params"]]
+        groups.append(dict(group, params=params))
+    return {"state": {ids[n]: s for n, s in named["state"].items()}, "param_groups": groups}
+
+
+def _named(numbered: dict[str, Any], model: torch.nn.Module,
+           optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The reverse of `_numbered`, for this model and optimizer."""
+    names = _param_names(model, optimizer)
+    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in numbered["param_groups"]]
+    return {"state": {names[int(i)]: s for i, s in numbered["state"].items()},
+            "param_groups": groups}
+
+
+# ------------------------------------------------------------------------- the files
 
 
 def _name(step: int) -> str:
@@ -69,44 +350,6 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     """
     state = dict(state, state_sha256=_state_digest(state))
     write_text_atomic(path / STATE_FILE, json.dumps(state, indent=1))
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights, tied tensors stored once, detached and contiguous on the CPU."""
-    seen: dict[int, str] = {}
-    out = {}
-    for name, t in model.state_dict().items():
-        if t.data_ptr() in seen:  # tied (the MLM decoder shares the word embeddings)
-            continue
-        seen[t.data_ptr()] = name
-        out[name] = t.detach().to("cpu").contiguous()
-    return out
-
-
-def require_finite(weights: dict[str, torch.Tensor], doing: str) -> None:
-    """BertforgeError naming the first tensor of `weights` with a NaN or an infinity;
-    `doing` says what is refused ("not saving checkpoint step-000005")."""
-    for name, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BertforgeError(f"{doing}: weight {name} is not finite (NaN or infinity): "
-                                 f"training diverged; lower --lr")
-
-
-def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load weights saved by `model_state` (tied tensors stored once) into `model`;
-    BertforgeError naming the keys when they do not fit."""
-    own = model.state_dict()
-    for name, t in weights.items():
-        if name in own and t.shape != own[name].shape:
-            raise BertforgeError(f"checkpoint does not match the model: {name} has shape "
-                                 f"{tuple(t.shape)}, the model's config says "
-                                 f"{tuple(own[name].shape)}")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    stored = {own[k].data_ptr() for k in weights if k in own}
-    truly_missing = [k for k in missing if own[k].data_ptr() not in stored]
-    if truly_missing or unexpected:
-        raise BertforgeError(f"checkpoint does not match the model: missing {truly_missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
@@ -192,14 +435,13 @@ def verify(path: Path) -> dict[str, Any]:
                              f"(truncated or corrupted)") from None
     checksums = state.get("checksums") if isinstance(state, dict) else None
     sealed = state.get("state_sha256") if isinstance(state, dict) else None
-    # (checkpoints written before state.json was sealed have no state_sha256)
     if (not isinstance(checksums, dict) or MODEL_FILE not in checksums
-            or (sealed is not None and sealed != _state_digest(state))):
+            or sealed != _state_digest(state)):
         raise BertforgeError(f"{path / STATE_FILE}: checksum mismatch (corrupted)")
     step, named = state.get("step"), step_of(path)
     if (not isinstance(step, int) or isinstance(step, bool) or step < 0
             or (named is not None and step != named)):
-        raise BertforgeError(f"{path / STATE_FILE}: step {_short(repr(step))} is not the "
+        raise BertforgeError(f"{path / STATE_FILE}: step {short(repr(step))} is not the "
                              f"checkpoint's ({path.name})")
     for f, digest in checksums.items():
         if not (path / f).is_file():
@@ -234,45 +476,9 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(path / MODEL_FILE)
 
 
-def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; BertforgeError if it cannot be read."""
-    try:
-        return load_file(str(file))
-    except Exception as e:  # safetensors raises its own error types
-        raise BertforgeError(f"{file}: cannot be read ({_short(str(e), 200)})") from None
-
-
 def load_optimizer_state(path: Path) -> dict[str, Any]:
     """The optimizer state; refused if unpickling needs anything but tensors and plain
     containers (`load_pickled`)."""
     return load_pickled(path / OPTIMIZER_FILE)
 
 
-def load_pickled(file: Path) -> Any:
-    """A torch.save file read with weights_only=True; BertforgeError if it needs anything
-    but tensors and plain containers, which is how a planted file would run code.
-
-    The refusal names the global the file asked for. torch's own message goes on to advise
-    loading the file with weights_only=False, i.e. running the code: that is never passed on.
-    """
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError, EOFError, ...
-        text = str(e).strip()
-        # torch 2.6-2.13: "Unsupported global: GLOBAL x.y was not an allowed global..." or
-        # "Trying to load unsupported GLOBAL posix.system whose module posix is blocked."
-        wanted = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
-        if wanted:
-            reason = f"it asks for the global {wanted.group(1)}"
-        else:  # the first line that is not torch's advice about weights_only
-            lines = [x.strip() for x in text.splitlines() if x.strip()
-                     and "weights_only" not in x and not x.startswith("Check the doc")]
-            reason = (lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
-        raise BertforgeError(f"{file}: refused to load, it is not plain tensor data "
-                             f"({_short(reason)})") from None
-
-
-def _short(text: str, limit: int = 80) -> str:
-    """`text` on one line, cut to `limit` characters: an error stays one short line."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."

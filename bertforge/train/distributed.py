@@ -12,13 +12,11 @@ Notable choices:
   training collectives keep the backend's default timeout.
 - Gradients are averaged over ranks by DDP and by FSDP's reduce-scatter; the loop scales
   each rank's loss by the world size so that the result is the gradient of the global
-  batch's loss, normalised by the global count of loss terms (DESIGN.md).
+  batch's loss, normalised by the global count of loss terms (docs/architecture.md).
 - Parameters an objective never uses (the pooler and NSP head under plain MLM) must be
   frozen by the caller: DDP waits for a gradient of every trainable parameter.
-- FSDP2 shards each encoder layer and then the root (embeddings, heads). Checkpoints are
-  gathered to full, unsharded state on rank 0 (torch.distributed.checkpoint.state_dict
-  with full_state_dict=True), so every checkpoint is the same file whatever wrote it
-  (one process, DDP or FSDP, any world size) and loads in any of them.
+- FSDP2 shards each encoder layer and then the root (embeddings, heads). Checkpoints
+  gather the full state from the shards (bertforge.train.checkpoint).
 """
 
 from __future__ import annotations
@@ -34,9 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bertforge.model import ops
-from bertforge.train.checkpoint import model_state
 from bertforge.errors import BertforgeError
+from bertforge.model import ops
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PREPARE_TIMEOUT = datetime.timedelta(hours=2)  # how long the ranks wait for rank 0's data
@@ -156,7 +153,7 @@ class Distributed:
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
 
-    # --- state ---------------------------------------------------------------------------
+    # --- gradients -----------------------------------------------------------------------
 
     @torch.no_grad()
     def clip_grad_norm(self, parameters: list[nn.Parameter], max_norm: float) -> torch.Tensor:
@@ -181,73 +178,11 @@ class Distributed:
             torch._foreach_mul_(grads, scale)
         return norm
 
-    def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """Full (unsharded) weights on the CPU; a collective under FSDP."""
-        if self.strategy != "fsdp":
-            return model_state(model)
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-        )
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                    cpu_offload=True))
-
-    def optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """The optimizer's state_dict in plain single-process form (parameters numbered in
-        optimizer order); a collective under FSDP."""
-        if self.strategy != "fsdp":
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
-
-        full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
-        return _numbered(full) if self.is_main else {}
-
-    def load_optimizer_state(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             state: dict) -> None:
-        if self.strategy != "fsdp":
-            optimizer.load_state_dict(state)
-            return
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_optimizer_state_dict,
-        )
-
-        set_optimizer_state_dict(model, optimizer, _named(state, model, optimizer),
-                                 options=StateDictOptions(full_state_dict=True))
-
 
 def _encoder_layers(model: nn.Module) -> list[nn.Module]:
     from bertforge.model.bert import BertLayer
 
     return [m for m in model.modules() if isinstance(m, BertLayer)]
-
-
-def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """Parameter names in the optimizer's order (the ids of a plain state_dict)."""
-    by_id = {id(p): name for name, p in model.named_parameters()}
-    return [by_id[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def _numbered(named: dict) -> dict:
-    """A name-keyed optimizer state_dict (torch.distributed.checkpoint's form) -> ids."""
-    ids: dict[str, int] = {}
-    groups = []
-    for group in named["param_groups"]:
-        params = [ids.setdefault(n, len(ids)) for n in group["params"]]
-        groups.append(dict(group, params=params))
-    return {"state": {ids[n]: s for n, s in named["state"].items()}, "param_groups": groups}
-
-
-def _named(numbered: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    names = _param_names(model, optimizer)
-    groups = [dict(g, params=[names[i] for i in g["params"]]) for g in numbered["param_groups"]]
-    return {"state": {names[int(i)]: s for i, s in numbered["state"].items()},
-            "param_groups": groups}
 
 
 def launched() -> bool:

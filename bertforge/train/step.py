@@ -8,16 +8,18 @@
   `torch.utils.data.DataLoader` over step indices: in `num_workers` background
   processes, into pinned memory when the device is a GPU, so that the masking of step
   t + 1 overlaps the compute of step t and the copy to the device does not block.
-- `train_step`: forward and backward over the micro-batches, each loss term normalised
-  by its count over the whole global batch; gradient clipping; the non-finite guard and
-  the `on_nan` policy; the update. It returns a `StepResult`, or with `defer` a
-  `PendingStep` whose figures `read_steps` brings over later, with those of other steps.
+- `train_step`: `accumulate_gradients` (forward and backward over the micro-batches,
+  each loss term normalised by its count over the whole global batch), then
+  `finish_step` (gradient clipping; the non-finite guard and the `on_nan` policy; the
+  update). It returns a `StepResult`, or with `defer` a `PendingStep` whose figures
+  `read_steps` brings over later, with those of other steps.
 
 Host-device synchronisation. Nothing in the micro-batch loop reads a device value: the
 counts that normalise the loss come from the host side of the batch, metrics stay
 tensors, and the clipping factor is applied on the device. What the host wants of a
 step (loss sums, metrics, gradient norm, and under torchrun the global counts, the stop
-flag and rank 0's clock) is one device tensor, read in one transfer:
+flag and rank 0's clock) is packed by name into one device tensor (`Packed`), read in
+one transfer and unpacked by name:
 
 - on a GPU with fused AdamW (`defer=True`), not before `optimizer.step()`: a non-finite
   update is dropped on the device (`found_inf`, as GradScaler does), and the caller
@@ -33,52 +35,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bertforge.config import TrainConfig
-from bertforge.train.distributed import Distributed
 from bertforge.errors import NonFiniteStep
+from bertforge.tasks.base import LossFn, StepBatch, Task
+from bertforge.train.distributed import Distributed
 from bertforge.train.runtime import autocast, autocast_off, default_workers
-
-
-@dataclass
-class StepBatch:
-    """This process's share of the global batch of one step, on the host."""
-
-    micro: list[Any]  # micro-batches, each with .to(device) and .pin_memory()
-    counts: dict[str, int]  # loss terms of each kind in `micro` (masked tokens, pairs, ...)
-    tokens: int  # real input tokens in `micro` (padding excluded)
-
-    def pin_memory(self) -> StepBatch:
-        return StepBatch([m.pin_memory() for m in self.micro], self.counts, self.tokens)
-
-
-LossFn = Callable[[torch.nn.Module, Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
-
-
-class Task(Protocol):
-    """What `fit` trains on."""
-
-    def batch(self, step: int) -> StepBatch:
-        """This process's share of the global batch at `step`: a pure function of it."""
-
-    def loss_sum(self, model: torch.nn.Module, micro: Any
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The summed (not averaged) loss of each term of a micro-batch on the device,
-        keyed like `StepBatch.counts`, and extra summed metrics as device tensors. A
-        metric named TERM_... is normalised by TERM's count, any other by the first
-        term's."""
-
-    def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
-        """Held-out metrics of the model after `step` steps."""
-
-    def epoch_at(self, step: int) -> float:
-        ...
 
 
 @dataclass
@@ -86,7 +54,7 @@ class StepResult:
     """What one `train_step` did, on the host."""
 
     terms: dict[str, float]  # each loss term over the global batch, normalised by its count
-    metrics: dict[str, float]  # the task's extra metrics, normalised likewise
+    metrics: dict[str, float]  # the task's extra metrics, normalised by their counts
     grad_norm: float  # before clipping
     applied: bool  # False: the loss or the gradient norm was not finite; no update
     tokens: int  # real tokens of the global batch
@@ -107,13 +75,40 @@ class StepResult:
         return f"gradient norm ({self.grad_norm})"
 
 
+@dataclass
+class Packed:
+    """Named scalars in one float64 tensor, so that the host reads them in one transfer:
+    packed by name, unpacked by name."""
+
+    names: list[str]
+    values: torch.Tensor  # (len(names),) float64
+
+    @staticmethod
+    def of(scalars: dict[str, torch.Tensor]) -> Packed:
+        return Packed(list(scalars), torch.stack([v.double().reshape(()) for v in
+                                                  scalars.values()]))
+
+    def __add__(self, other: Packed) -> Packed:
+        """Both, on this one's device."""
+        return Packed(self.names + other.names,
+                      torch.cat([self.values, other.values.to(self.values.device)]))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.values[self.names.index(name)]
+
+    def unpack(self, read: list[float]) -> dict[str, float]:
+        """`read`, this one's values as the host read them, by name."""
+        return dict(zip(self.names, read, strict=True))
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
                batch: StepBatch, *, lr: float, cfg: TrainConfig, device: torch.device,
                dtype: torch.dtype | None, dist: Distributed | None = None, step: int = 0,
                stop_requested: Callable[[], bool] | None = None,
                clock: Callable[[], float] | None = None, defer: bool = False
                ) -> StepResult | PendingStep:
-    """One optimizer step on `batch` at learning rate `lr` (see the module docstring).
+    """One optimizer step on `batch` at learning rate `lr` (see the module docstring):
+    `accumulate_gradients` over the micro-batches, then `finish_step`.
 
     `model` is what runs forward and backward (possibly DDP-wrapped or compiled); the
     gradients clipped and applied are those of the optimizer's parameters. `step` is the
@@ -129,15 +124,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     the host needs the figures (the caller then applies the NaN policy).
     """
     dist = dist if dist is not None else Distributed()
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    names = list(batch.counts)
+    counts = None
+    divisors: dict[str, float | torch.Tensor]
     if dist.enabled:  # the global counts, queued on the device: no host sync
-        counts_t = dist.reduce_sum(dist.host_values([*batch.counts.values(), batch.tokens]))
-        divisors = dict(zip(names, counts_t[:-1].float().clamp(min=1).to(device).unbind()))
+        counts = Packed([*(f"count/{k}" for k in batch.counts), "tokens"], dist.reduce_sum(
+            dist.host_values([*batch.counts.values(), batch.tokens])))
+        divisors = {k: counts[f"count/{k}"].float().clamp(min=1).to(device)
+                    for k in batch.counts}
     else:
         divisors = {k: float(max(v, 1)) for k, v in batch.counts.items()}
+    losses, metrics = accumulate_gradients(model, loss_fn, batch, divisors, device=device,
+                                           dtype=dtype, dist=dist)
+    return finish_step(optimizer, losses, metrics, batch, counts, lr=lr, cfg=cfg, dist=dist,
+                       step=step, signalled=stop_requested is not None and stop_requested(),
+                       elapsed=clock() if clock is not None else None, defer=defer)
 
+
+def accumulate_gradients(model: torch.nn.Module, loss_fn: LossFn, batch: StepBatch,
+                         divisors: Mapping[str, float | torch.Tensor], *, device: torch.device,
+                         dtype: torch.dtype | None, dist: Distributed
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Forward and backward over the micro-batches of `batch`, each loss term divided by
+    its global count (`divisors`), so that the gradients add up to those of the global
+    batch; under torchrun they are reduced over ranks with the last micro-batch. Returns
+    the loss terms' and the metrics' sums over the micro-batches, on the device."""
     sums: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     last = len(batch.micro) - 1
@@ -157,29 +167,45 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
                 for k, v in values.items():
                     v = v.detach()
                     bucket[k] = bucket[k] + v if k in bucket else v
+    return sums, extra
+
+
+def finish_step(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor],
+                metrics: dict[str, torch.Tensor], batch: StepBatch, counts: Packed | None, *,
+                lr: float, cfg: TrainConfig, dist: Distributed, step: int, signalled: bool,
+                elapsed: float | None, defer: bool) -> StepResult | PendingStep:
+    """Clip the accumulated gradients, pack the step's figures (`losses` and `metrics`
+    summed over the step, the gradient norm; under torchrun the global `counts` and the
+    stop flag and clock of `signalled` and `elapsed`, shared) into one device tensor, and
+    update at learning rate `lr`: decided on the device with `defer` (a `PendingStep`
+    returned), else on the host after reading the figures (a `StepResult`)."""
+    undeclared = [k for k in metrics if batch.metric_counts.get(k) not in batch.counts]
+    if undeclared:
+        raise ValueError(f"metric {undeclared[0]!r}: StepBatch.metric_counts names none of "
+                         f"the batch's counts {list(batch.counts)} for it")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = dist.clip_grad_norm(params, cfg.grad_clip)
-
-    # Everything the host may want of this step, as one device tensor: the loss sums and
-    # metrics (summed over ranks under torchrun), then the stop flag and rank 0's clock,
-    # the global counts and tokens, and the gradient norm.
-    local = torch.stack([v.double() for v in (*sums.values(), *extra.values())])
-    signalled = stop_requested is not None and stop_requested()
-    if dist.enabled:
-        control = dist.host_values([float(signalled),
-                                    clock() if (clock is not None and dist.is_main) else 0.0])
-        values = torch.cat([dist.reduce_sum(torch.cat([local.to(control.device), control])),
-                            counts_t, norm.reshape(1).to(control.device)])
-    else:
-        values = torch.cat([local, norm.reshape(1).to(local.device)])
-    pending = PendingStep(values, list(sums), list(extra), names, step + 1, lr,
-                          dict(batch.counts), batch.tokens, signalled,
-                          clock() if clock is not None else None, dist.enabled)
+    figures = Packed.of({**{f"loss/{k}": v for k, v in losses.items()},
+                         **{f"metric/{k}": v for k, v in metrics.items()}})
+    # What this process knows without a read; under torchrun the shared figures replace it.
+    host = {**{f"count/{k}": float(v) for k, v in batch.counts.items()},
+            "tokens": batch.tokens, "stop": float(signalled), "clock": elapsed}
+    if dist.enabled and counts is not None:  # the sums and the stop flag over ranks
+        control = Packed(["stop", "clock"], dist.host_values(
+            [float(signalled), elapsed if (elapsed is not None and dist.is_main) else 0.0]))
+        summed = control + figures
+        figures = Packed(summed.names, dist.reduce_sum(summed.values)) + counts
+    figures = figures + Packed.of({"grad_norm": norm})
+    pending = PendingStep(figures, host, list(losses), list(batch.counts),
+                          {k: batch.metric_counts[k] for k in metrics}, step + 1, lr,
+                          signalled, elapsed)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     if defer and skips_on_device(optimizer):
         # The update is dropped on the device when the loss or the norm is not finite
         # (the same on every rank: the sums are global), as GradScaler drives fused AdamW.
-        found_inf = (~torch.isfinite(values[:len(sums)].sum() + values[-1])).float()
-        found_inf = found_inf.to(params[0].device, non_blocking=True)
+        total = sum(figures[f"loss/{k}"] for k in losses) + figures["grad_norm"]
+        found_inf = (~torch.isfinite(total)).float().to(params[0].device, non_blocking=True)
         optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         try:
             optimizer.step()
@@ -207,44 +233,36 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 class PendingStep:
     """A step whose figures are still on the device: `read_steps` brings them over."""
 
-    values: torch.Tensor  # (terms + metrics [+ 2 control + counts + 1 tokens] + 1 norm,)
-    terms: list[str]
-    metrics: list[str]
-    names: list[str]  # the batch's count names, in order
+    figures: Packed  # loss/TERM, metric/NAME, grad_norm [, count/TERM, tokens, stop, clock]
+    host: dict[str, Any]  # count/TERM, tokens, stop and clock as this process knows them
+    terms: list[str]  # the loss terms
+    counts: list[str]  # the batch's count names
+    metric_counts: dict[str, str]  # each metric: the count it is normalised by
     step: int  # the step number this is (1-based: steps done after it)
     lr: float
-    counts: dict[str, int]  # this process's counts (the global ones when alone)
-    tokens: int
     signalled: bool  # this process was asked to stop
     elapsed_s: float | None  # this process's clock at the end of the step
-    shared: bool  # values hold the torchrun control values
 
 
 def read_steps(pending: list[PendingStep]) -> list[StepResult]:
     """The StepResults of `pending` steps, read from the device in one transfer."""
     if not pending:
         return []
-    flat = torch.cat([p.values.to(pending[0].values.device) for p in pending]).tolist()
-    ends = list(itertools.accumulate(len(p.values) for p in pending))
-    return [_result(p, flat[end - len(p.values):end]) for p, end in zip(pending, ends)]
+    device = pending[0].figures.values.device
+    flat = torch.cat([p.figures.values.to(device) for p in pending]).tolist()
+    ends = list(itertools.accumulate(len(p.figures.names) for p in pending))
+    return [_result(p, p.figures.unpack(flat[end - len(p.figures.names):end]))
+            for p, end in zip(pending, ends, strict=True)]
 
 
-def _result(p: PendingStep, read: list[float]) -> StepResult:
-    names = p.names
-    if p.shared:
-        stop, elapsed = read[-len(names) - 4] > 0, read[-len(names) - 3]
-        counts = dict(zip(names, read[-len(names) - 2:-2]))
-        tokens = int(read[-2])
-    else:
-        stop, elapsed = p.signalled, p.elapsed_s
-        counts, tokens = {k: float(v) for k, v in p.counts.items()}, p.tokens
-    grad_norm = read[-1]
-    n = len(p.terms)
-    terms = {k: v / max(counts[k], 1.0) for k, v in zip(p.terms, read[:n])}
-    metrics = {k: v / max(counts.get(k.split("_")[0], counts[names[0]]), 1.0)
-               for k, v in zip(p.metrics, read[n:n + len(p.metrics)])}
-    result = StepResult(terms, metrics, grad_norm, applied=False, tokens=tokens, stop=stop,
-                        elapsed_s=elapsed, counts=counts, lr=p.lr)
+def _result(p: PendingStep, read: dict[str, float]) -> StepResult:
+    got = {**p.host, **read}  # under torchrun, the shared figures replace this process's
+    counts = {k: float(got[f"count/{k}"]) for k in p.counts}
+    terms = {k: got[f"loss/{k}"] / max(counts[k], 1.0) for k in p.terms}
+    metrics = {k: got[f"metric/{k}"] / max(counts[c], 1.0) for k, c in p.metric_counts.items()}
+    grad_norm = got["grad_norm"]
+    result = StepResult(terms, metrics, grad_norm, applied=False, tokens=int(got["tokens"]),
+                        stop=got["stop"] > 0, elapsed_s=got["clock"], counts=counts, lr=p.lr)
     result.applied = math.isfinite(result.loss) and math.isfinite(grad_norm)
     return result
 

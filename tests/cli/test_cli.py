@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bertforge import __version__
-from bertforge.cli.main import parse_duration
+from bertforge.cli.options import parse_duration
 from conftest import one_line_error, run_cli
 
 
@@ -77,8 +77,9 @@ def test_console_entry_point_has_no_traceback(tmp_path):
     assert one_line_error(proc.stderr).startswith("bertforge: error:")
 
 
-# Every flag of bertforge 0.1.0, by command: users' scripts rely on them.
-FLAGS_0_1 = {
+
+# Every flag of every command: the README's examples and users' scripts rely on them.
+FLAGS = {
     "bench": """--batch-size --compile --device --dropout --json --preset --seq-len --steps
         --vocab-size --vs-hf --warmup""",
     "evaluate": """--checkpoint --data --device --max-sequences --out --precision --split""",
@@ -88,12 +89,13 @@ FLAGS_0_1 = {
         --from-scratch --grad-clip --keep-last --label-column --length-grouping
         --log-every --lr --max-length --max-steps --max-train-examples
         --micro-batch-size --out --precision --quiet --regression --resume --seed
-        --task --text-column --text-pair-column --train --validation --warmup
-        --weight-decay""",
+        --task --text-column --text-pair-column --train --validation --warmup-fraction
+        --warmup-steps --weight-decay""",
     "glue": """--batch-size --data-dir --device --dropout --epochs --eval-batch-size
         --from-scratch --grad-clip --json --keep-last --length-grouping --log-every
         --lr --max-length --max-steps --max-train-examples --micro-batch-size --out
-        --precision --quiet --results --seed --tasks --warmup --weight-decay""",
+        --precision --quiet --results --seed --tasks --warmup-fraction --warmup-steps
+        --weight-decay""",
     "predict": """--batch-size --device --input --max-length --no-text --output --quiet
         --text-column --text-pair-column""",
     "prepare": """--dedup --document-boundary --num-shards --one-doc-per-line --out --quiet
@@ -108,7 +110,7 @@ FLAGS_0_1 = {
         --on-nan --one-doc-per-line --out --precision --preset --quiet
         --random-token-ratio --resume --sample-bytes --schedule --seed --seq-len
         --span-max --span-p --strategy --text-column --text-field --time-budget
-        --valid-fraction --vocab-size --warmup --weight-decay""",
+        --valid-fraction --vocab-size --warmup-fraction --warmup-steps --weight-decay""",
     "report": """--out""",
     "tokenizer": """--cased --dedup --min-frequency --one-doc-per-line --out --quiet
         --sample-bytes --text-column --text-field --vocab-size""",
@@ -124,9 +126,9 @@ def _flags(command: str) -> set[str]:
     return {o for a in sub.choices[command]._actions for o in a.option_strings}
 
 
-@pytest.mark.parametrize("command", sorted(FLAGS_0_1))
-def test_every_earlier_flag_is_still_there(command):
-    assert set(FLAGS_0_1[command].split()) <= _flags(command)
+@pytest.mark.parametrize("command", sorted(FLAGS))
+def test_every_flag_is_still_there(command):
+    assert set(FLAGS[command].split()) <= _flags(command)
 
 
 def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
@@ -158,6 +160,12 @@ def test_bench_json_rows(capsys):
                            "--seq-len", "16", "--vocab-size", "500", "--steps", "1",
                            "--warmup", "0", "--no-fp32", "--json")
     assert [r["name"] for r in json.loads(out)["bertforge"]] == [expected[0]]
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "glue"])
+def test_warmup_is_spelled_one_way(command):
+    # --warmup-steps or --warmup-fraction; `bench --warmup` is its untimed steps.
+    assert "--warmup" not in _flags(command)
 
 
 # ------------------------------------------------------------------------ the bare command

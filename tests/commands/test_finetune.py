@@ -14,8 +14,8 @@ import torch
 from bertforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from bertforge.data.labelled import TaskData, load_own_task
 from bertforge.errors import BertforgeError
-from bertforge.commands.finetune import ClassificationTask, Encoded, predict, run_finetune
-from bertforge.finetune_config import FinetuneConfig
+from bertforge.commands.finetune import predict, run_finetune
+from bertforge.tasks.classification import ClassificationTask, TokenizedSplit
 from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
 from bertforge.testing import NOUNS
 from conftest import run_cli, sentence, tiny_finetune, write_sst2
@@ -220,11 +220,11 @@ class _Scripted(torch.nn.Module):
 
 def test_tokens_count_the_real_tokens_trained_on(sst2_run):
     """`tokens` is real input tokens, padding excluded, as in pretraining."""
-    from bertforge.commands.finetune import load_tokenizer_any
+    from bertforge.data.tokenizer import load_truncating_tokenizer
 
     sst2_run, task_dir = sst2_run
     data = load_glue_task("sst2", task_dir)
-    tok = load_tokenizer_any(sst2_run / "tokenizer", 32)
+    tok = load_truncating_tokenizer(sst2_run / "tokenizer", 32)
     lengths = sum(len(tok.encode(t).ids) for t in data.train.texts)
     assert metrics_lines(sst2_run, "train")[-1]["tokens"] == 3 * lengths  # 3 epochs
 
@@ -244,7 +244,7 @@ def test_the_training_options_of_pretraining_reach_fine_tuning(tmp_path, tiny_ru
     code, _, err = run_cli(capsys, "finetune", tiny_run, "--task", "sst2", "--data-dir",
                            task_dir, "--out", tmp_path / "out", "--max-steps", "2",
                            "--schedule", "cosine", "--adam-beta2", "0.98", "--on-nan", "skip",
-                           "--warmup", "1", "--max-length", "32", "--quiet")
+                           "--warmup-steps", "1", "--max-length", "32", "--quiet")
     assert code == 0, err
     spec = json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]
     assert spec["train"]["schedule"] == "cosine" and spec["train"]["adam_beta2"] == 0.98
@@ -258,24 +258,17 @@ def test_the_training_options_of_pretraining_reach_fine_tuning(tmp_path, tiny_ru
     assert code == 2 and "schedule was 'cosine'" in err
 
 
-def test_an_earlier_flat_finetune_config_still_reads():
-    cfg = FinetuneConfig.from_dict({"lr": 3e-5, "epochs": 2, "warmup": 0.2, "seed": 4,
-                                    "max_length": 64})
-    assert (cfg.train.lr, cfg.train.warmup_fraction, cfg.train.seed) == (3e-5, 0.2, 4)
-    assert (cfg.epochs, cfg.max_length, cfg.train.batch_size) == (2, 64, 32)
-
-
 def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
     """A later, worse epoch does not replace the best one's weights."""
-    from bertforge.commands.finetune import load_tokenizer_any
+    from bertforge.data.tokenizer import load_truncating_tokenizer
 
-    tok = load_tokenizer_any(tokenizer_dir, 16)
+    tok = load_truncating_tokenizer(tokenizer_dir, 16)
     texts = ["cat", "dog", "bird", "horse"]
     ids = [tok.encode(t).ids[1] for t in texts]
     y = np.array([i % 2 for i in ids])
     data = TaskData(name="t", train=None, validation={}, labels=["0", "1"],
                     metrics=("accuracy",), score=("accuracy",))
-    valid = Encoded(tok, texts, None, y, 0)
+    valid = TokenizedSplit(tok, texts, None, y, 0)
     task = ClassificationTask(data, valid, {"": valid}, tiny_finetune(batch_size=2),
                               torch.device("cpu"), tmp_path / "best")
     model = _Scripted()
@@ -293,12 +286,12 @@ def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
 
 def test_batches_are_a_pure_function_of_the_step(tmp_path, tokenizer_dir):
     """Every example once an epoch; length grouping pads less and keeps that."""
-    from bertforge.commands.finetune import load_tokenizer_any
+    from bertforge.data.tokenizer import load_truncating_tokenizer
 
-    tok = load_tokenizer_any(tokenizer_dir, 32)
+    tok = load_truncating_tokenizer(tokenizer_dir, 32)
     rng = random.Random(0)
     texts = [" ".join(rng.choice(NOUNS) for _ in range(rng.randint(1, 20))) for _ in range(100)]
-    train = Encoded(tok, texts, None, np.zeros(100, dtype=np.int64), 0)
+    train = TokenizedSplit(tok, texts, None, np.zeros(100, dtype=np.int64), 0)
     data = TaskData(name="t", train=None, validation={}, labels=["0", "1"],
                     metrics=("accuracy",), score=("accuracy",))
 

@@ -135,7 +135,7 @@ def test_the_wandb_hint_suggests_offline_only_when_it_is_not(mode, hint, tmp_pat
 
 
 WARMUPS = [["--warmup-steps", 100, "--max-steps", 10], ["--warmup-steps", 10, "--max-steps", 10],
-           ["--warmup-fraction", 2.0, "--max-steps", 10], ["--warmup", 100, "--max-steps", 10]]
+           ["--warmup-fraction", 2.0, "--max-steps", 10]]
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])

@@ -7,9 +7,9 @@ import io
 import json
 import sys
 
-from bertforge.cli import downstream as cli_downstream
 import pytest
 
+from bertforge import api
 from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,7 +60,7 @@ def test_no_text_keeps_the_line_numbers(tmp_path, capsys, finetuned):
 
 def test_inputs_stream_a_chunk_at_a_time_with_progress(tmp_path, capsys, monkeypatch,
                                                        finetuned):
-    monkeypatch.setattr(cli_downstream, "PREDICT_CHUNK", 4)
+    monkeypatch.setattr(api, "PREDICT_CHUNK", 4)
     seen: list[int] = []
     from bertforge.commands.finetune import Predictor
 

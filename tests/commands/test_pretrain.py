@@ -13,7 +13,7 @@ from conftest import one_line_error, run_cli, tiny_run_config
 
 from bertforge.config import RunConfig
 from bertforge.commands.pretrain import run_pretrain
-from bertforge.rundir import load_run_model
+from bertforge.commands.loading import load_run_model
 
 
 def tiny_config(**train) -> RunConfig:
@@ -61,7 +61,7 @@ def test_checkpoint_and_export_hold_what_was_trained(tmp_path, data_dir):
     """The model in memory at the end of `fit`, its checkpoint and its export give the
     same logits."""
     from bertforge.hf import export_model, import_model
-    from bertforge.commands.pretrain import MLMTask, pretraining_model
+    from bertforge.tasks.mlm import MLMTask, pretraining_model
     from bertforge.train.loop import fit
 
     cfg = tiny_config(max_steps=3, eval_every=0)

@@ -14,7 +14,7 @@ from conftest import run_cli
 
 from bertforge.config import RunConfig
 from bertforge.data.tokenizer import tokenizer_hash, train_tokenizer
-from bertforge.commands.pretrain import MLMTask
+from bertforge.tasks.mlm import MLMTask
 
 transformers = pytest.importorskip("transformers")
 
@@ -113,7 +113,7 @@ def test_continue_a_transformers_model(tmp_path, corpus_file, tokenizer_dir, cas
     assert first == pytest.approx(_hf_loss_on_first_batch(run, model), abs=1e-4)
     # The export loads in transformers and gives bertforge's logits.
     exported = transformers.BertForMaskedLM.from_pretrained(str(run / "hf")).eval()
-    from bertforge.rundir import load_run_model
+    from bertforge.commands.loading import load_run_model
     trained, _, _ = load_run_model(run)
     ids = torch.randint(5, model.config.vocab_size, (2, 20))
     with torch.no_grad():
@@ -124,9 +124,9 @@ def test_continue_a_transformers_model(tmp_path, corpus_file, tokenizer_dir, cas
 def test_continue_a_bare_bert_model(tmp_path, corpus_file, tokenizer_dir, capsys):
     hf = tmp_path / "hf"
     model = write_hf_model(hf, tokenizer_dir, "bare", "safetensors", "json")
-    from bertforge.rundir import init_weights
+    from bertforge.commands.loading import load_init_weights
 
-    weights, missing = init_weights(hf)
+    weights, missing = load_init_weights(hf)
     assert missing and all(k.startswith(("mlm.", "seq_relationship.")) for k in missing)
     torch.testing.assert_close(weights["bert.layers.1.ffn_out.weight"],
                                model.encoder.layer[1].output.dense.weight)

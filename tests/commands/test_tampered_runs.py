@@ -467,15 +467,15 @@ def test_an_out_that_is_not_utf8_is_refused_before_any_work(tmp_path, data_dir, 
 SLOW_EVAL_CLI = """
 import sys, time
 from pathlib import Path
-from bertforge.commands import evaluate
+from bertforge.tasks import mlm
 from bertforge.cli.main import main
-evaluate.EVAL_BATCH_SIZE = 1  # one held-out sequence a batch, each a second
-real = evaluate.cross_entropy_and_hits
+mlm.EVAL_BATCH_SIZE = 1  # one held-out sequence a batch, each a second
+real = mlm.cross_entropy_and_hits
 def slow(*args):
     Path(sys.argv[1]).touch()
     time.sleep(1.0)
     return real(*args)
-evaluate.cross_entropy_and_hits = slow
+mlm.cross_entropy_and_hits = slow
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -14,7 +14,7 @@ import types
 import pytest
 from conftest import make_document, run_cli
 
-from bertforge.cli.main import parse_size
+from bertforge.cli.options import parse_size
 from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
                                    resolve_corpus)
 from bertforge.errors import BertforgeError
@@ -305,9 +305,9 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
     seen = {}
     real_build = pretrain.build_data
 
-    def build_then_stop(*args):  # the data is what this test is about: no training
-        seen["args"] = args
-        real_build(*args)  # (the failed start then removes what it built)
+    def build_then_stop(*args, **kw):  # the data is what this test is about: no training
+        seen["kw"] = kw
+        real_build(*args, **kw)  # (the failed start then removes what it built)
         seen["manifest"] = json.loads((tmp_path / "run" / "data" / "manifest.json").read_text())
         raise BertforgeError("stopped after building the data")
 
@@ -318,7 +318,7 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
                            "--sample-bytes", "2k", "--quiet")
     assert (code, err.strip().splitlines()[-1]) == (
         2, "bertforge: error: stopped after building the data")
-    options, sample_bytes = seen["args"][6:8]
+    options, sample_bytes = seen["kw"]["corpus_options"], seen["kw"]["sample_bytes"]
     assert options == CorpusOptions(text_column="body", dedup=True)
     assert sample_bytes == 2000
     manifest = seen["manifest"]

@@ -176,22 +176,10 @@ def drop_hashes(data: Path, manifest: dict) -> None:
             del shard["sha256"]
 
 
-def test_data_of_earlier_versions_warns_once_and_ids_are_still_checked(tmp_path, data_dir,
-                                                                       capsys):
-    old = tampered(data_dir, tmp_path / "old", drop_hashes, seal=False)
-    code, _, err = run_cli(capsys, *pretrain_argv(old, tmp_path / "run"))
-    assert code == 0, err
-    warnings = [line for line in err.splitlines() if "records no shard checksums" in line]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: ")
-
-    def old_and_hostile(data: Path, manifest: dict) -> None:
-        drop_hashes(data, manifest)
-        write_big_id(data, manifest)
-
-    bad = tampered(data_dir, tmp_path / "bad", old_and_hostile, seal=False)
-    vocab = json.loads((bad / "manifest.json").read_text())["vocab_size"]
-    code, _, err = run_cli(capsys, *pretrain_argv(bad, tmp_path / "run2"))
-    assert code == 2 and f"train-00000.bin holds token id {vocab + 7}" in error_line(err)
+def test_a_manifest_without_shard_hashes_is_refused(tmp_path, data_dir, capsys):
+    unsealed = tampered(data_dir, tmp_path / "unsealed", drop_hashes, seal=False)
+    code, _, err = run_cli(capsys, *pretrain_argv(unsealed, tmp_path / "run"))
+    assert code == 2 and "shards[0].sha256 must be 64 hex digits" in error_line(err)
 
 
 def test_verify_data_reads_in_flat_memory(tmp_path, data_dir, monkeypatch):

@@ -288,7 +288,7 @@ def test_pretrain_with_wwm_and_span(capsys, pieces_data, tmp_path):
     # Held-out scoring is token masking at the run's rate for both: the same masked tokens.
     assert evals["wwm"] == evals["span"]
     task_cfg = RunConfig.load(tmp_path / "span" / "config.yaml")
-    from bertforge.commands.pretrain import MLMTask
+    from bertforge.tasks.mlm import MLMTask
 
     task = MLMTask(task_cfg, pieces_data, device=torch.device("cpu"))
     assert task.masker.masking == "span" and task.eval_masker.masking == "token"

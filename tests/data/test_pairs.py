@@ -18,7 +18,8 @@ from bertforge.config import RunConfig
 from bertforge.data.loader import ShardedSequences
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import IGNORE, PairBuilder, PairedMasker, pair_kind
-from bertforge.commands.pretrain import MLMTask, run_pretrain
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.tasks.mlm import MLMTask
 
 SPECIAL = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
 FIRST_ID = 10
@@ -281,7 +282,7 @@ def test_pretrain_objective_end_to_end(objective, tmp_path, data_dir, capsys):
     """metrics.jsonl and `evaluate` report the pair head; the export loads in
     transformers.BertForPreTraining with bertforge's seq_relationship logits."""
     transformers = pytest.importorskip("transformers")
-    from bertforge.rundir import load_run_model
+    from bertforge.commands.loading import load_run_model
 
     kind = pair_kind(objective)
     run = tmp_path / "run"

@@ -19,9 +19,9 @@ from bertforge.model import ops
 from bertforge.train.compiling import CompileCounters, compile_loss
 from bertforge.config import TrainConfig
 from bertforge.data.masking import MaskedBatch
-from bertforge.commands.finetune import Batch
+from bertforge.tasks.classification import Batch
 from bertforge.model.bert import BertForSequenceClassification
-from bertforge.commands.pretrain import MLMTask, mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import MLMTask, mlm_loss_sum, pretraining_model
 
 DEVICE = torch.device("cpu")
 

@@ -29,7 +29,7 @@ STEPS = 20
 # the same schedule as a run to 20 (a linear decay would depend on --max-steps).
 COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
           "--dropout", "0", "--precision", "fp32", "--seed", "3", "--log-every", "1",
-          "--schedule", "constant", "--warmup", "2", "--quiet"]
+          "--schedule", "constant", "--warmup-steps", "2", "--quiet"]
 
 
 def _env() -> dict[str, str]:
@@ -202,7 +202,7 @@ from bertforge.commands.bench import synthetic_batch
 from bertforge.config import TrainConfig, preset
 from bertforge.train.distributed import init_from_env, shutdown
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import mlm_loss_sum, pretraining_model
+from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, train_step
 
 d = init_from_env("fsdp", torch.device("cpu"))
@@ -229,7 +229,7 @@ for step, micro in enumerate([1, 1, 2, 2]):
     parts = [synthetic_batch(cfg, 4 // micro, 32, seed=100 * step + 10 * d.rank + i)
              for i in range(micro)]
     batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
-                      sum(m.real_tokens for m in parts))
+                      sum(m.real_tokens for m in parts), MLM_METRIC_COUNTS)
     before = len(gathers)
     result = train_step(wrapped, optimizer, mlm_loss_sum, batch, lr=1e-3, cfg=TrainConfig(),
                         device=torch.device("cpu"), dtype=torch.bfloat16, dist=d, step=step)
@@ -248,7 +248,7 @@ pending, shards = [], []
 for step, loss_fn in ((4, mlm_loss_sum), (5, nan_loss)):
     parts = [synthetic_batch(cfg, 2, 32, seed=100 * step + 10 * d.rank + i) for i in range(2)]
     batch = StepBatch(parts, {"mlm": sum(m.targets.numel() for m in parts)},
-                      sum(m.real_tokens for m in parts))
+                      sum(m.real_tokens for m in parts), MLM_METRIC_COUNTS)
     shards.append([p.to_local().clone() for p in model.parameters()])
     pending.append(train_step(wrapped, optimizer, loss_fn, batch, lr=1e-3, cfg=TrainConfig(),
                               device=torch.device("cpu"), dtype=torch.bfloat16, dist=d,
@@ -291,18 +291,18 @@ from pathlib import Path
 import torch
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.distributed import init_from_env, shutdown
-from bertforge.train.loop import _find_checkpoint
 
 d = init_from_env("ddp", torch.device("cpu"))
 seen = {0: (Path("step-000020"), {"step": 20}), 1: (Path("step-000010"), {"step": 10})}
 ckpt.find_latest = lambda ckpt_dir: seen[d.rank]
-path, saved = _find_checkpoint(Path("checkpoints"), True, d)
-choices = d.gather_objects([path.name, saved["step"]])
+checkpointer = ckpt.Checkpointer(Path("checkpoints"), d, torch.device("cpu"))
+path = checkpointer.choose(True)
+choices = d.gather_objects([path.name, checkpointer.found_state["step"]])
 broken = Path(sys.argv[2])
 ckpt.find_latest = lambda ckpt_dir: None
 ckpt.any_checkpoint = lambda ckpt_dir: d.rank == 0  # rank 0 alone finds them all damaged
 try:
-    _find_checkpoint(broken, True, d)
+    ckpt.Checkpointer(broken, d, torch.device("cpu")).choose(True)
     error = None
 except Exception as e:
     error = str(e)

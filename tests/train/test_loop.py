@@ -17,9 +17,10 @@ from bertforge.model import ops
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
 from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import MLMTask, pretraining_model, run_pretrain
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.tasks.mlm import MLMTask, pretraining_model
 from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
-from bertforge.train.loop import TrainState, fit
+from bertforge.train.loop import fit
 
 # Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
@@ -226,14 +227,16 @@ def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
     run_pretrain(run, cfg, data_dir=data_dir, resume=True, show_progress=False)
 
 
-def test_train_state_round_trips_with_the_rng():
-    state = TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
+def test_train_state_and_the_rng_round_trip():
+    state = ckpt.TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
     torch.manual_seed(11)
-    saved = json.loads(json.dumps(state.state_dict(torch.device("cpu"))))
+    saved = json.loads(json.dumps({**state.state_dict(),
+                                   "rng": ckpt.rng_state(torch.device("cpu"))}))
     expected = torch.rand(3)
     torch.manual_seed(99)
-    again = TrainState()
-    again.load_state_dict(saved, torch.device("cpu"))
+    again = ckpt.TrainState()
+    again.load_state_dict(saved)
+    ckpt.set_rng_state(saved["rng"], torch.device("cpu"))
     assert again == state and torch.equal(torch.rand(3), expected)
 
 
@@ -359,3 +362,46 @@ def test_bf16_weights_are_cast_once_a_step_whatever_the_micro_batches(data_dir):
         results[micro] = (counter.casts, result.loss)
     assert results[2][0] == results[8][0] > 0
     assert results[2][1] == pytest.approx(results[8][1], rel=1e-2)
+
+
+# --------------------------------------------------- figures packed and read by name
+
+class _Scalar(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([2.0]))
+
+
+def _two_terms(model, micro):
+    """Two loss terms and two metrics, each metric over another term's count."""
+    w = model.w.sum()
+    return {"a": 3 * w, "b": 8 * w}, {"a_hits": torch.tensor(6.0), "per_b": torch.tensor(2.0)}
+
+
+def test_each_metric_is_normalised_by_the_count_it_declares():
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b", "per_b": "a"})
+    result = train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
+                        device=torch.device("cpu"), dtype=None)
+    assert result.terms == {"a": 2.0, "b": 4.0}  # each term by its own count
+    assert result.metrics == {"a_hits": 6.0 / 4, "per_b": 2.0 / 3}
+    assert result.counts == {"a": 3, "b": 4} and result.tokens == 5
+
+
+def test_a_metric_without_a_declared_count_is_refused():
+    model = _Scalar()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b"})
+    with pytest.raises(ValueError, match="metric 'per_b'"):
+        train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
+                   device=torch.device("cpu"), dtype=None)
+
+
+def test_packed_figures_unpack_by_name():
+    from bertforge.train.step import Packed
+
+    packed = Packed.of({"x": torch.tensor(1.5), "y": torch.tensor(2)}) + Packed(
+        ["z"], torch.tensor([4.0], dtype=torch.float64))
+    assert packed.names == ["x", "y", "z"] and float(packed["y"]) == 2.0
+    assert packed.unpack(packed.values.tolist()) == {"x": 1.5, "y": 2.0, "z": 4.0}

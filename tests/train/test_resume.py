@@ -29,7 +29,7 @@ from bertforge.train import checkpoint as ckpt
 from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
-from bertforge.commands.pretrain import MLMTask
+from bertforge.tasks.mlm import MLMTask
 from bertforge.testing import complete_checkpoints, train_records
 from conftest import error_line, run_cli
 
@@ -43,7 +43,7 @@ def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
             "--hidden-size", "64", "--num-attention-heads", "2", "--intermediate-size", "128",
             "--max-position-embeddings", "64", "--seq-len", "32", "--dropout", "0.1",
-            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup", "0.1",
+            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-fraction", "0.1",
             "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "0",
             "--eval-sequences", "32", "--precision", "fp32", "--seed", "0", "--quiet", *extra]
 
@@ -268,9 +268,10 @@ def test_state_json_records_a_verified_checksum_of_every_file(tmp_path):
     state = json.loads((path / "state.json").read_text())
     assert set(state["checksums"]) == {"model.safetensors", "optimizer.pt"}
     assert ckpt.verify(path)["step"] == 7
-    legacy = {k: v for k, v in state.items() if k != "state_sha256"}
-    (path / "state.json").write_text(json.dumps(legacy))  # written before the seal existed
-    assert ckpt.verify(path)["step"] == 7
+    unsealed = {k: v for k, v in state.items() if k != "state_sha256"}
+    (path / "state.json").write_text(json.dumps(unsealed))
+    with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):
+        ckpt.verify(path)
     state["step"] = 8  # a plausible-looking edit of state.json itself is caught
     (path / "state.json").write_text(json.dumps(state))
     with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):

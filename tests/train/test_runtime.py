@@ -119,7 +119,8 @@ def test_the_cpu_micro_batch_default_is_unchanged(monkeypatch):
 
 def test_pretraining_resolves_the_micro_batch_per_rank(monkeypatch):
     from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
-    from bertforge.commands.pretrain import micro_batch_for, pretraining_model
+    from bertforge.commands.pretrain import micro_batch_for
+    from bertforge.tasks.mlm import pretraining_model
 
     cfg = RunConfig(model=preset("mini"), data=DataConfig(seq_len=128),
                     train=TrainConfig(batch_size=512))

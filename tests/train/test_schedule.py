@@ -73,25 +73,19 @@ def test_with_steps_and_budget_the_nearer_end_wins():
     assert progress(cfg, 10, 45.0) == 0.75
 
 
-@pytest.mark.parametrize("old, new", [(0.06, {"warmup_fraction": 0.06}),
-                                      (500, {"warmup_steps": 500}),
-                                      (1.0, {"warmup_steps": 1}),
-                                      ("1e-1", {"warmup_fraction": 0.1})])
-def test_the_old_warmup_spelling_still_reads(old, new):
-    cfg = build(TrainConfig, {"warmup": old}, "train")
-    assert {k: getattr(cfg, k) for k in new} == new
-    assert RunConfig.from_dict({"train": {"warmup": old}}).train == cfg
+def test_the_old_warmup_key_is_refused():
+    with pytest.raises(BertforgeError, match="unknown key 'warmup'"):
+        build(TrainConfig, {"warmup": 0.06}, "train")
 
 
 def test_cli_warmup_flags(tmp_path, data_dir, capsys):
-    from bertforge.cli.main import build_parser, resolve_config
+    from bertforge.api import resolve_run_config
+    from bertforge.cli.main import build_parser, pretrain_options
 
     def train(*flags):
         args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", *flags])
-        return resolve_config(args)[0].train
+        return resolve_run_config(args.preset, args.config, pretrain_options(args))[0].train
 
-    assert train("--warmup", "100").warmup_steps == 100
-    assert train("--warmup", "0.2").warmup_fraction == 0.2
     assert train("--warmup-steps", "7").warmup_steps == 7
     assert train("--warmup-steps", "7").warmup_fraction is None
     yaml_file = tmp_path / "run.yaml"
