@@ -61,7 +61,7 @@ def number(kind: type, rule: str, parse: Callable[[str], Any] | None = None
            ) -> Callable[[str], Any]:
     """The argparse `type` of a numeric flag: the text as `kind` (or through `parse`),
     refused unless it is finite and meets `rule`. Every numeric flag of every command is
-    parsed by one of these (tests/test_flags.py checks that no flag is left out), so that
+    parsed by one of these (tests/cli/test_flags.py checks that no flag is left out), so that
     `--batch-size -1` or `--lr nan` ends in one line, exit 2, before any work."""
     if not isinstance(rule, str) or _RULE.fullmatch(rule) is None:
         raise ValueError(f"a numeric flag needs a rule, got {rule!r}")

@@ -17,8 +17,6 @@ must be equal. Prints a verdict; exits 1 on failure. About a minute on a laptop 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import random
 import re
@@ -28,26 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-NOUNS = "cat dog bird horse king queen river city garden teacher doctor ship".split()
-ADJS = "small large red green old young quiet bright happy dark".split()
-VERBS = "sees follows finds likes meets paints helps watches".split()
-
-
-def make_data(root: Path) -> Path:
-    """A generated corpus, a WordPiece tokenizer and token shards (seq_len 32)."""
-    from bertforge.data.prepare import prepare
-    from bertforge.data.tokenizer import train_tokenizer
-
-    rng = random.Random(0)
-    docs = [" ".join(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the "
-                     f"{rng.choice(ADJS)} {rng.choice(NOUNS)}." for _ in range(6))
-            for _ in range(200)]
-    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    train_tokenizer([str(root / "corpus.txt")], root / "tok", vocab_size=200,
-                    show_progress=False)
-    prepare([str(root / "corpus.txt")], root / "tok", root / "data", seq_len=32,
-            valid_fraction=0.05, show_progress=False)
-    return root / "data"
+from bertforge.testing import complete_checkpoints, make_tiny_data, train_records
 
 
 def command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
@@ -69,35 +48,12 @@ def launch(cmd: list[str]) -> subprocess.Popen:
 
 
 def train_losses(run: Path) -> list[tuple[int, float]]:
-    path = run / "metrics.jsonl"
-    out = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            record = json.loads(line)
-        except ValueError:  # cut short by a kill, or being written
-            continue
-        if record.get("kind") == "train":
-            out.append((record["step"], record["loss"]))
-    return out
+    return [(r["step"], r["loss"]) for r in train_records(run)]
 
 
 def last_step(run: Path) -> int:
-    losses = train_losses(run)
-    return losses[-1][0] if losses else 0
-
-
-def complete_checkpoints(run: Path) -> list[str]:
-    """Checkpoints whose files all match the sha256 sums in their state.json."""
-    names = []
-    for d in sorted((run / "checkpoints").glob("step-*")):
-        try:
-            sums = json.loads((d / "state.json").read_text())["checksums"]
-            if all(hashlib.sha256((d / f).read_bytes()).hexdigest() == h
-                   for f, h in sums.items()):
-                names.append(d.name)
-        except (OSError, ValueError, KeyError):
-            continue
-    return sorted(names, key=lambda n: int(n.split("-")[1]))
+    records = train_records(run)
+    return records[-1]["step"] if records else 0
 
 
 def new_temp_dirs(run: Path, since: float) -> list[str]:
@@ -145,7 +101,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bertforge-kill-") as tmp:
         root = Path(tmp)
-        data = make_data(root)
+        data = make_tiny_data(root, documents=200)
 
         # The uninterrupted reference, timed to place the kills.
         ref = root / "reference"

@@ -30,12 +30,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # a light, steady measurement
 import torch  # noqa: E402
 
 from bertforge.train import checkpoint as ckpt
-from bertforge.config import DataConfig, RunConfig, TrainConfig, preset  # noqa: E402
+from bertforge.config import RunConfig  # noqa: E402
 from bertforge.data.loader import PretrainBatches, ShardedSequences  # noqa: E402
 from bertforge.data.masking import Masker  # noqa: E402
-from bertforge.data.prepare import prepare  # noqa: E402
-from bertforge.data.tokenizer import train_tokenizer  # noqa: E402
 from bertforge.commands.pretrain import run_pretrain  # noqa: E402
+from bertforge.testing import make_tiny_data, tiny_run_config  # noqa: E402
 
 WORDS = ("cat dog bird horse king queen river city garden teacher doctor ship small large red "
          "green old young quiet bright happy dark sees follows finds likes meets paints helps "
@@ -43,15 +42,12 @@ WORDS = ("cat dog bird horse king queen river city garden teacher doctor ship sm
 
 
 def make_data(root: Path, documents: int) -> Path:
+    """Documents of 40 to 120 words: many sequences for the loader to choose from."""
     rng = random.Random(0)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "."
             for _ in range(documents)]
     (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    train_tokenizer([str(root / "corpus.txt")], root / "tok", vocab_size=200,
-                    show_progress=False)
-    prepare([str(root / "corpus.txt")], root / "tok", root / "data", seq_len=32,
-            valid_fraction=0.01, show_progress=False)
-    return root / "data"
+    return make_tiny_data(root, corpus=root / "corpus.txt", valid_fraction=0.01)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -79,12 +75,8 @@ def loader_times(data: Path) -> dict[int, float]:
 
 
 def tiny_config(max_steps: int) -> RunConfig:
-    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                   max_position_embeddings=64)
-    train = TrainConfig(batch_size=16, micro_batch_size=4, lr=2e-3, warmup_fraction=0.1,
-                        max_steps=max_steps, log_every=1, eval_every=0, eval_sequences=32,
-                        checkpoint_every=10, keep_last=10, precision="fp32")
-    return RunConfig(model=model, data=DataConfig(seq_len=32), train=train)
+    return tiny_run_config(max_steps=max_steps, micro_batch_size=4, eval_every=0,
+                           eval_sequences=32, checkpoint_every=10, keep_last=10)
 
 
 def relabel(run: Path, step: int) -> None:

@@ -105,7 +105,7 @@ def test_resume_on_cuda_repeats_the_losses(tmp_path, data_dir):
 
 
 def test_a_few_fine_tuning_steps_on_cuda(tmp_path, data_dir):
-    from test_finetune import tiny_finetune, write_sst2
+    from conftest import tiny_finetune, write_sst2
 
     from bertforge.commands.finetune import run_finetune
     from bertforge.commands.glue import load_glue_task

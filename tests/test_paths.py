@@ -22,6 +22,8 @@ from conftest import run_cli, write_corpus
 
 from bertforge.paths import MARKER, Output, check_paths, kind_of
 
+pytestmark = pytest.mark.report  # these tests read the reports runs write
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

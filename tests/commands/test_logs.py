@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from conftest import run_cli, write_corpus
 
 from bertforge.data.prepare import split_warnings
 from bertforge.data.readers import CorpusStats
+
+pytestmark = pytest.mark.report  # what the commands print includes the report's line
 
 
 def test_tokenizer_and_prepare_write_plain_lines_off_a_terminal(tmp_path, capfd):
@@ -67,7 +70,7 @@ def test_few_or_huge_documents_are_warned_about():
 
 
 def test_the_demo_corpus_is_in_the_repository():
-    data = Path(__file__).resolve().parents[1] / "data"
+    data = Path(__file__).resolve().parents[2] / "data"
     assert (data / "enwiki-2015-sample.txt.xz").stat().st_size < 4_000_000
     assert "CC BY-SA" in (data / "README.md").read_text()
     assert len((data / "enwiki-2015-sample-tokenizer" / "vocab.txt").read_text().split()) == 8192

@@ -8,16 +8,9 @@ import sys
 
 import pytest
 
+from bertforge import __version__
 from bertforge.cli.options import parse_duration
-from conftest import run_cli
-
-
-
-
-def one_line_error(err: str) -> str:
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from conftest import one_line_error, run_cli
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -173,3 +166,65 @@ def test_bench_json_rows(capsys):
 def test_warmup_is_spelled_one_way(command):
     # --warmup-steps or --warmup-fraction; `bench --warmup` is its untimed steps.
     assert "--warmup" not in _flags(command)
+
+
+# ------------------------------------------------------------------------ the bare command
+
+def test_version(capsys):
+    code, out, err = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"bertforge {__version__}", err
+
+
+def test_bare_command_prints_the_help(capsys):
+    code, out, err = run_cli(capsys)
+    assert code == 0 and not err
+    assert out.startswith("usage: bertforge") and "pretrain" in out and "fill-mask" in out
+
+
+def test_help_shows_an_example_and_finetune_help_reads(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "example:" in out and "bertforge pretrain --corpus" in out
+    code, out, _ = run_cli(capsys, "finetune", "--help")
+    out = " ".join(out.split())
+    assert "fraction of the training steps (unless --warmup-steps is given). (default: 0.1)" in out
+    assert "0.06 when" not in out
+
+
+# ------------------------------------------------------------- failures leave no --out dir
+
+@pytest.mark.parametrize("argv, match", [
+    (["pretrain", "--corpus", "{tmp}/missing.txt", "--out", "{out}", "--max-steps", "1"],
+     "corpus path not found"),
+    (["pretrain", "--corpus", "{tmp}/*.nothing", "--out", "{out}", "--max-steps", "1"],
+     "no corpus files match"),
+    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--preset", "tiny",
+      "--vocab-size", "200", "--seq-len", "32", "--max-position-embeddings", "64"],
+     "give --max-steps or --time-budget"),
+    (["pretrain", "--data", "{data}", "--out", "{out}", "--preset", "tiny",
+      "--seq-len", "32", "--max-position-embeddings", "64"],
+     "give --max-steps or --time-budget"),
+    (["pretrain", "--corpus", "{empty}", "--out", "{out}", "--max-steps", "1"], "no documents"),
+    (["pretrain", "--data", "{tmp}/no-data", "--out", "{out}", "--max-steps", "1"],
+     "data directory not found"),
+    (["pretrain", "--data", "{data}", "--out", "{out}", "--preset", "tiny", "--seq-len", "64",
+      "--max-steps", "1"], "seq_len"),
+    (["tokenizer", "{tmp}/missing.txt", "--out", "{out}"], "corpus path not found"),
+    (["tokenizer", "{tmp}/*.nothing", "--out", "{out}"], "no corpus files match"),
+    (["tokenizer", "{empty}", "--out", "{out}", "--quiet"], "no documents"),
+    (["prepare", "{tmp}/missing.txt", "--tokenizer", "{tok}", "--out", "{out}"],
+     "corpus path not found"),
+    (["prepare", "{empty}", "--tokenizer", "{tok}", "--out", "{out}", "--quiet"],
+     "no documents"),
+    (["prepare", "{corpus}", "--tokenizer", "{tmp}/no-tok", "--out", "{out}"],
+     "tokenizer directory not found"),
+])
+def test_a_failed_command_leaves_no_out_directory(capsys, tmp_path, corpus_file, tokenizer_dir,
+                                                  data_dir, argv, match):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    out = tmp_path / "new" / "out"  # its parent is new too: neither may be left behind
+    subs = {"tmp": tmp_path, "out": out, "corpus": corpus_file, "tok": tokenizer_dir,
+            "data": data_dir, "empty": tmp_path / "empty.txt"}
+    code, _, err = run_cli(capsys, *(a.format(**subs) for a in argv))
+    assert code == 2
+    assert match in one_line_error(err)
+    assert not out.exists() and not out.parent.exists()

@@ -230,7 +230,7 @@ def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, ca
 
 
 def test_fine_tuning_logs_to_tensorboard_too(tmp_path, data_dir, capsys):
-    from test_finetune import write_sst2
+    from conftest import write_sst2
 
     run = tmp_path / "pre"
     run_pretrain(run, tiny_run_config(max_steps=2, eval_every=0), data_dir=data_dir,
@@ -296,7 +296,7 @@ def test_run_without_flags_imports_neither(tmp_path, data_dir):
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard')\n"
         "          or m.startswith('torch.utils.tensorboard')]\n"
         "assert not loaded, loaded\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent,
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "metrics.jsonl").is_file()

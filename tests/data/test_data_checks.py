@@ -464,7 +464,7 @@ sys.exit(main(sys.argv[1:]))
 def test_full_disk_while_preparing_is_one_line_and_leaves_nothing(tmp_path, corpus_file,
                                                                   tokenizer_dir, workers):
     out = tmp_path / "out" / "data"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
         [sys.executable, "-c", LIMITED.format(limit=4096), "prepare", str(corpus_file),
          "--tokenizer", str(tokenizer_dir), "--out", str(out), "--seq-len", "32",
@@ -482,7 +482,7 @@ def test_full_disk_keeps_the_earlier_data(tmp_path, data_dir, corpus_file, token
     out = tmp_path / "data"
     shutil.copytree(data_dir, out)
     before = snapshot(out)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(
         [sys.executable, "-c", LIMITED.format(limit=4096), "prepare", str(corpus_file),
          "--tokenizer", str(tokenizer_dir), "--out", str(out), "--seq-len", "32", "--quiet"],

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, write_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Runs `bertforge ARGV...` with SIGTERM sent to itself when MODULE:FUNCTION is called.
 _TERM_AT = """

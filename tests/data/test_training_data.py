@@ -12,10 +12,9 @@ import pytest
 from bertforge.data.labelled import load_own_task
 from bertforge.errors import BertforgeError
 from bertforge.commands.glue import GLUE_TASKS, load_glue_task
-from conftest import run_cli
-from test_finetune import write_sst2
-from test_hostile_run import (classification_files, error_line, hf_dir,  # noqa: F401
-                              one_step_run, one_thread)
+from conftest import error_line, run_cli, write_sst2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ------------------------------------------------------------- resume on other data
 

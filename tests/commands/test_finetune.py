@@ -1,8 +1,7 @@
-"""Fine-tuning: metrics, GLUE and own-data files, the training task, export parity, CLI."""
+"""Fine-tuning: GLUE and own-data files, the training task, export parity, CLI."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
 import shutil
@@ -17,34 +16,11 @@ from bertforge.data.labelled import TaskData, load_own_task
 from bertforge.errors import BertforgeError
 from bertforge.commands.finetune import predict, run_finetune
 from bertforge.tasks.classification import ClassificationTask, TokenizedSplit
-from bertforge.finetune_config import FinetuneConfig
 from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
-from bertforge.tasks.scores import accuracy, f1, matthews, mse, pearson, rank, spearman
-from conftest import run_cli
+from bertforge.testing import NOUNS
+from conftest import run_cli, sentence, tiny_finetune, write_sst2
 
-SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
-
-# Words of the conftest corpus, so the tiny tokenizer knows them.
-NOUNS = "cat dog bird horse king queen river city garden teacher".split()
-POSITIVE, NEGATIVE = "happy bright young green large".split(), "dark old quiet small red".split()
-VERBS = "sees follows finds likes meets".split()
-
-
-def sentence(rng: random.Random) -> tuple[str, int]:
-    """A sentence whose label is whether its two adjectives are 'positive' ones."""
-    label = rng.random() < 0.5
-    adj = POSITIVE if label else NEGATIVE
-    return (f"the {rng.choice(adj)} {rng.choice(NOUNS)} {rng.choice(VERBS)} the "
-            f"{rng.choice(adj)} {rng.choice(NOUNS)} ."), int(label)
-
-
-def write_sst2(folder: Path, train: int = 128, dev: int = 48, header: bool = True) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    for split, n in (("train", train), ("dev", dev)):
-        rows = "".join(f"{s}\t{y}\n" for s, y in (sentence(rng) for _ in range(n)))
-        (folder / f"{split}.tsv").write_text(("sentence\tlabel\n" if header else "") + rows)
-    return folder
+SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 
 
 def write_stsb(folder: Path, n: int = 24) -> Path:
@@ -60,17 +36,6 @@ def write_stsb(folder: Path, n: int = 24) -> Path:
             rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{a}\t{b}\t{2.5 * (ya + yb):.3f}\n")
         (folder / f"{split}.tsv").write_text(header + "".join(rows))
     return folder
-
-
-def tiny_finetune(**kw) -> FinetuneConfig:
-    # A tiny, barely pretrained model sits at chance for a while before it finds the
-    # adjectives; these settings leave it a margin (seeds 1-4 learn the task by epoch 2).
-    values = dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=32,
-                  dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
-    values.update(kw)
-    train = {f.name for f in dataclasses.fields(TrainConfig)}
-    return FinetuneConfig.from_dict({**{k: v for k, v in values.items() if k not in train},
-                                     "train": {k: v for k, v in values.items() if k in train}})
 
 
 @pytest.fixture(scope="module")
@@ -96,26 +61,6 @@ def sst2_run(tmp_path_factory, tiny_run) -> tuple[Path, Path]:
     run_finetune(tiny_run, load_glue_task("sst2", task_dir), out, tiny_finetune(),
                  show_progress=False)
     return out, task_dir
-
-
-# ------------------------------------------------------------------------------ metrics
-
-def test_metrics_against_known_values():
-    p, y = np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1])
-    assert accuracy(p, y) == 0.75
-    assert f1(p, y) == pytest.approx(0.8)  # TP 2, FP 1, FN 0
-    assert matthews(p, y) == pytest.approx(2 / np.sqrt(12))  # (TP TN - FP FN) / sqrt(...)
-    assert matthews(y, y) == pytest.approx(1.0) and matthews(1 - y, y) == pytest.approx(-1.0)
-    assert matthews(np.ones(4, int), y) == 0.0  # a constant prediction: 0, not NaN
-    assert matthews(np.array([0, 1, 2, 2]), np.array([0, 1, 2, 2])) == pytest.approx(1.0)
-    assert pearson([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
-    assert pearson([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert pearson([1, 1, 1], [1, 2, 3]) == 0.0
-    assert rank([10, 20, 20, 30]).tolist() == [1, 2.5, 2.5, 4]
-    assert rank([3, 1, 2, 1]).tolist() == [4, 1.5, 3, 1.5]
-    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # scipy's
-    assert spearman([1, 5, 9], [2, 3, 100]) == pytest.approx(1.0)
-    assert mse([1, 2], [1, 4]) == 2.0
 
 
 # ---------------------------------------------------------------------------- task files

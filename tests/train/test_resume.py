@@ -1,4 +1,4 @@
-"""Reliability: a stopped or killed run resumes exactly; faults, bad files and bad
+"""Stopping and resuming: a stopped or killed run resumes exactly; faults, bad files and bad
 checkpoints never lose work; bad configuration fails fast with one line.
 
 Runs are tiny (a 2-layer, 64-wide model, 20 steps of 16 sequences with 4-way gradient
@@ -30,7 +30,10 @@ from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
 from bertforge.tasks.mlm import MLMTask
-from conftest import run_cli
+from bertforge.testing import complete_checkpoints, train_records
+from conftest import error_line, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 20
 
@@ -59,18 +62,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread everywhere: light on a shared machine, and the same reduction order in
-    this process and in the subprocesses (which inherit OMP_NUM_THREADS)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_dir) -> Path:
     """The uninterrupted run, with checkpoints at steps 5, 10, 15 and 20."""
@@ -79,32 +70,9 @@ def reference(tmp_path_factory, data_dir) -> Path:
     return run
 
 
-
-
-def error_line(err: str) -> str:
-    """The one error line of a failed command (other stderr lines are progress notes)."""
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if ": error:" in x]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
 def start(args: list[str], delay: float = 0.1) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", SLOW_CLI.format(delay=delay), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def train_records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # being written
-            continue
-    return [r for r in records if r["kind"] == "train"]
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -133,20 +101,6 @@ def assert_same_run(run: Path, reference: Path) -> None:
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-
-
-def complete_checkpoints(run: Path) -> list[str]:
-    """Checkpoints whose every file matches state.json, checked independently of the library."""
-    names = []
-    for d in sorted((run / "checkpoints").glob("step-*")):
-        try:
-            sums = json.loads((d / "state.json").read_text())["checksums"]
-            if all(hashlib.sha256((d / f).read_bytes()).hexdigest() == h
-                   for f, h in sums.items()):
-                names.append(d.name)
-        except (OSError, ValueError, KeyError):
-            continue
-    return names
 
 
 # ---------------------------------------------------------------- 1, 5: signals, exact resume

@@ -20,20 +20,10 @@ import torch
 from bertforge.train import consistency
 from bertforge.config import preset
 from bertforge.errors import BertforgeError
-from conftest import run_cli, write_corpus
-from test_hostile_run import (TINY, classification_files, error_line, hf_dir,  # noqa: F401
-                              one_step_run, one_thread, pretrain, reseal)
+from conftest import TINY, error_line, reseal, run_cli, write_corpus
+from conftest import tiny_pretrain_argv as pretrain
 
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory, one_step_run, classification_files) -> tuple[Path, list]:
-    """A one-step fine-tuning run of the tiny model, and its command line."""
-    from bertforge.cli.main import main
-
-    out = tmp_path_factory.mktemp("ft") / "ft"
-    argv = ["finetune", str(one_step_run), *map(str, classification_files), "--out", str(out)]
-    assert main(argv) == 0
-    return out, argv
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _copy(src: Path, dst: Path) -> Path:

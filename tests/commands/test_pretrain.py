@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_run_config
+import yaml
+from conftest import one_line_error, run_cli, tiny_run_config
 
 from bertforge.config import RunConfig
 from bertforge.commands.pretrain import run_pretrain
@@ -157,3 +158,36 @@ def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path, data_dir):
         keys = list(f.keys())
     assert keys and not [k for k in keys if "_orig_mod" in k]
     assert load_run_model(compiled)[0] is not None
+
+
+# ------------------------------------------------------ config.yaml records what was run
+
+@pytest.fixture(scope="module")
+def data_02(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
+    from bertforge.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data02") / "data"
+    prepare([str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.2,
+            show_progress=False)
+    return out
+
+
+def tiny_pretrain(capsys, data: Path, run: Path, *extra: str) -> tuple[int, str, str]:
+    return run_cli(capsys, "pretrain", "--data", data, "--out", run, "--preset", "tiny",
+                   "--max-position-embeddings", "64", "--seq-len", "32", "--batch-size", "8",
+                   "--max-steps", "3", "--quiet", *extra)
+
+
+def test_config_records_the_valid_fraction_the_data_was_prepared_with(capsys, tmp_path,
+                                                                       data_02):
+    code, _, err = tiny_pretrain(capsys, data_02, tmp_path / "run")
+    assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["valid_fraction"] == 0.2
+
+
+def test_a_typed_valid_fraction_the_data_contradicts_is_refused(capsys, tmp_path, data_02):
+    code, _, err = tiny_pretrain(capsys, data_02, tmp_path / "run", "--valid-fraction", "0.05")
+    assert code == 2
+    assert "prepared with valid_fraction 0.2" in one_line_error(err)
+    assert not (tmp_path / "run").exists()

@@ -11,7 +11,6 @@ no planted code may run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -31,45 +30,10 @@ from bertforge.errors import BertforgeError
 from bertforge.hf import export_model, model_config_from_hf
 from bertforge.model.bert import BertForPreTraining
 from bertforge.commands.pretrain import run_pretrain
-from conftest import run_cli, tiny_run_config
+from conftest import error_line, reseal, run_cli, tiny_run_config
+from conftest import tiny_pretrain_argv as pretrain
 
-TINY = ["--preset", "tiny", "--max-position-embeddings", "64", "--seq-len", "32",
-        "--batch-size", "8", "--quiet"]
-
-
-def pretrain(data_dir: Path, run: Path, *extra: object) -> list[object]:
-    """A tiny run's command line (2 steps, a checkpoint after each); later flags win."""
-    return ["pretrain", "--data", data_dir, "--out", run, *TINY, "--max-steps", "2",
-            "--checkpoint-every", "1", *extra]
-
-
-def error_line(err: str) -> str:
-    """The one error line of a failed command (other stderr lines are progress notes)."""
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if ": error:" in x]
-    assert len(lines) == 1, err
-    return lines[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Light on a shared machine; subprocesses inherit it."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def one_step_run(tmp_path_factory, data_dir) -> Path:
-    """A finished run with one checkpoint (step 1) and its export."""
-    from bertforge.cli.main import main
-
-    run = tmp_path_factory.mktemp("one-step") / "run"
-    argv = [str(a) for a in pretrain(data_dir, run, "--max-steps", "1")]
-    assert main(argv) == 0
-    return run
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -79,32 +43,10 @@ def run_copy(tmp_path, one_step_run) -> Path:
     return run
 
 
-def reseal(step_dir: Path, state: dict | None = None) -> None:
-    """Recompute the checksums (and the seal) of a checkpoint after tampering with it."""
-    state = state if state is not None else json.loads((step_dir / "state.json").read_text())
-    state = {k: v for k, v in state.items() if k != "state_sha256"}
-    state["checksums"] = {f: hashlib.sha256((step_dir / f).read_bytes()).hexdigest()
-                          for f in state["checksums"]}
-    ckpt.write_state(step_dir, state)
-
-
 def tree(path: Path) -> dict[str, bytes]:
     """Every file under `path` and its content: what a failed command must not change."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
             if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def classification_files(tmp_path_factory) -> list[object]:
-    """finetune's own-data flags for a tiny labelled task."""
-    root = tmp_path_factory.mktemp("task")
-    rows = "text,label\n" + "".join(f"the {w} sees the dog,{i % 2}\n"
-                                   for i, w in enumerate(["cat", "king", "bird", "ship"] * 4))
-    (root / "train.csv").write_text(rows)
-    (root / "valid.csv").write_text(rows)
-    return ["--train", root / "train.csv", "--validation", root / "valid.csv",
-            "--text-column", "text", "--label-column", "label", "--max-steps", "1",
-            "--max-length", "32", "--quiet"]
 
 
 # ----------------------------------------------------------- 14: values that are not finite
@@ -154,12 +96,6 @@ def test_an_export_of_weights_that_are_not_finite_is_refused(tmp_path):
 
 
 # -------------------------------------------------------------- 15: models that cannot fit
-
-@pytest.fixture(scope="module")
-def hf_dir(one_step_run) -> Path:
-    """The one-step run's Hugging Face export."""
-    return one_step_run / "hf"
-
 
 def hf_copy(tmp_path: Path, hf_dir: Path, **config: object) -> Path:
     """A copy of `hf_dir` with `config` written over its config.json."""

@@ -2,7 +2,8 @@
 and a run's changing batch shapes do not recompile it.
 
 Dynamo alone (torch._dynamo.explain, the "eager" backend) answers both questions in
-seconds; Inductor's code generation is exercised by the compiled runs of test_pretrain.py
+seconds; Inductor's code generation is exercised by the compiled runs of
+commands/test_pretrain.py
 (losses equal to eager, exact resume, micro-batch independence).
 """
 

@@ -7,10 +7,12 @@ import io
 import json
 import sys
 
+import pytest
+
 from bertforge import api
 from conftest import run_cli
-from test_consistency import finetuned  # noqa: F401
-from test_hostile_run import classification_files, one_step_run, one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A blank line, a lone CR inside a line, a CRLF ending, bytes that are not UTF-8, a last
 # line without its newline.

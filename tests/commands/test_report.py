@@ -12,6 +12,8 @@ from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 from bertforge.errors import BertforgeError
 from bertforge.commands.report import build_figure, write_report
 
+pytestmark = pytest.mark.report  # these tests read the reports runs write
+
 pytest.importorskip("matplotlib")
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
