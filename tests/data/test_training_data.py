@@ -148,7 +148,7 @@ def test_an_unknown_label_line_is_short(tmp_path):
         load_own_task(train, dev, "text", "label")
     message = str(e.value)
     assert "unknown label 'xxxx" in message and "(expected one of 284: class0, " in message
-    assert len(message) < 250
+    assert len(message) - len(str(dev)) < 200  # the path is as long as the machine's tmp
 
 
 # ------------------------------------------------------ a vocab.txt with a duplicate
