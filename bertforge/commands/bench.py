@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.train.compiling import CompileCounters, compile_loss, ordered_scatter
 from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
+from bertforge.train.compiling import CompileCounters, compile_loss, ordered_scatter
 from bertforge.train.optim import build_optimizer
 from bertforge.train.runtime import autocast, configure, keep_freed_memory, resolve_device
 

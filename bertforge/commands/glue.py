@@ -183,7 +183,6 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
              show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model` on each task into OUT/<task>/; the results and their average."""
     from bertforge.commands.finetune import run_finetune
-
     from bertforge.train.tracking import check_available
 
     if cfg is not None:

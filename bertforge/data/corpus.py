@@ -30,10 +30,23 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from bertforge.data.readers import (CorpusOptions, CorpusStats, _csv_documents, _hf_documents,
-                                    _json_documents, _lines, _open, _parquet_documents,
-                                    _peek_content, _plain_documents, _reason, _require,
-                                    _split_text, _Unreadable, _wiki_documents)
+from bertforge.data.readers import (
+    CorpusOptions,
+    CorpusStats,
+    _csv_documents,
+    _hf_documents,
+    _json_documents,
+    _lines,
+    _open,
+    _parquet_documents,
+    _peek_content,
+    _plain_documents,
+    _reason,
+    _require,
+    _split_text,
+    _Unreadable,
+    _wiki_documents,
+)
 from bertforge.errors import BertforgeError
 
 log = logging.getLogger(__name__)

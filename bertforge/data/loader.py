@@ -156,6 +156,12 @@ class ShardedSequences:
         return out
 
 
+@functools.lru_cache(maxsize=2)  # a step's batch spans at most two epochs
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the n sequences (shared: not to be written)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class PretrainBatches:
     """Masked micro-batches of the global batch at each step, for one rank."""
 
@@ -170,10 +176,8 @@ class PretrainBatches:
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
-    @functools.lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(len(self.sequences))
+        return _permutation(self.seed, epoch, len(self.sequences))
 
     def global_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(sequence indices, epochs) of the global batch at `step`, shapes (B,)."""

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge.model import ops
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
+from bertforge.model import ops
 
 
 class Dropout(nn.Dropout):
