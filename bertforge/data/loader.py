@@ -24,7 +24,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.data.prepare import MANIFEST, SHARD_HASH, load_manifest, open_split
 from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
+
+if TYPE_CHECKING:
+    from bertforge.data.pairs import PairedMasker
 
 DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
 # What data directories read together must share (the tokenizer fixes the vocabulary and
@@ -165,8 +168,9 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 class PretrainBatches:
     """Masked micro-batches of the global batch at each step, for one rank."""
 
-    def __init__(self, sequences: ShardedSequences, masker: Masker, batch_size: int,
-                 micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sequences: ShardedSequences, masker: Masker | PairedMasker,
+                 batch_size: int, micro_batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         if len(sequences) == 0:
             raise BertforgeError("the training split has no sequences")
         if batch_size % world_size:
