@@ -156,6 +156,7 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
     normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
     through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
+    from bertforge.tasks.base import LossFn
     from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.step import StepBatch, train_step
 
@@ -167,7 +168,7 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
                     for b in batches]
     if device.type == "cuda":  # as training's prefetcher hands them over
         step_batches = [b.pin_memory() for b in step_batches]
-    loss_fn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
+    loss_fn: LossFn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
     if compile_model:
         loss_fn = compile_loss(loss_fn)
     cycle = itertools.cycle(step_batches)

@@ -30,7 +30,10 @@ def fill_mask(model_path: Path, text: str, top_k: int = 5) -> list[dict[str, Any
     tok = load_tokenizer(tok_dir)
     enc = tok.encode(text)
     ids = torch.tensor([enc.ids])  # (1, T)
-    positions = (ids[0] == tok.token_to_id(MASK)).nonzero().flatten()
+    mask_id = tok.token_to_id(MASK)
+    if mask_id is None:
+        raise BertforgeError(f"{tok_dir}: the tokenizer has no {MASK} token")
+    positions = (ids[0] == mask_id).nonzero().flatten()  # (M,)
     if len(positions) == 0:
         raise BertforgeError("the text has no [MASK] token to fill")
     with torch.no_grad():

@@ -121,7 +121,10 @@ def read_split(task: GlueTask, path: Path) -> Examples:
                                  f"{task.name} file without a header has at least {need}")
         index = [c.index % width for c in columns]
         rows = itertools.chain([first], rows)
-    texts, pairs, labels, lines = [], [] if task.pair else None, [], []
+    texts: list[str] = []
+    pairs: list[str] | None = [] if task.pair else None
+    labels: list[str] = []
+    lines: list[int] = []
     for number, row in rows:
         if len(row) != width:
             raise BertforgeError(f"{path}, line {number}: {len(row)} fields, expected {width} "
