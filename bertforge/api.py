@@ -21,18 +21,30 @@ import typing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from bertforge.config import (DOCUMENT_BOUNDARIES, SECTIONS, DataConfig, ModelConfig, RunConfig,
-                              TrainConfig, build, merge, preset as model_preset, read_yaml,
-                              rule_text, satisfies, typed, typed_sections)
+from bertforge.config import (
+    DOCUMENT_BOUNDARIES,
+    SECTIONS,
+    DataConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    build,
+    merge,
+    read_yaml,
+    rule_text,
+    satisfies,
+    typed,
+    typed_sections,
+)
+from bertforge.config import preset as model_preset
 from bertforge.errors import BertforgeError
 from bertforge.fileio import require_utf8, write_text_atomic
-from bertforge.finetune_config import (NOT_FOR_FINETUNING, FinetuneConfig,
-                                       finetune_train_config)
+from bertforge.finetune_config import NOT_FOR_FINETUNING, FinetuneConfig, finetune_train_config
 from bertforge.paths import Output, check_paths
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 # The ModelConfig fields a preset sets.
 PRESET_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")

@@ -16,9 +16,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -189,8 +190,8 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise BertforgeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     layers, hidden, heads = PRESETS[name]
-    values = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                  intermediate_size=4 * hidden)
+    values: dict[str, Any] = dict(num_hidden_layers=layers, hidden_size=hidden,
+                                  num_attention_heads=heads, intermediate_size=4 * hidden)
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -327,7 +328,7 @@ class TrainConfig:
         # One rule for both forms: the warmup ends before the run does (a fraction says so
         # by being < 1; steps wherever the run's length in steps is known).
         _check(self, "warmup_steps", not (self.warmup_steps and self.max_steps)
-               or self.warmup_steps < self.max_steps,  # type: ignore[operator]
+               or self.warmup_steps < self.max_steps,
                f"must be fewer than max_steps ({self.max_steps}): the warmup must end "
                f"before the run does")
         _check(self, "precision", self.precision in ("auto", "bf16", "fp32"),
@@ -463,7 +464,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         raise BertforgeError(f"{where}: expected {type_name(tp)}, got {_short(value)}")
     if value is None:
         raise BertforgeError(f"{where}: must not be empty")
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if origin is list:
         if not isinstance(value, list) or not value:

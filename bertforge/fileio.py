@@ -76,7 +76,7 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call `write(tmp)` to write the file's content at a temporary path, then move it
     into place at `path` atomically and durably; returns `path`."""
     path = Path(path)

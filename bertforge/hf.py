@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from bertforge.config import ModelConfig, build
 from bertforge.errors import BertforgeError
 from bertforge.fileio import give_usual_mode, make_dir
-from bertforge.model.bert import BertForPreTraining
+from bertforge.model.bert import BertForPreTraining, BertForSequenceClassification
 from bertforge.paths import replace_owned, require_owned, sibling
 from bertforge.weights import load_pickled, load_safetensors, require_finite
 
@@ -68,7 +68,7 @@ CLASSIFIER_KEY_MAP: dict[str, str] = {"classifier.weight": "classifier.weight",
                                       "classifier.bias": "classifier.bias"}
 
 # bertforge fused key -> the transformers keys it concatenates (dim 0, in this order).
-FUSED_QKV: dict[str, tuple[str, str, str]] = {
+FUSED_QKV: dict[str, tuple[str, ...]] = {
     f"bert.layers.{{i}}.attention.qkv.{p}": tuple(
         f"bert.encoder.layer.{{i}}.attention.self.{name}.{p}" for name in ("query", "key", "value"))
     for p in ("weight", "bias")
@@ -236,8 +236,8 @@ def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
 
 # ------------------------------------------------------------------------------ directories
 
-def export_model(model: torch.nn.Module, out_dir: str | Path,
-                 tokenizer_dir: str | Path | None = None,
+def export_model(model: BertForPreTraining | BertForSequenceClassification,
+                 out_dir: str | Path, tokenizer_dir: str | Path | None = None,
                  extra_config: dict[str, Any] | None = None) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors (fp32) and the tokenizer.
 
@@ -260,8 +260,9 @@ def export_model(model: torch.nn.Module, out_dir: str | Path,
     return final
 
 
-def _write_export(model: torch.nn.Module, out: Path, tokenizer_dir: str | Path | None,
-                  extra_config: dict[str, Any] | None) -> None:
+def _write_export(model: BertForPreTraining | BertForSequenceClassification, out: Path,
+                  tokenizer_dir: str | Path | None, extra_config: dict[str, Any] | None
+                  ) -> None:
     config = model.config
     weights = to_hf_state_dict(model.state_dict(), config)
     # safetensors wants contiguous, unshared CPU tensors; qkv chunks are views of one tensor.
@@ -334,11 +335,10 @@ def classifier_config_to_hf(labels: list[str] | None) -> dict[str, Any]:
                              else "single_label_classification")}
 
 
-def import_classifier(hf_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+def import_classifier(hf_dir: str | Path
+                      ) -> tuple[BertForSequenceClassification, dict[str, Any]]:
     """(bertforge BertForSequenceClassification, raw config.json) from a Hugging Face
     BertForSequenceClassification directory, such as `bertforge finetune` exports."""
-    from bertforge.model.bert import BertForSequenceClassification
-
     hf_dir = Path(hf_dir)
     raw = read_hf_config(hf_dir)
     config = model_config_from_hf(raw)

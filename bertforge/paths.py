@@ -23,8 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from bertforge.errors import BertforgeError
-from bertforge.fileio import (alive, make_dir, recover_dir, refuse_link, replace_dir,
-                              write_text_atomic)
+from bertforge.fileio import (
+    alive,
+    make_dir,
+    recover_dir,
+    refuse_link,
+    replace_dir,
+    write_text_atomic,
+)
 
 MARKER = ".bertforge"
 KINDS = ("tokenizer", "data", "run", "export", "finetune", "glue", "report")

@@ -19,8 +19,12 @@ from bertforge import api
 from bertforge.cli.options import add_fields, typed_fields
 from bertforge.config import TrainConfig, field_number, number
 from bertforge.fileio import write_atomic
-from bertforge.finetune_config import (FINETUNE_DEFAULTS, FINETUNE_HELP, NOT_FOR_FINETUNING,
-                                       FinetuneConfig)
+from bertforge.finetune_config import (
+    FINETUNE_DEFAULTS,
+    FINETUNE_HELP,
+    NOT_FOR_FINETUNING,
+    FinetuneConfig,
+)
 from bertforge.paths import Output, check_paths
 
 

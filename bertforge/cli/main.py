@@ -21,10 +21,23 @@ from typing import Any
 
 from bertforge import api
 from bertforge.cli.downstream import add_commands
-from bertforge.cli.options import (Parser, add_corpus_options, add_fields, corpus_options,
-                                   typed_fields)
-from bertforge.config import (DEFAULT_WARMUP_FRACTION, PRESETS, DataConfig, ModelConfig,
-                              TrainConfig, field_number, number, preset)
+from bertforge.cli.options import (
+    Parser,
+    add_corpus_options,
+    add_fields,
+    corpus_options,
+    typed_fields,
+)
+from bertforge.config import (
+    DEFAULT_WARMUP_FRACTION,
+    PRESETS,
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    field_number,
+    number,
+    preset,
+)
 from bertforge.errors import BertforgeError, Interrupted, Terminated
 
 # Config fields exposed as flags (the rest are reachable through --config FILE.yaml).
@@ -124,7 +137,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"vocab_size": args.vocab_size,
                                  "max_position_embeddings": max(512, args.seq_len)}
     if args.dropout is not None:
-        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+        overrides.update(hidden_dropout_prob=args.dropout,
+                         attention_probs_dropout_prob=args.dropout)
     cfg = preset(args.preset, **overrides)
     log = (lambda _: None) if args.json else print
     result = run_bench(cfg, args.batch_size, args.seq_len, vs_hf=args.vs_hf, steps=args.steps,

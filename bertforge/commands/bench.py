@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertforge.train.compiling import CompileCounters, compile_loss, ordered_scatter
 from bertforge.config import ModelConfig, TrainConfig
 from bertforge.data.masking import MaskedBatch, Masker
+from bertforge.train.compiling import CompileCounters, compile_loss, ordered_scatter
 from bertforge.train.optim import build_optimizer
 from bertforge.train.runtime import autocast, configure, keep_freed_memory, resolve_device
 
@@ -152,6 +152,7 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
     """Training steps as `bertforge pretrain` runs them: `train_step` (the same
     normalisation, clipping, NaN guard and fused AdamW) on the pretraining model, cycling
     through `batches`; compiled as `pretrain --compile` compiles (forward and loss)."""
+    from bertforge.tasks.base import LossFn
     from bertforge.tasks.mlm import MLM_METRIC_COUNTS, mlm_loss_sum, pretraining_model
     from bertforge.train.step import StepBatch, train_step
 
@@ -163,7 +164,7 @@ def bench_bertforge(cfg: ModelConfig, batches: list[MaskedBatch], device: torch.
                     for b in batches]
     if device.type == "cuda":  # as training's prefetcher hands them over
         step_batches = [b.pin_memory() for b in step_batches]
-    loss_fn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
+    loss_fn: LossFn = functools.partial(mlm_loss_sum, vocab_size=cfg.vocab_size)
     if compile_model:
         loss_fn = compile_loss(loss_fn)
     cycle = itertools.cycle(step_batches)

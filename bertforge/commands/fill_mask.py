@@ -21,8 +21,8 @@ def fill_mask(model_path: Path, text: str, top_k: int = 5) -> list[dict[str, Any
     """One {"mask_index", "position", "predictions": [{"token", "score"}, ...]} per [MASK]
     of `text`, in order, in fp32 on the CPU; mask_index counts the masks from 0, position
     the tokens from [CLS] (position 0)."""
-    from bertforge.data.tokenizer import load_tokenizer
     from bertforge.commands.loading import load_any_model
+    from bertforge.data.tokenizer import load_tokenizer
 
     if top_k < 1:
         raise BertforgeError(f"--top-k {top_k}: must be >= 1")
@@ -30,7 +30,10 @@ def fill_mask(model_path: Path, text: str, top_k: int = 5) -> list[dict[str, Any
     tok = load_tokenizer(tok_dir)
     enc = tok.encode(text)
     ids = torch.tensor([enc.ids])  # (1, T)
-    positions = (ids[0] == tok.token_to_id(MASK)).nonzero().flatten()
+    mask_id = tok.token_to_id(MASK)
+    if mask_id is None:
+        raise BertforgeError(f"{tok_dir}: the tokenizer has no {MASK} token")
+    positions = (ids[0] == mask_id).nonzero().flatten()  # (M,)
     if len(positions) == 0:
         raise BertforgeError("the text has no [MASK] token to fill")
     with torch.no_grad():

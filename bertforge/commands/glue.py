@@ -121,7 +121,10 @@ def read_split(task: GlueTask, path: Path) -> Examples:
                                  f"{task.name} file without a header has at least {need}")
         index = [c.index % width for c in columns]
         rows = itertools.chain([first], rows)
-    texts, pairs, labels, lines = [], [] if task.pair else None, [], []
+    texts: list[str] = []
+    pairs: list[str] | None = [] if task.pair else None
+    labels: list[str] = []
+    lines: list[int] = []
     for number, row in rows:
         if len(row) != width:
             raise BertforgeError(f"{path}, line {number}: {len(row)} fields, expected {width} "
@@ -183,7 +186,6 @@ def run_glue(model: Path, data_dir: Path, out_dir: Path, tasks: list[str] | None
              show_progress: bool = True) -> dict[str, Any]:
     """Fine-tune `model` on each task into OUT/<task>/; the results and their average."""
     from bertforge.commands.finetune import run_finetune
-
     from bertforge.train.tracking import check_available
 
     if cfg is not None:

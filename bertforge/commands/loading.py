@@ -8,6 +8,7 @@ Every model loaded here has its tokenizer checked against its config first
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,9 +18,12 @@ from bertforge.errors import BertforgeError
 from bertforge.train import checkpoint as ckpt
 from bertforge.train.consistency import check_tokenizer_fits
 
+if TYPE_CHECKING:
+    from bertforge.model.bert import BertForPreTraining
+
 
 def load_run_model(run_dir: Path, checkpoint: Path | None = None
-                   ) -> tuple[torch.nn.Module, RunConfig, Path]:
+                   ) -> tuple[BertForPreTraining, RunConfig, Path]:
     """The BertForPreTraining of a run's newest good checkpoint (or `checkpoint`)."""
     from bertforge.model.bert import BertForPreTraining
 
@@ -38,7 +42,7 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None
     return model.eval(), cfg, run_dir / rundir.TOKENIZER
 
 
-def load_any_model(path: Path) -> tuple[torch.nn.Module, Path]:
+def load_any_model(path: Path) -> tuple[BertForPreTraining, Path]:
     """(BertForPreTraining in eval mode, tokenizer dir) from a run dir or an HF directory."""
     path = Path(path)
     if rundir.is_run_dir(path):

@@ -184,9 +184,9 @@ def unigram_baseline_loss(run_dir: Path) -> float | None:
     masked tokens the run's evaluation scores (its first train.eval_sequences, the fixed
     evaluation masks), as `bertforge evaluate` reports it; None for a run that is not a
     pretraining run or whose data is not at hand."""
+    from bertforge.commands.evaluate import unigram_baseline
     from bertforge.data.loader import ShardedSequences
     from bertforge.data.masking import build_masker
-    from bertforge.commands.evaluate import unigram_baseline
 
     run_dir = Path(run_dir)
     if not (run_dir / rundir.CONFIG).is_file():

@@ -21,13 +21,26 @@ import os
 import re
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 
-from bertforge.data.readers import (CorpusOptions, CorpusStats, _csv_documents, _hf_documents,
-                                    _json_documents, _lines, _open, _parquet_documents,
-                                    _peek_content, _plain_documents, _reason, _require,
-                                    _split_text, _Unreadable, _wiki_documents)
+from bertforge.data.readers import (
+    CorpusOptions,
+    CorpusStats,
+    _csv_documents,
+    _hf_documents,
+    _json_documents,
+    _lines,
+    _open,
+    _parquet_documents,
+    _peek_content,
+    _plain_documents,
+    _reason,
+    _require,
+    _split_text,
+    _Unreadable,
+    _wiki_documents,
+)
 from bertforge.errors import BertforgeError
 
 log = logging.getLogger(__name__)
@@ -46,12 +59,12 @@ def resolve_corpus(specs: Iterable[str | os.PathLike]) -> list[Path | str]:
     twice is kept at its first place only. ``hf:NAME[:CONFIG]`` specs are checked and kept
     as strings. Fails early when a format's optional package is missing.
     """
-    specs = [str(s) for s in specs]
-    if not specs:
+    names = [str(s) for s in specs]
+    if not names:
         raise BertforgeError("no corpus given")
     seen: set[Path | str] = set()
     files: list[Path | str] = []
-    for spec in specs:
+    for spec in names:
         if spec.startswith(HF_PREFIX):
             parse_hf_spec(spec)
             _require("datasets", "datasets", spec)
@@ -134,10 +147,10 @@ def _expand(spec: str) -> list[Path]:
             raise BertforgeError(f"corpus directory has no files: {spec}")
         return found
     if glob.has_magic(spec):
-        found = set(_glob(os.path.expanduser(spec)))
-        if not found:
+        matches = set(_glob(os.path.expanduser(spec)))
+        if not matches:
             raise BertforgeError(f"no corpus files match {spec}")
-        return sorted(found)
+        return sorted(matches)
     if path.exists():
         raise BertforgeError(f"corpus path is not a file or directory: {spec}")
     raise BertforgeError(f"corpus path not found: {spec}")
@@ -296,14 +309,14 @@ def _sample_targets(sources: list[str | os.PathLike], sample_bytes: int) -> list
     fill = sum(known) / len(known) if known else 1.0
     total = sum(fill if s is None else s for s in sizes)
     targets, cum = [], 0.0
-    for s in sizes:
-        cum += fill if s is None else s
+    for size in sizes:
+        cum += fill if size is None else size
         targets.append(sample_bytes * cum / total)
     return targets
 
 
 def _source_documents(source: str | os.PathLike, stats: CorpusStats,
-                      options: CorpusOptions) -> Iterator[str]:
+                      options: CorpusOptions) -> Generator[str, None, None]:
     """The raw (unstripped) documents of one file or hf dataset."""
     if isinstance(source, str) and source.startswith(HF_PREFIX):
         _count_format(stats, "hf")

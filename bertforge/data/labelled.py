@@ -235,10 +235,13 @@ def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
 def _read_split(path: Path, text: str, pair: str | None, label: str, regression: bool
                 ) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
     columns = [text, label] + ([pair] if pair else [])
-    texts, pairs, labels, lines = [], [] if pair else None, [], []
+    texts: list[str] = []
+    pairs: list[str] | None = [] if pair else None
+    labels: list[Any] = []
+    lines: list[int] = []
     for number, values in read_records(path, columns):
         texts.append(_text(values[0], path, number, text))
-        if pairs is not None:
+        if pair and pairs is not None:
             pairs.append(_text(values[2], path, number, pair))
         labels.append(values[1] if regression else _label_text(values[1], path, number))
         lines.append(number)
@@ -262,7 +265,9 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
                              f"classifier needs at least two classes (or pass --regression)")
     splits = {p: Examples(p, texts, pairs, encode_labels(labels, lines, classes, p), lines)
               for p, (texts, pairs, labels, lines) in parts.items()}
-    if regression:
+    metrics: tuple[str, ...]
+    score: tuple[str, ...]
+    if classes is None:  # regression
         metrics, score = ("pearson", "spearman", "mse"), ("pearson", "spearman")
     elif len(classes) == 2:
         metrics, score = ("accuracy", "f1", "matthews"), ("accuracy",)

@@ -17,7 +17,7 @@ import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from bertforge.data.masking import MaskedBatch, Masker
 from bertforge.data.prepare import MANIFEST, SHARD_HASH, load_manifest, open_split
 from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash
 from bertforge.errors import BertforgeError
+
+if TYPE_CHECKING:
+    from bertforge.data.pairs import PairedMasker
 
 DataDirs = str | os.PathLike | Sequence[str | os.PathLike]
 # What data directories read together must share (the tokenizer fixes the vocabulary and
@@ -149,11 +152,18 @@ class ShardedSequences:
         return out
 
 
+@functools.lru_cache(maxsize=2)  # a step's batch spans at most two epochs
+def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the n sequences (shared: not to be written)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 class PretrainBatches:
     """Masked micro-batches of the global batch at each step, for one rank."""
 
-    def __init__(self, sequences: ShardedSequences, masker: Masker, batch_size: int,
-                 micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, sequences: ShardedSequences, masker: Masker | PairedMasker,
+                 batch_size: int, micro_batch_size: int, seed: int, rank: int = 0,
+                 world_size: int = 1):
         if len(sequences) == 0:
             raise BertforgeError("the training split has no sequences")
         if batch_size % world_size:
@@ -163,10 +173,8 @@ class PretrainBatches:
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
 
-    @functools.lru_cache(maxsize=2)
     def _permutation(self, epoch: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(len(self.sequences))
+        return _permutation(self.seed, epoch, len(self.sequences))
 
     def global_indices(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         """(sequence indices, epochs) of the global batch at `step`, shapes (B,)."""

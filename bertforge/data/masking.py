@@ -37,7 +37,7 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def hash_uniform(seed: int, epoch: np.ndarray, index: np.ndarray, seq_len: int,
+def hash_uniform(seed: int, epoch: np.ndarray | int, index: np.ndarray, seq_len: int,
                  stream: int) -> np.ndarray:
     """Uniform [0, 1) floats of shape (B, seq_len), one per (epoch, sequence index, position).
 
@@ -86,10 +86,19 @@ class MaskedBatch:
             return self.input_ids.numel()
         return int(self.attention_mask.sum())
 
+    @property
+    def labelled_pairs(self) -> int:
+        """Sequences with an NSP/SOP label (-100: no pair could be made), host-side batches
+        only; 0 without pairs."""
+        if self.next_sentence_label is None:
+            return 0
+        return int((self.next_sentence_label >= 0).sum())
+
     def _map(self, f: Any) -> MaskedBatch:
-        return MaskedBatch(*(None if t is None else f(t) for t in (
-            self.input_ids, self.masked_positions, self.targets, self.attention_mask,
-            self.token_type_ids, self.next_sentence_label)))
+        return MaskedBatch(f(self.input_ids), f(self.masked_positions), f(self.targets),
+                           *(None if t is None else f(t) for t in (
+                               self.attention_mask, self.token_type_ids,
+                               self.next_sentence_label)))
 
     def to(self, device: torch.device) -> MaskedBatch:
         """On `device`; the copy does not block when the batch is in pinned memory."""
@@ -195,6 +204,7 @@ class Masker:
 
         # A word starts at every maskable piece that is not a continuation of a maskable
         # piece just before it (in the same row).
+        assert self.is_continuation is not None  # checked in __post_init__
         cont = self.is_continuation[tokens] & maskable  # (B, T)
         prev = np.zeros_like(maskable)
         prev[:, 1:] = maskable[:, :-1]

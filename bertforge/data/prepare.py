@@ -161,9 +161,10 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                         continue
                     ids = enc.ids[np.repeat(chosen, enc.lengths)]  # (N,) these documents' tokens
                     lengths = enc.lengths[chosen]  # (D,)
-                    if pending[split] is not None:
-                        ids = np.concatenate([pending[split], ids])
-                        lengths = np.concatenate([[len(pending[split])], lengths])
+                    held = pending[split]
+                    if held is not None:
+                        ids = np.concatenate([held, ids])
+                        lengths = np.concatenate([[len(held)], lengths])
                     keep = len(ids) - int(lengths[-1])
                     pending[split] = ids[keep:].copy()
                     packers[split].add(ids[:keep], lengths[:-1])

@@ -46,7 +46,8 @@ QUOTE_CHARS = 60  # file content quoted in a message or warning is cut to this l
 # C0 controls but tab and newline, DEL and C1 controls. CR is gone by then (a line end).
 # Vertical tab and form feed separate words, so they become spaces; the rest go.
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_CONTROL_TABLE = {c: None for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
+_CONTROL_TABLE: dict[int, str | None] = {
+    c: None for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
 _CONTROL_TABLE.update({0x0b: " ", 0x0c: " "})
 # Lone surrogates come only from JSON "\ud800" escapes; they cannot be encoded as UTF-8.
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
@@ -453,7 +454,7 @@ def _seekable(path: Path, compression: str) -> BinaryIO:
     except BaseException:
         tmp.close()
         raise
-    return tmp  # type: ignore[return-value]
+    return tmp
 
 
 def _hf_documents(spec: str, name: str, config: str | None, stats: CorpusStats,

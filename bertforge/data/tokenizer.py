@@ -27,8 +27,14 @@ from tokenizers.models import WordPiece
 from tokenizers.trainers import WordPieceTrainer
 from tqdm import tqdm
 
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, batched, estimate_bytes,
-                                   iter_documents, resolve_corpus)
+from bertforge.data.corpus import (
+    CorpusOptions,
+    CorpusStats,
+    batched,
+    estimate_bytes,
+    iter_documents,
+    resolve_corpus,
+)
 from bertforge.data.readers import quote
 from bertforge.errors import BertforgeError
 from bertforge.fileio import make_dir, write_text_atomic

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertforge.model import ops
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
+from bertforge.model import ops
 
 
 class Dropout(nn.Dropout):
@@ -219,7 +219,7 @@ class BertForPreTraining(nn.Module):
         init_weights(self.seq_relationship, config)
 
     @property
-    def decoder_weight(self) -> nn.Parameter:
+    def decoder_weight(self) -> torch.Tensor:
         """The MLM decoder's weight: the word embedding matrix itself (tied)."""
         return self.bert.embeddings.word_embeddings.weight
 
@@ -270,7 +270,7 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(0.0, std)
-            if getattr(module, "bias", None) is not None:
+            if isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.zero_()
         elif isinstance(module, nn.LayerNorm):
             module.weight.fill_(1.0)

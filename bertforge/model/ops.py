@@ -131,7 +131,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         top = torch.empty_like(lse)  # (N,) row maxima
         keep = ctx.needs_input_grad[0]  # no softmax to keep under no_grad (evaluation)
         probs = torch.empty_like(logits) if keep else None  # (N, W), becomes the gradient
-        if keep and v < logits.shape[1]:
+        if probs is not None and v < logits.shape[1]:
             probs[:, v:] = 0
         for start in range(0, logits.shape[0], _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
@@ -139,7 +139,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             top[rows] = x.amax(dim=1)
             total = x.sub_(top[rows, None]).exp_().sum(dim=1, keepdim=True)
             lse[rows] = top[rows] + total.squeeze(1).log()
-            if keep:
+            if probs is not None:
                 probs[rows, :v] = x.div_(total)
         target_logits = logits.gather(1, targets[:, None]).squeeze(1).float()
         hits = (target_logits == top).sum()

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from bertforge.finetune_config import FinetuneConfig
 from bertforge.tasks.base import StepBatch
 from bertforge.tasks.scores import compute
 from bertforge.weights import model_state, require_finite
+
+if TYPE_CHECKING:
+    from bertforge.model.bert import BertForSequenceClassification
 
 
 @dataclass
@@ -85,7 +88,7 @@ class TokenizedSplit:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, data: TokenizedSplit, batch_size: int,
+def predict_logits(model: BertForSequenceClassification, data: TokenizedSplit, batch_size: int,
                    device: torch.device) -> np.ndarray:
     """(N, num_labels) fp32 logits, in the data's order (batched by length: less padding)."""
     order = np.argsort(data.lengths, kind="stable")
@@ -172,7 +175,8 @@ class ClassificationTask:
         result: dict[str, Any] = {"epoch": round(self.epoch_at(step), 4)}
         scores = []
         for name, split in self.valid.items():
-            logits = predict_logits(model, split, self.cfg.eval_batch_size, self.device)
+            logits = predict_logits(cast("BertForSequenceClassification", model), split,
+                                    self.cfg.eval_batch_size, self.device)
             values = split_metrics(self.data, logits, split.y)
             result.update({(f"{k}_{name}" if name else k): v for k, v in values.items()})
             scores += [values[k] for k in self.data.score]

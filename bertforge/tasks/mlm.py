@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ class MLMTask:
         self.pair_kind = pair_kind(cfg.data.objective)  # 'nsp', 'sop' or None (plain MLM)
         batch_masker = self.masker if self.pair_kind is None else PairedMasker(
             self.masker, PairBuilder(train, manifest["special_token_ids"], self.pair_kind))
-        self.batches = PretrainBatches(train, batch_masker, t.batch_size, t.micro_batch_size,
+        # The command has resolved an unset micro-batch size by the time batches are drawn.
+        micro_batch_size = cast(int, t.micro_batch_size)
+        self.batches = PretrainBatches(train, batch_masker, t.batch_size, micro_batch_size,
                                        t.seed, rank, world_size)
         self.valid = ShardedSequences(data_dir, "valid")
         self.device, self.dtype = device, dtype
@@ -66,7 +68,7 @@ class MLMTask:
         micro = list(self.batches.micro_batches(step))
         counts = {"mlm": sum(m.targets.numel() for m in micro)}
         if self.pair_kind is not None:
-            counts[self.pair_kind] = sum(int((m.next_sentence_label >= 0).sum()) for m in micro)
+            counts[self.pair_kind] = sum(m.labelled_pairs for m in micro)
         return StepBatch(micro, counts, sum(m.real_tokens for m in micro), MLM_METRIC_COUNTS)
 
     def loss_sum(self, model: torch.nn.Module, micro: MaskedBatch
@@ -113,6 +115,7 @@ def mlm_loss_sum(model: torch.nn.Module, micro: MaskedBatch, pair_kind: str | No
     losses, metrics = {"mlm": loss}, {"mlm_accuracy": hits}
     if pair_kind is not None:
         labels = micro.next_sentence_label  # (B,)
+        assert labels is not None  # a PairedMasker labels every batch
         # Summed in fp32; labels of -100 add nothing to the loss and never match an argmax.
         losses[pair_kind] = F.cross_entropy(pair_logits.float(), labels, reduction="sum")
         metrics[f"{pair_kind}_accuracy"] = (pair_logits.detach().argmax(-1) == labels).sum()
@@ -180,12 +183,13 @@ def pair_metrics(model: torch.nn.Module, sequences: ShardedSequences, masker: Ma
     for start in range(0, n, batch_size):
         idx = np.arange(start, min(start + batch_size, n), dtype=np.int64)
         batch = paired(sequences.take(idx), idx, EVAL_MASK_SEED, 0)
-        count += int((batch.next_sentence_label >= 0).sum())  # -100: no pair could be made
+        count += batch.labelled_pairs
         batch = batch.to(device)
         none = batch.masked_positions[:0]  # only the pair head is scored: skip the MLM decoder
         _, logits = model(batch.input_ids, token_type_ids=batch.token_type_ids,
                           attention_mask=batch.attention_mask, masked_positions=none)  # (B, 2)
         labels = batch.next_sentence_label  # (B,); -100 never matches an argmax
+        assert labels is not None  # a PairedMasker labels every batch
         sums[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
         sums[1] += (logits.argmax(-1) == labels).sum()
     if count == 0:

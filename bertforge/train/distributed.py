@@ -18,7 +18,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,10 @@ from torch import nn
 
 from bertforge.errors import BertforgeError
 from bertforge.model import ops
+
+if TYPE_CHECKING:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 PREPARE_TIMEOUT = datetime.timedelta(hours=2)  # how long the ranks wait for rank 0's data
@@ -84,13 +88,14 @@ class Distributed:
         all-reduce (every micro-batch of an accumulation but the last)."""
         w = self._wrapped
         if self.strategy == "ddp" and not sync:
-            with w.no_sync():  # type: ignore[union-attr]
+            with cast("DistributedDataParallel", w).no_sync():
                 yield
         elif self.strategy == "fsdp":
             # Between the micro-batches of one step the parameters stay gathered and the
             # gradients unreduced; the last one reduce-scatters and reshards as usual.
-            w.set_requires_gradient_sync(sync)  # type: ignore[union-attr]
-            w.set_reshard_after_backward(sync)  # type: ignore[union-attr]
+            sharded = cast("FSDPModule", w)  # fully_shard made the model one
+            sharded.set_requires_gradient_sync(sync)
+            sharded.set_reshard_after_backward(sync)
             yield
         else:
             yield
@@ -200,8 +205,8 @@ def init_from_env(strategy: str = "auto", device: torch.device | None = None) ->
     if not dist.is_initialized():
         # The backend's default timeout for the training collectives; with device_id the
         # NCCL communicator is bound to this rank's GPU at once.
-        extra = {"device_id": torch.device("cuda", local_rank)} if cuda else {}
-        dist.init_process_group("nccl" if cuda else "gloo", **extra)
+        dist.init_process_group("nccl" if cuda else "gloo",
+                                device_id=torch.device("cuda", local_rank) if cuda else None)
     # Rank 0 may build the tokenizer and shards while the others wait: they wait on a
     # gloo group of their own, whose long timeout no training collective shares.
     waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)

@@ -78,10 +78,8 @@ class _SignalFlag:
 
     def __enter__(self) -> _SignalFlag:
         for s in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread
                 self._previous[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread
-                pass
         return self
 
     def is_set(self) -> bool:

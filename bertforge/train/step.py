@@ -21,7 +21,7 @@ import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -143,7 +143,8 @@ def accumulate_gradients(model: torch.nn.Module, loss_fn: LossFn, batch: StepBat
             micro = micro.to(device)
             with dist.sync_gradients(i == last):
                 losses, more = loss_fn(model, micro)
-                loss = sum(v / divisors[k] for k, v in losses.items())
+                # A task has at least one loss term: the sum is a tensor.
+                loss = cast(torch.Tensor, sum(v / divisors[k] for k, v in losses.items()))
                 # DDP and FSDP average gradients over ranks; the global batch sums them.
                 with autocast_off(device, dtype):
                     (loss * dist.world_size if dist.enabled else loss).backward()
@@ -282,7 +283,9 @@ def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device,
     steps = range(start, cfg.max_steps) if cfg.max_steps else itertools.count(start)
     # A generator of its own: the loader draws its workers' base seed from it, which must
     # not consume the global RNG that dropout (and so exact resume) depends on.
-    loader = DataLoader(_Steps(task), sampler=steps, batch_size=None, collate_fn=_as_is,
+    loader = DataLoader(_Steps(task), sampler=steps, batch_size=None,
+                        # torch's stub wants a list: with batch_size=None it gets one item
+                        collate_fn=_as_is,  # type: ignore[arg-type]
                         num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None,
                         multiprocessing_context=start_method if workers else None,

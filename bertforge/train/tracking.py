@@ -19,7 +19,7 @@ import string
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from bertforge.config import TrainConfig
@@ -202,7 +202,7 @@ def _open_wandb(run_dir: Path, project: str, run_config: dict[str, Any] | None, 
     return _WandB(run, state_path, state)
 
 
-def _wandb_mode(wandb: Any) -> tuple[str, str]:
+def _wandb_mode(wandb: Any) -> tuple[Literal["online", "offline", "disabled"], str]:
     """(mode for wandb.init, why it is offline), checked quickly so that W&B neither
     prompts for an API key nor waits out its own timeouts on a machine without network."""
     env = os.environ.get("WANDB_MODE", "").strip().lower()
