@@ -84,7 +84,7 @@ def write_sst2(source: Path, folder: Path, examples: int) -> tuple[Path, Path]:
     """The first `examples` SST-2 training sentences and the dev set, as sentence\\tlabel."""
     folder.mkdir(parents=True, exist_ok=True)
     train = (source / "train.tsv").read_text(encoding="utf-8").splitlines()
-    (folder / "train.tsv").write_text("\n".join(train[:examples + 1]) + "\n", encoding="utf-8")
+    (folder / "train.tsv").write_text("\n".join(train[: examples + 1]) + "\n", encoding="utf-8")
     dev = (source / "dev.tsv").read_text(encoding="utf-8")
     (folder / "dev.tsv").write_text(dev, encoding="utf-8")
     return folder / "train.tsv", folder / "dev.tsv"
@@ -100,8 +100,11 @@ def write_pairs(wiki: Path, folder: Path, examples: int, dev: int = 800) -> tupl
 
     docs = []
     for doc in iter_documents(resolve_corpus([str(wiki)])):
-        sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", doc)
-                     if 15 <= len(s.split()) <= 30]  # one line each: tabs, newlines gone
+        sentences = [
+            " ".join(s.split())
+            for s in re.split(r"(?<=[.!?])\s+", doc)
+            if 15 <= len(s.split()) <= 30
+        ]  # one line each: tabs, newlines gone
         if len(sentences) >= 2:
             docs.append(sentences)
     rng = random.Random(0)
@@ -121,31 +124,72 @@ def write_pairs(wiki: Path, folder: Path, examples: int, dev: int = 800) -> tupl
     return folder / "train.tsv", folder / "dev.tsv"
 
 
-def run_bertforge(args: argparse.Namespace, train: Path, dev: Path, seed: int,
-                  out: Path) -> dict:
-    pair = ["--text-column", "sentence1", "--text-pair-column", "sentence2"] \
-        if args.task == "pairs" else ["--text-column", "sentence"]
-    cmd = [sys.executable, "-m", "bertforge", "finetune", str(args.model), "--train", str(train),
-           "--validation", str(dev), *pair, "--out", str(out), "--epochs", str(args.epochs),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-           "--lr", str(args.lr), "--seed", str(seed), "--quiet", *args.bertforge_flags]
+def run_bertforge(args: argparse.Namespace, train: Path, dev: Path, seed: int, out: Path) -> dict:
+    pair = (
+        ["--text-column", "sentence1", "--text-pair-column", "sentence2"]
+        if args.task == "pairs"
+        else ["--text-column", "sentence"]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "bertforge",
+        "finetune",
+        str(args.model),
+        "--train",
+        str(train),
+        "--validation",
+        str(dev),
+        *pair,
+        "--out",
+        str(out),
+        "--epochs",
+        str(args.epochs),
+        "--batch-size",
+        str(args.batch_size),
+        "--max-length",
+        str(args.max_length),
+        "--lr",
+        str(args.lr),
+        "--seed",
+        str(seed),
+        "--quiet",
+        *args.bertforge_flags,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_env())
     if proc.returncode:
         sys.exit(f"bertforge failed: {proc.stderr.strip().splitlines()[-1]}")
     summary = json.loads((out / "metrics.json").read_text())
-    return {"train_time_s": summary["train_time_s"],
-            "tokenize_time_s": summary["tokenize_time_s"], "score": summary["score"],
-            "steps": summary["steps"]}
+    return {
+        "train_time_s": summary["train_time_s"],
+        "tokenize_time_s": summary["tokenize_time_s"],
+        "score": summary["score"],
+        "steps": summary["steps"],
+    }
 
 
-def run_transformers(args: argparse.Namespace, train: Path, dev: Path, seed: int,
-                     out: Path, bf16: bool) -> dict:
-    spec = {"model": str(args.model), "train": str(train), "dev": str(dev), "out": str(out),
-            "batch_size": args.batch_size, "lr": args.lr, "epochs": args.epochs,
-            "max_length": args.max_length, "seed": seed, "bf16": bf16,
-            "sampling": args.hf_sampling}
-    proc = subprocess.run([sys.executable, "-c", _HF_SIDE, json.dumps(spec)],
-                          capture_output=True, text=True, env=_env())
+def run_transformers(
+    args: argparse.Namespace, train: Path, dev: Path, seed: int, out: Path, bf16: bool
+) -> dict:
+    spec = {
+        "model": str(args.model),
+        "train": str(train),
+        "dev": str(dev),
+        "out": str(out),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "epochs": args.epochs,
+        "max_length": args.max_length,
+        "seed": seed,
+        "bf16": bf16,
+        "sampling": args.hf_sampling,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _HF_SIDE, json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     if proc.returncode:
         sys.exit(f"transformers failed: {proc.stderr.strip()[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -162,16 +206,24 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=6400, help="training examples")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="default: 64 for sst2, 128 for pairs")
+    p.add_argument(
+        "--max-length", type=int, default=None, help="default: 64 for sst2, 128 for pairs"
+    )
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--hf-sampling", default="group_by_length",
-                   help="transformers' train_sampling_strategy (default: group_by_length)")
+    p.add_argument(
+        "--hf-sampling",
+        default="group_by_length",
+        help="transformers' train_sampling_strategy (default: group_by_length)",
+    )
     p.add_argument("--glue", type=Path, default=SHARED / "glue" / "SST-2")
     p.add_argument("--wiki", type=Path, default=SHARED / "enwiki-2015-wikiextractor-sample")
-    p.add_argument("--bertforge-flags", nargs=argparse.REMAINDER, default=[],
-                   help="extra flags for bertforge finetune (last on the line)")
+    p.add_argument(
+        "--bertforge-flags",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="extra flags for bertforge finetune (last on the line)",
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args()
     args.max_length = args.max_length or (64 if args.task == "sst2" else 128)
@@ -181,41 +233,63 @@ def main() -> None:
     bf16 = cpu_has_bf16()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        train, dev = (write_sst2(args.glue, work / "data", args.examples) if args.task == "sst2"
-                      else write_pairs(args.wiki, work / "data", args.examples))
+        train, dev = (
+            write_sst2(args.glue, work / "data", args.examples)
+            if args.task == "sst2"
+            else write_pairs(args.wiki, work / "data", args.examples)
+        )
         runs = []
         for seed in args.seeds:  # interleaved, so the machine's drift hits both alike
             ours = run_bertforge(args, train, dev, seed, work / f"bf-{seed}")
             theirs = run_transformers(args, train, dev, seed, work / f"hf-{seed}", bf16)
             runs.append({"seed": seed, "bertforge": ours, "transformers": theirs})
-            print(f"seed {seed}: bertforge {ours['train_time_s']:.1f}s (dev {ours['score']:.4f}), "
-                  f"transformers {theirs['train_time_s']:.1f}s (dev {theirs['score']:.4f})",
-                  flush=True)
+            print(
+                f"seed {seed}: bertforge {ours['train_time_s']:.1f}s (dev {ours['score']:.4f}), "
+                f"transformers {theirs['train_time_s']:.1f}s (dev {theirs['score']:.4f})",
+                flush=True,
+            )
     n = args.examples * args.epochs
     summary = {}
     for side in ("bertforge", "transformers"):
         times = [r[side]["train_time_s"] for r in runs]
-        summary[side] = {"train_time_s": statistics.median(times),
-                         "examples_per_s": n / statistics.median(times),
-                         "tokenize_time_s": statistics.median(r[side]["tokenize_time_s"]
-                                                              for r in runs),
-                         "dev_scores": [r[side]["score"] for r in runs]}
+        summary[side] = {
+            "train_time_s": statistics.median(times),
+            "examples_per_s": n / statistics.median(times),
+            "tokenize_time_s": statistics.median(r[side]["tokenize_time_s"] for r in runs),
+            "dev_scores": [r[side]["score"] for r in runs],
+        }
     ratio = summary["bertforge"]["examples_per_s"] / summary["transformers"]["examples_per_s"]
     for side, s in summary.items():
         scores = ", ".join(f"{x:.4f}" for x in s["dev_scores"])
-        print(f"{side:13s} {s['examples_per_s']:8.1f} examples/s  train "
-              f"{s['train_time_s']:6.1f}s  tokenize {s['tokenize_time_s']:.2f}s  dev {scores}")
-    print(f"speed-up {ratio:.2f}x ({args.task}, {args.examples} examples x {args.epochs} epoch(s), "
-          f"batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, "
-          f"{'bf16' if bf16 else 'fp32'}, seeds {args.seeds})")
+        print(
+            f"{side:13s} {s['examples_per_s']:8.1f} examples/s  train "
+            f"{s['train_time_s']:6.1f}s  tokenize {s['tokenize_time_s']:.2f}s  dev {scores}"
+        )
+    print(
+        f"speed-up {ratio:.2f}x ({args.task}, {args.examples} examples x {args.epochs} epoch(s), "
+        f"batch {args.batch_size}, max length {args.max_length}, lr {args.lr}, "
+        f"{'bf16' if bf16 else 'fp32'}, seeds {args.seeds})"
+    )
     if args.json:
-        args.json.write_text(json.dumps({"task": args.task, "examples": args.examples,
-                                         "epochs": args.epochs, "batch_size": args.batch_size,
-                                         "max_length": args.max_length, "lr": args.lr,
-                                         "precision": "bf16" if bf16 else "fp32",
-                                         "model": str(args.model), "runs": runs,
-                                         "summary": summary, "speedup": round(ratio, 3)},
-                                        indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "task": args.task,
+                    "examples": args.examples,
+                    "epochs": args.epochs,
+                    "batch_size": args.batch_size,
+                    "max_length": args.max_length,
+                    "lr": args.lr,
+                    "precision": "bf16" if bf16 else "fp32",
+                    "model": str(args.model),
+                    "runs": runs,
+                    "summary": summary,
+                    "speedup": round(ratio, 3),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

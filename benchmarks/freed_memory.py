@@ -57,10 +57,18 @@ def measure(preset: str, batch: int, tuned: bool) -> dict:
     env.pop("BERTFORGE_KEEP_FREED_MEMORY", None)
     if not tuned:
         env["BERTFORGE_KEEP_FREED_MEMORY"] = "0"
-    out = subprocess.run([sys.executable, "-c", _PROBE, preset, str(batch)],
-                         capture_output=True, text=True, env=env, check=True).stdout.split()
-    return {"kept": out[0] == "True", "faults_per_step": float(out[1]),
-            "ms_per_step": 1e3 * float(out[2])}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, preset, str(batch)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.split()
+    return {
+        "kept": out[0] == "True",
+        "faults_per_step": float(out[1]),
+        "ms_per_step": 1e3 * float(out[2]),
+    }
 
 
 def main() -> None:
@@ -74,16 +82,29 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: the machine's drift hits both alike
         runs["tuned"].append(measure(args.preset, args.batch_size, True))
         runs["default"].append(measure(args.preset, args.batch_size, False))
-    summary = {name: {key: statistics.median(r[key] for r in rs)
-                      for key in ("faults_per_step", "ms_per_step")}
-               for name, rs in runs.items()}
+    summary = {
+        name: {
+            key: statistics.median(r[key] for r in rs) for key in ("faults_per_step", "ms_per_step")
+        }
+        for name, rs in runs.items()
+    }
     for name, s in summary.items():
-        print(f"{name:8s} {s['faults_per_step']:10,.0f} page faults/step "
-              f"{s['ms_per_step']:8.1f} ms/step  (median of {args.repeats})")
+        print(
+            f"{name:8s} {s['faults_per_step']:10,.0f} page faults/step "
+            f"{s['ms_per_step']:8.1f} ms/step  (median of {args.repeats})"
+        )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"preset": args.preset, "batch_size": args.batch_size, "runs": runs,
-                       "median": summary}, f, indent=1)
+            json.dump(
+                {
+                    "preset": args.preset,
+                    "batch_size": args.batch_size,
+                    "runs": runs,
+                    "median": summary,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

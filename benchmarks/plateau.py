@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bertforge.config import RunConfig
 from bertforge.commands.report import read_metrics, unigram_baseline_loss
+from bertforge.config import RunConfig
 
 
 def summarise(run_dir: Path, margin: float) -> dict[str, Any]:
@@ -28,23 +28,38 @@ def summarise(run_dir: Path, margin: float) -> dict[str, Any]:
     _, evals = read_metrics(run_dir)
     baseline = unigram_baseline_loss(run_dir)
     curve = [(r["step"], r["mlm_loss"]) for r in evals if "mlm_loss" in r]
-    below = next((s for s, loss in curve if baseline is not None and loss <= baseline - margin),
-                 None)
+    below = next(
+        (s for s, loss in curve if baseline is not None and loss <= baseline - margin), None
+    )
     m, d, t = cfg.model, cfg.data, cfg.train
     return {
         "run": run_dir.name,
-        "model": {"layers": m.num_hidden_layers, "hidden": m.hidden_size,
-                  "vocab_size": m.vocab_size, "initializer_range": m.initializer_range,
-                  "dropout": m.hidden_dropout_prob},
-        "mask_rate": d.mask_rate, "lr": t.lr, "warmup_steps": t.warmup_steps,
-        "batch_size": t.batch_size, "max_steps": t.max_steps, "precision": t.precision,
+        "model": {
+            "layers": m.num_hidden_layers,
+            "hidden": m.hidden_size,
+            "vocab_size": m.vocab_size,
+            "initializer_range": m.initializer_range,
+            "dropout": m.hidden_dropout_prob,
+        },
+        "mask_rate": d.mask_rate,
+        "lr": t.lr,
+        "warmup_steps": t.warmup_steps,
+        "batch_size": t.batch_size,
+        "max_steps": t.max_steps,
+        "precision": t.precision,
         "seed": t.seed,
         "unigram_baseline_loss": round(baseline, 4) if baseline is not None else None,
         f"first_step_{margin:g}_below_baseline": below,
         "last_step": curve[-1][0] if curve else None,
         "last_gap": round(baseline - curve[-1][1], 4) if curve and baseline else None,
-        "curve": [{"step": s, "mlm_loss": round(loss, 4),
-                   "gap": round(baseline - loss, 4) if baseline else None} for s, loss in curve],
+        "curve": [
+            {
+                "step": s,
+                "mlm_loss": round(loss, 4),
+                "gap": round(baseline - loss, 4) if baseline else None,
+            }
+            for s, loss in curve
+        ],
     }
 
 
@@ -57,13 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     rows = [summarise(r, args.margin) for r in args.runs]
     # The runs by name (where they lay on the measuring machine is of no use to a reader).
-    result = {"command": "python benchmarks/plateau.py " + " ".join(r.name for r in args.runs)
-              + f" --margin {args.margin:g}",
-              "note": args.note, "margin": args.margin, "runs": rows}
+    result = {
+        "command": "python benchmarks/plateau.py "
+        + " ".join(r.name for r in args.runs)
+        + f" --margin {args.margin:g}",
+        "note": args.note,
+        "margin": args.margin,
+        "runs": rows,
+    }
     for r in rows:
-        print(f"{r['run']}: baseline {r['unigram_baseline_loss']}, first {args.margin:g} below "
-              f"at step {r[f'first_step_{args.margin:g}_below_baseline']}, gap {r['last_gap']} "
-              f"at step {r['last_step']}")
+        print(
+            f"{r['run']}: baseline {r['unigram_baseline_loss']}, first {args.margin:g} below "
+            f"at step {r[f'first_step_{args.margin:g}_below_baseline']}, gap {r['last_gap']} "
+            f"at step {r['last_step']}"
+        )
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0

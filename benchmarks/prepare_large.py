@@ -28,8 +28,9 @@ from pathlib import Path
 from bertforge.data.corpus import iter_documents, resolve_corpus
 from bertforge.data.tokenizer import train_tokenizer
 
-DEFAULT_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
-                  / "enwiki-2015-wikiextractor-sample")
+DEFAULT_CORPUS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki-2015-wikiextractor-sample"
+)
 
 
 def _tree_rss(pid: int) -> list[int]:
@@ -78,9 +79,20 @@ def main() -> None:
             train_tokenizer([str(corpus / "part-0000.txt")], tok, show_progress=False)
         print(f"corpus: {args.copies} copies, {size / 1e9:.2f} GB", flush=True)
 
-        cmd = [sys.executable, "-m", "bertforge", "prepare", str(corpus), "--tokenizer",
-               str(tok), "--out", str(tmp_path / "data"), "--seq-len", str(args.seq_len),
-               "--quiet"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bertforge",
+            "prepare",
+            str(corpus),
+            "--tokenizer",
+            str(tok),
+            "--out",
+            str(tmp_path / "data"),
+            "--seq-len",
+            str(args.seq_len),
+            "--quiet",
+        ]
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
         peak_sum = peak_one = 0
@@ -94,15 +106,22 @@ def main() -> None:
             raise SystemExit(f"prepare failed with exit status {proc.returncode}")
         manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
 
-    result = {"copies": args.copies, "bytes": size, "wall_s": round(wall, 1),
-              "mb_per_s": round(size / 1e6 / wall, 1), "cpus": os.cpu_count(),
-              "peak_rss_mb_all_processes": round(peak_sum / 2**20, 1),
-              "peak_rss_mb_largest_process": round(peak_one / 2**20, 1),
-              "documents": manifest["corpus_stats"].get("documents"),
-              "tokens": sum(s["tokens"] for s in manifest["splits"].values())}
-    print(f"prepare: {size / 1e9:.2f} GB in {wall:.1f} s ({result['mb_per_s']} MB/s); "
-          f"peak RSS {result['peak_rss_mb_all_processes']:,.0f} MB over all processes, "
-          f"{result['peak_rss_mb_largest_process']:,.0f} MB the largest")
+    result = {
+        "copies": args.copies,
+        "bytes": size,
+        "wall_s": round(wall, 1),
+        "mb_per_s": round(size / 1e6 / wall, 1),
+        "cpus": os.cpu_count(),
+        "peak_rss_mb_all_processes": round(peak_sum / 2**20, 1),
+        "peak_rss_mb_largest_process": round(peak_one / 2**20, 1),
+        "documents": manifest["corpus_stats"].get("documents"),
+        "tokens": sum(s["tokens"] for s in manifest["splits"].values()),
+    }
+    print(
+        f"prepare: {size / 1e9:.2f} GB in {wall:.1f} s ({result['mb_per_s']} MB/s); "
+        f"peak RSS {result['peak_rss_mb_all_processes']:,.0f} MB over all processes, "
+        f"{result['peak_rss_mb_largest_process']:,.0f} MB the largest"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

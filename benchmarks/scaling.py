@@ -22,15 +22,42 @@ from pathlib import Path
 
 
 def run(data: Path, out: Path, procs: int, threads: int, args: argparse.Namespace) -> float:
-    launcher = ([sys.executable, "-m", "bertforge"] if procs == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc_per_node={procs}", "-m", "bertforge"])
-    cmd = [*launcher, "pretrain", "--data", str(data), "--out", str(out),
-           "--preset", args.preset, "--seq-len", str(args.seq_len),
-           "--batch-size", str(args.batch_size),
-           "--micro-batch-size", str(args.batch_size // procs),
-           "--max-steps", str(args.steps), "--log-every", "1", "--eval-sequences", "64",
-           "--quiet"]
+    launcher = (
+        [sys.executable, "-m", "bertforge"]
+        if procs == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "bertforge",
+        ]
+    )
+    cmd = [
+        *launcher,
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        args.preset,
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.batch_size),
+        "--micro-batch-size",
+        str(args.batch_size // procs),
+        "--max-steps",
+        str(args.steps),
+        "--log-every",
+        "1",
+        "--eval-sequences",
+        "64",
+        "--quiet",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     t0 = time.monotonic()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -38,8 +65,11 @@ def run(data: Path, out: Path, procs: int, threads: int, args: argparse.Namespac
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     tps = [x["tokens_per_s"] for x in lines if x["kind"] == "train" and x["step"] > args.skip]
     result = sum(tps) / len(tps)
-    print(f"{procs} process(es) x {threads} thread(s): {result:,.0f} tokens/s "
-          f"({args.steps} steps, {wall:.0f} s wall)", flush=True)
+    print(
+        f"{procs} process(es) x {threads} thread(s): {result:,.0f} tokens/s "
+        f"({args.steps} steps, {wall:.0f} s wall)",
+        flush=True,
+    )
     return result
 
 
@@ -59,14 +89,27 @@ def main() -> None:
         one = run(args.data, Path(tmp, "one"), 1, args.threads, args)
         many = run(args.data, Path(tmp, "many"), args.procs, args.threads, args)
     efficiency = many / (args.procs * one)
-    print(f"speed-up {many / one:.2f}x on {args.procs} processes: "
-          f"scaling efficiency {100 * efficiency:.0f}%")
+    print(
+        f"speed-up {many / one:.2f}x on {args.procs} processes: "
+        f"scaling efficiency {100 * efficiency:.0f}%"
+    )
     if args.json:
-        args.json.write_text(json.dumps({
-            "preset": args.preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "threads_per_process": args.threads, "processes": args.procs,
-            "tokens_per_s_1": round(one, 1), f"tokens_per_s_{args.procs}": round(many, 1),
-            "scaling_efficiency": round(efficiency, 3)}, indent=1) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "preset": args.preset,
+                    "batch_size": args.batch_size,
+                    "seq_len": args.seq_len,
+                    "threads_per_process": args.threads,
+                    "processes": args.procs,
+                    "tokens_per_s_1": round(one, 1),
+                    f"tokens_per_s_{args.procs}": round(many, 1),
+                    "scaling_efficiency": round(efficiency, 3),
+                },
+                indent=1,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -12,16 +12,45 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["BertforgeError", "DataConfig", "FinetuneConfig", "FinetuneResult", "MaskFill",
-           "ModelConfig", "PretrainResult", "RunConfig", "TrainConfig", "__version__",
-           "evaluate", "export", "fill_mask", "finetune", "glue", "predict", "predict_file",
-           "prepare", "preset", "pretrain", "report", "train_tokenizer"]
+__all__ = [
+    "BertforgeError",
+    "DataConfig",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "MaskFill",
+    "ModelConfig",
+    "PretrainResult",
+    "RunConfig",
+    "TrainConfig",
+    "__version__",
+    "evaluate",
+    "export",
+    "fill_mask",
+    "finetune",
+    "glue",
+    "predict",
+    "predict_file",
+    "prepare",
+    "preset",
+    "pretrain",
+    "report",
+    "train_tokenizer",
+]
 # The module that holds each name of __all__ (loaded when the name is first used).
 _CONFIGS = ("RunConfig", "ModelConfig", "DataConfig", "TrainConfig", "preset")
-_EXPORTS = {name: ("bertforge.config" if name in _CONFIGS else
-                   "bertforge.finetune_config" if name == "FinetuneConfig" else
-                   "bertforge.errors" if name == "BertforgeError" else "bertforge.api")
-            for name in __all__ if name != "__version__"}
+_EXPORTS = {
+    name: (
+        "bertforge.config"
+        if name in _CONFIGS
+        else "bertforge.finetune_config"
+        if name == "FinetuneConfig"
+        else "bertforge.errors"
+        if name == "BertforgeError"
+        else "bertforge.api"
+    )
+    for name in __all__
+    if name != "__version__"
+}
 
 if TYPE_CHECKING:
     from bertforge.api import (

@@ -49,14 +49,22 @@ PathLike = str | os.PathLike
 # The ModelConfig fields a preset sets.
 PRESET_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
 # The rules of the options that are not config fields (the CLI's flags parse by them too).
-RULES = {"min_frequency": ">= 1", "workers": ">= 1", "num_shards": ">= 1",
-         "shard_index": ">= 0", "sample_bytes": ">= 1", "max_sequences": ">= 0",
-         "top_k": ">= 1", "batch_size": ">= 1"}
+RULES = {
+    "min_frequency": ">= 1",
+    "workers": ">= 1",
+    "num_shards": ">= 1",
+    "shard_index": ">= 0",
+    "sample_bytes": ">= 1",
+    "max_sequences": ">= 0",
+    "top_k": ">= 1",
+    "batch_size": ">= 1",
+}
 PRECISIONS = ("auto", "bf16", "fp32")
 PREDICT_CHUNK = 1024  # inputs read, predicted and written at a time: bounded memory
 
 
 # ------------------------------------------------------------------------------- results
+
 
 @dataclass(frozen=True)
 class PretrainResult:
@@ -72,8 +80,12 @@ class PretrainResult:
 
     def summary(self) -> dict[str, Any]:
         """The final metrics as `bertforge pretrain` prints them (one JSON object)."""
-        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.train_time_s,
-                **self.metrics}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.train_time_s,
+            **self.metrics,
+        }
 
 
 @dataclass(frozen=True)
@@ -100,11 +112,21 @@ class MaskFill:
 
 # ------------------------------------------------------------------------ the commands
 
-def train_tokenizer(corpus: PathLike | Sequence[PathLike], out: PathLike, *,
-                    vocab_size: int = 30522, min_frequency: int = 2, cased: bool = False,
-                    sample_bytes: int | None = None, text_field: str = "text",
-                    text_column: str = "text", one_doc_per_line: bool = False,
-                    dedup: bool = False, quiet: bool = False) -> Path:
+
+def train_tokenizer(
+    corpus: PathLike | Sequence[PathLike],
+    out: PathLike,
+    *,
+    vocab_size: int = 30522,
+    min_frequency: int = 2,
+    cased: bool = False,
+    sample_bytes: int | None = None,
+    text_field: str = "text",
+    text_column: str = "text",
+    one_doc_per_line: bool = False,
+    dedup: bool = False,
+    quiet: bool = False,
+) -> Path:
     """Train a WordPiece tokenizer on `corpus` (files, directories, globs or hf: datasets)
     into `out`; returns its directory (`bertforge tokenizer`). min_frequency: the rarest
     pair to merge; cased: keep case (default: lowercase); sample_bytes: train on about
@@ -118,18 +140,35 @@ def train_tokenizer(corpus: PathLike | Sequence[PathLike], out: PathLike, *,
     if sample_bytes is not None:
         _number("sample_bytes", sample_bytes, int)
     check_paths(corpus_inputs("corpus", files), [Output("--out", out, "tokenizer")])
-    return train([str(p) for p in resolve_corpus(files)], Path(out), vocab_size=vocab_size,
-                 lowercase=not cased, min_frequency=min_frequency, show_progress=not quiet,
-                 options=_corpus_options(text_field, text_column, one_doc_per_line, dedup),
-                 sample_bytes=sample_bytes)
+    return train(
+        [str(p) for p in resolve_corpus(files)],
+        Path(out),
+        vocab_size=vocab_size,
+        lowercase=not cased,
+        min_frequency=min_frequency,
+        show_progress=not quiet,
+        options=_corpus_options(text_field, text_column, one_doc_per_line, dedup),
+        sample_bytes=sample_bytes,
+    )
 
 
-def prepare(corpus: PathLike | Sequence[PathLike], tokenizer: PathLike, out: PathLike, *,
-            seq_len: int = 128, valid_fraction: float = 0.01, document_boundary: str = "cross",
-            workers: int | None = None, num_shards: int = 1, shard_index: int = 0,
-            text_field: str = "text", text_column: str = "text",
-            one_doc_per_line: bool = False, dedup: bool = False,
-            quiet: bool = False) -> dict[str, Any]:
+def prepare(
+    corpus: PathLike | Sequence[PathLike],
+    tokenizer: PathLike,
+    out: PathLike,
+    *,
+    seq_len: int = 128,
+    valid_fraction: float = 0.01,
+    document_boundary: str = "cross",
+    workers: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+    text_field: str = "text",
+    text_column: str = "text",
+    one_doc_per_line: bool = False,
+    dedup: bool = False,
+    quiet: bool = False,
+) -> dict[str, Any]:
     """Tokenize `corpus` into token shards in `out` (`bertforge prepare`); returns the
     data's manifest. document_boundary 'cross': documents joined by [SEP] across
     sequences; 'new': each document starts a sequence. workers: tokenizing processes
@@ -145,23 +184,44 @@ def prepare(corpus: PathLike | Sequence[PathLike], tokenizer: PathLike, out: Pat
         _number("workers", workers, int)
     _number("num_shards", num_shards, int)
     _number("shard_index", shard_index, int)
-    check_paths([*corpus_inputs("corpus", files), ("--tokenizer", tokenizer)],
-                [Output("--out", out, "data")])
-    return run([str(p) for p in resolve_corpus(files)], Path(tokenizer), Path(out),
-               seq_len=seq_len, valid_fraction=valid_fraction, show_progress=not quiet,
-               corpus_options=_corpus_options(text_field, text_column, one_doc_per_line, dedup),
-               document_boundary=document_boundary, workers=workers, num_shards=num_shards,
-               shard_index=shard_index)
+    check_paths(
+        [*corpus_inputs("corpus", files), ("--tokenizer", tokenizer)],
+        [Output("--out", out, "data")],
+    )
+    return run(
+        [str(p) for p in resolve_corpus(files)],
+        Path(tokenizer),
+        Path(out),
+        seq_len=seq_len,
+        valid_fraction=valid_fraction,
+        show_progress=not quiet,
+        corpus_options=_corpus_options(text_field, text_column, one_doc_per_line, dedup),
+        document_boundary=document_boundary,
+        workers=workers,
+        num_shards=num_shards,
+        shard_index=shard_index,
+    )
 
 
-def pretrain(out: PathLike, *, corpus: PathLike | Sequence[PathLike] | None = None,
-             data: PathLike | Sequence[PathLike] | None = None,
-             tokenizer: PathLike | None = None, preset: str | None = None,
-             config: RunConfig | PathLike | None = None, resume: bool = False,
-             dropout: float | None = None, cased: bool = False,
-             sample_bytes: int | None = None, text_field: str = "text",
-             text_column: str = "text", one_doc_per_line: bool = False, dedup: bool = False,
-             quiet: bool = False, **options: Any) -> PretrainResult:
+def pretrain(
+    out: PathLike,
+    *,
+    corpus: PathLike | Sequence[PathLike] | None = None,
+    data: PathLike | Sequence[PathLike] | None = None,
+    tokenizer: PathLike | None = None,
+    preset: str | None = None,
+    config: RunConfig | PathLike | None = None,
+    resume: bool = False,
+    dropout: float | None = None,
+    cased: bool = False,
+    sample_bytes: int | None = None,
+    text_field: str = "text",
+    text_column: str = "text",
+    one_doc_per_line: bool = False,
+    dedup: bool = False,
+    quiet: bool = False,
+    **options: Any,
+) -> PretrainResult:
     """Pretrain a BERT (MLM) model into the run directory `out` (`bertforge pretrain`).
 
     The text is `corpus` (raw text: the tokenizer and shards are built in `out`, with
@@ -184,34 +244,60 @@ def pretrain(out: PathLike, *, corpus: PathLike | Sequence[PathLike] | None = No
     if not data_list and not corpus_list and not resume:
         raise BertforgeError("give --corpus FILES... or --data DATA_DIR")
     config_file = None if config is None or isinstance(config, RunConfig) else config
-    check_paths([*corpus_inputs("--corpus", corpus_list),
-                 *[("--data", d) for d in data_list or []],
-                 *[(flag, v) for flag, v in (("--tokenizer", tokenizer),
-                                             ("--config", config_file),
-                                             ("--init", options.get("init"))) if v]],
-                [Output("--out", out, "run")])
+    check_paths(
+        [
+            *corpus_inputs("--corpus", corpus_list),
+            *[("--data", d) for d in data_list or []],
+            *[
+                (flag, v)
+                for flag, v in (
+                    ("--tokenizer", tokenizer),
+                    ("--config", config_file),
+                    ("--init", options.get("init")),
+                )
+                if v
+            ],
+        ],
+        [Output("--out", out, "run")],
+    )
     cfg, given = resolve_run_config(preset, config, options, dropout)
     dirs = [Path(d) for d in data_list or []]
     data_dir: Path | list[Path] | None = (dirs[0] if len(dirs) == 1 else dirs) if dirs else None
     if tokenizer and not corpus_list:
-        raise BertforgeError("--tokenizer goes with --corpus (prepared --data has its "
-                             "tokenizer already)")
-    result = run_pretrain(Path(out), cfg, data_dir=data_dir, corpus=corpus_list, resume=resume,
-                          lowercase=not cased, given=given, show_progress=not quiet,
-                          corpus_options=_corpus_options(text_field, text_column,
-                                                         one_doc_per_line, dedup),
-                          sample_bytes=sample_bytes,
-                          tokenizer=Path(tokenizer) if tokenizer else None)
+        raise BertforgeError(
+            "--tokenizer goes with --corpus (prepared --data has its tokenizer already)"
+        )
+    result = run_pretrain(
+        Path(out),
+        cfg,
+        data_dir=data_dir,
+        corpus=corpus_list,
+        resume=resume,
+        lowercase=not cased,
+        given=given,
+        show_progress=not quiet,
+        corpus_options=_corpus_options(text_field, text_column, one_doc_per_line, dedup),
+        sample_bytes=sample_bytes,
+        tokenizer=Path(tokenizer) if tokenizer else None,
+    )
     metrics = {k: v for k, v in result.items() if k not in ("step", "tokens", "elapsed_s")}
-    return PretrainResult(run_dir=Path(out), step=result["step"], tokens=result["tokens"],
-                          train_time_s=result["elapsed_s"], metrics=metrics,
-                          hf_dir=Path(out) / rundir.HF,
-                          config=RunConfig.load(Path(out) / rundir.CONFIG))
+    return PretrainResult(
+        run_dir=Path(out),
+        step=result["step"],
+        tokens=result["tokens"],
+        train_time_s=result["elapsed_s"],
+        metrics=metrics,
+        hf_dir=Path(out) / rundir.HF,
+        config=RunConfig.load(Path(out) / rundir.CONFIG),
+    )
 
 
-def resolve_run_config(preset: str | None, config: RunConfig | PathLike | None,
-                       options: dict[str, Any], dropout: float | None = None
-                       ) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
+def resolve_run_config(
+    preset: str | None,
+    config: RunConfig | PathLike | None,
+    options: dict[str, Any],
+    dropout: float | None = None,
+) -> tuple[RunConfig, dict[str, dict[str, Any]]]:
     """defaults < preset < config (a file, or a RunConfig in place of both) < options.
 
     Also returns the values the caller chose (a given preset's sizes, the config's values,
@@ -223,15 +309,15 @@ def resolve_run_config(preset: str | None, config: RunConfig | PathLike | None,
     given: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     if isinstance(config, RunConfig):
         if preset:
-            raise BertforgeError("give a preset or a RunConfig, not both (a RunConfig holds "
-                                 "its model's sizes)")
+            raise BertforgeError(
+                "give a preset or a RunConfig, not both (a RunConfig holds its model's sizes)"
+            )
         raw = config.to_dict()
         default = RunConfig().to_dict()
         for name in SECTIONS:  # what differs from the defaults is what the caller chose
             given[name] = {k: v for k, v in raw[name].items() if v != default[name][k]}
     else:
-        raw = {"model": dataclasses.asdict(model_preset(preset or "mini")), "data": {},
-               "train": {}}
+        raw = {"model": dataclasses.asdict(model_preset(preset or "mini")), "data": {}, "train": {}}
         if preset:  # given, not the default
             given["model"].update({k: raw["model"][k] for k in PRESET_FIELDS})
         if config is not None:  # keys and types now; the rest once layered
@@ -246,10 +332,17 @@ def resolve_run_config(preset: str | None, config: RunConfig | PathLike | None,
     return cfg, given
 
 
-def evaluate(run_dir: PathLike, *, data: PathLike | Sequence[PathLike] | None = None,
-             split: str = "valid", checkpoint: PathLike | None = None,
-             max_sequences: int | None = None, device: str = "auto",
-             precision: str | None = None, out: PathLike | None = None) -> dict[str, Any]:
+def evaluate(
+    run_dir: PathLike,
+    *,
+    data: PathLike | Sequence[PathLike] | None = None,
+    split: str = "valid",
+    checkpoint: PathLike | None = None,
+    max_sequences: int | None = None,
+    device: str = "auto",
+    precision: str | None = None,
+    out: PathLike | None = None,
+) -> dict[str, Any]:
     """Held-out MLM loss, accuracy and perplexity of a run (`bertforge evaluate`), with the
     unigram baseline on the same masked tokens: of its newest good checkpoint (or
     `checkpoint`), on its data (or `data`). max_sequences (0: all) and precision default to
@@ -262,12 +355,23 @@ def evaluate(run_dir: PathLike, *, data: PathLike | Sequence[PathLike] | None = 
         _number("max_sequences", max_sequences, int)
     if precision is not None:
         _choice("precision", precision, PRECISIONS)
-    check_paths([("run_dir", run_dir), *[("--data", d) for d in data_list or []],
-                 *([("--checkpoint", checkpoint)] if checkpoint else [])],
-                [Output("--out", out, "file")] if out else [])
-    result = evaluate_run(Path(run_dir), [Path(d) for d in data_list] if data_list else None,
-                          split, Path(checkpoint) if checkpoint else None, max_sequences,
-                          device, precision)
+    check_paths(
+        [
+            ("run_dir", run_dir),
+            *[("--data", d) for d in data_list or []],
+            *([("--checkpoint", checkpoint)] if checkpoint else []),
+        ],
+        [Output("--out", out, "file")] if out else [],
+    )
+    result = evaluate_run(
+        Path(run_dir),
+        [Path(d) for d in data_list] if data_list else None,
+        split,
+        Path(checkpoint) if checkpoint else None,
+        max_sequences,
+        device,
+        precision,
+    )
     if out:
         write_text_atomic(out, json.dumps(result, indent=1) + "\n")
     return result
@@ -292,18 +396,32 @@ def fill_mask(model: PathLike, text: str, *, top_k: int = 5) -> list[MaskFill]:
     from bertforge.commands.fill_mask import fill_mask as fill
 
     _number("top_k", top_k, int)
-    return [MaskFill(r["mask_index"], r["position"],
-                     [(p["token"], p["score"]) for p in r["predictions"]])
-            for r in fill(Path(model), text, top_k)]
+    return [
+        MaskFill(
+            r["mask_index"], r["position"], [(p["token"], p["score"]) for p in r["predictions"]]
+        )
+        for r in fill(Path(model), text, top_k)
+    ]
 
 
-def finetune(model: PathLike, out: PathLike, *, task: str | None = None,
-             data_dir: PathLike | None = None, train: PathLike | None = None,
-             validation: PathLike | None = None, text_column: str = "text",
-             text_pair_column: str | None = None, label_column: str = "label",
-             regression: bool = False, from_scratch: bool = False, resume: bool = False,
-             config: FinetuneConfig | None = None, quiet: bool = False,
-             **options: Any) -> FinetuneResult:
+def finetune(
+    model: PathLike,
+    out: PathLike,
+    *,
+    task: str | None = None,
+    data_dir: PathLike | None = None,
+    train: PathLike | None = None,
+    validation: PathLike | None = None,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    label_column: str = "label",
+    regression: bool = False,
+    from_scratch: bool = False,
+    resume: bool = False,
+    config: FinetuneConfig | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> FinetuneResult:
     """Fine-tune `model` (a run or a Hugging Face BERT directory) for sequence
     classification or regression into `out` (`bertforge finetune`); the export goes to
     OUT/hf.
@@ -318,38 +436,69 @@ def finetune(model: PathLike, out: PathLike, *, task: str | None = None,
     """
     from bertforge.commands.finetune import run_finetune
 
-    check_paths([(flag, v) for flag, v in (("model", model), ("--data-dir", data_dir),
-                                           ("--train", train),
-                                           ("--validation", validation)) if v],
-                [Output("--out", out, "finetune")])
+    check_paths(
+        [
+            (flag, v)
+            for flag, v in (
+                ("model", model),
+                ("--data-dir", data_dir),
+                ("--train", train),
+                ("--validation", validation),
+            )
+            if v
+        ],
+        [Output("--out", out, "finetune")],
+    )
     cfg, given = resolve_finetune_config(config, options)
-    data = _task_data(task, data_dir, train, validation, text_column, text_pair_column,
-                      label_column, regression)
-    summary = run_finetune(Path(model), data, Path(out), cfg, from_scratch=from_scratch,
-                           resume=resume, given=given, show_progress=not quiet)
-    return FinetuneResult(out_dir=Path(out), task=summary["task"], score=summary["score"],
-                          best_epoch=summary["best_epoch"], metrics=summary["best"],
-                          hf_dir=Path(summary["export"]), summary=summary)
+    data = _task_data(
+        task, data_dir, train, validation, text_column, text_pair_column, label_column, regression
+    )
+    summary = run_finetune(
+        Path(model),
+        data,
+        Path(out),
+        cfg,
+        from_scratch=from_scratch,
+        resume=resume,
+        given=given,
+        show_progress=not quiet,
+    )
+    return FinetuneResult(
+        out_dir=Path(out),
+        task=summary["task"],
+        score=summary["score"],
+        best_epoch=summary["best_epoch"],
+        metrics=summary["best"],
+        hf_dir=Path(summary["export"]),
+        summary=summary,
+    )
 
 
-def resolve_finetune_config(config: FinetuneConfig | None, options: dict[str, Any]
-                            ) -> tuple[FinetuneConfig, dict[str, Any]]:
+def resolve_finetune_config(
+    config: FinetuneConfig | None, options: dict[str, Any]
+) -> tuple[FinetuneConfig, dict[str, Any]]:
     """`config` (default: the fine-tuning defaults) with `options` over it, and the values
     the caller chose, by field name (what a resume checks)."""
-    own = {f.name: FinetuneConfig for f in dataclasses.fields(FinetuneConfig)
-           if f.name != "train"}
-    trainable = {f.name: TrainConfig for f in dataclasses.fields(TrainConfig)
-                 if f.name not in NOT_FOR_FINETUNING}
-    values = split_options(options, {"finetune": FinetuneConfig, "train": TrainConfig},
-                           {**own, **trainable})
+    own = {f.name: FinetuneConfig for f in dataclasses.fields(FinetuneConfig) if f.name != "train"}
+    trainable = {
+        f.name: TrainConfig
+        for f in dataclasses.fields(TrainConfig)
+        if f.name not in NOT_FOR_FINETUNING
+    }
+    values = split_options(
+        options, {"finetune": FinetuneConfig, "train": TrainConfig}, {**own, **trainable}
+    )
     if config is None:
         raw: dict[str, Any] = {"train": {}}
         given: dict[str, Any] = {}
     else:
         raw = dataclasses.asdict(config)
         default = dataclasses.asdict(FinetuneConfig())
-        given = {k: v for k, v in {**raw["train"], **raw}.items()
-                 if k != "train" and v != {**default["train"], **default}[k]}
+        given = {
+            k: v
+            for k, v in {**raw["train"], **raw}.items()
+            if k != "train" and v != {**default["train"], **default}[k]
+        }
     train = typed(TrainConfig, values["train"], "train")
     finetune = typed(FinetuneConfig, values["finetune"], "finetune")
     merge(given, {**train, **finetune})
@@ -358,9 +507,15 @@ def resolve_finetune_config(config: FinetuneConfig | None, options: dict[str, An
     return cfg, given
 
 
-def predict(model_dir: PathLike, texts: str | Sequence[str],
-            pairs: Sequence[str] | None = None, *, batch_size: int = 64,
-            max_length: int | None = None, device: str = "cpu") -> list[dict[str, Any]]:
+def predict(
+    model_dir: PathLike,
+    texts: str | Sequence[str],
+    pairs: Sequence[str] | None = None,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
     """One {"label", "probabilities"} (classification) or {"score"} (regression) per text,
     in order, from a fine-tuned model (a `finetune` output directory or its hf/); an empty
     text gets a null prediction. pairs: the second texts, for sentence-pair tasks.
@@ -369,14 +524,21 @@ def predict(model_dir: PathLike, texts: str | Sequence[str],
     if pairs is not None and len(pairs) != len(texts):
         raise BertforgeError(f"pairs: {len(pairs)} second texts for {len(texts)} texts")
     predictor = _predictor(model_dir, batch_size, max_length, device)
-    return _predictions(predictor, texts, list(pairs) if pairs is not None else None,
-                        batch_size)
+    return _predictions(predictor, texts, list(pairs) if pairs is not None else None, batch_size)
 
 
-def predict_file(model_dir: PathLike, input: PathLike, *, text_column: str = "text",
-                 text_pair_column: str | None = None, batch_size: int = 64,
-                 max_length: int | None = None, device: str = "cpu", with_text: bool = True,
-                 quiet: bool = False) -> Iterator[dict[str, Any]]:
+def predict_file(
+    model_dir: PathLike,
+    input: PathLike,
+    *,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    device: str = "cpu",
+    with_text: bool = True,
+    quiet: bool = False,
+) -> Iterator[dict[str, Any]]:
     """The predictions for each input of a CSV, TSV or JSONL file, or a .txt file with one
     text a line ('-': stdin), in order: one record each, naming its input's line (and its
     text, with_text), then its prediction as `predict` gives it. Inputs are read and
@@ -392,8 +554,7 @@ def predict_file(model_dir: PathLike, input: PathLike, *, text_column: str = "te
         done, start = 0, time.monotonic()
         while chunk := list(itertools.islice(inputs, max(PREDICT_CHUNK, batch_size))):
             pairs = [pair or "" for _, _, pair in chunk] if text_pair_column else None
-            results = _predictions(predictor, [text for _, text, _ in chunk], pairs,
-                                   batch_size)
+            results = _predictions(predictor, [text for _, text, _ in chunk], pairs, batch_size)
             for (line, text, pair), result in zip(chunk, results):
                 record: dict[str, Any] = {"line": line}
                 if with_text:
@@ -403,18 +564,25 @@ def predict_file(model_dir: PathLike, input: PathLike, *, text_column: str = "te
                 yield {**record, **result}
             done += len(chunk)
             if not quiet and done >= PREDICT_CHUNK:  # small inputs: no progress to show
-                print(f"predict: {done:,} inputs, {time.monotonic() - start:.0f}s",
-                      file=sys.stderr)
+                print(f"predict: {done:,} inputs, {time.monotonic() - start:.0f}s", file=sys.stderr)
         if done == 0:
             raise BertforgeError(f"{input}: no inputs")
 
     return records()
 
 
-def glue(model: PathLike, data_dir: PathLike, *, tasks: Sequence[str] | None = None,
-         out: PathLike | None = None, results: PathLike | None = None,
-         from_scratch: bool = False, config: FinetuneConfig | None = None,
-         quiet: bool = False, **options: Any) -> dict[str, Any]:
+def glue(
+    model: PathLike,
+    data_dir: PathLike,
+    *,
+    tasks: Sequence[str] | None = None,
+    out: PathLike | None = None,
+    results: PathLike | None = None,
+    from_scratch: bool = False,
+    config: FinetuneConfig | None = None,
+    quiet: bool = False,
+    **options: Any,
+) -> dict[str, Any]:
     """Fine-tune `model` on several GLUE tasks of `data_dir` (default: every task present)
     into OUT/<task>/ (default OUT: MODEL-glue), with the settings of `finetune`; returns
     each task's score and metrics and their average (`bertforge glue`). results: also
@@ -423,11 +591,22 @@ def glue(model: PathLike, data_dir: PathLike, *, tasks: Sequence[str] | None = N
 
     cfg, _ = resolve_finetune_config(config, options)
     out_dir = Path(out) if out else Path(str(Path(model)).rstrip("/") + "-glue")
-    check_paths([("model", model), ("--data-dir", data_dir)],
-                [Output("--out", out_dir, "glue"),
-                 *([Output("--results", results, "file")] if results else [])])
-    report = run_glue(Path(model), Path(data_dir), out_dir, list(tasks) if tasks else None, cfg,
-                      from_scratch=from_scratch, show_progress=not quiet)
+    check_paths(
+        [("model", model), ("--data-dir", data_dir)],
+        [
+            Output("--out", out_dir, "glue"),
+            *([Output("--results", results, "file")] if results else []),
+        ],
+    )
+    report = run_glue(
+        Path(model),
+        Path(data_dir),
+        out_dir,
+        list(tasks) if tasks else None,
+        cfg,
+        from_scratch=from_scratch,
+        show_progress=not quiet,
+    )
     if results:
         write_text_atomic(results, json.dumps(report, indent=1) + "\n")
     return report
@@ -441,14 +620,15 @@ def report(run_dir: PathLike, out: PathLike | None = None) -> Path:
     from bertforge.commands.report import REPORT, write_report
 
     # What it reads is the run's record, not the whole directory: its report goes inside.
-    check_paths([("run_dir", Path(run_dir) / name)
-                 for name in (rundir.METRICS, rundir.CONFIG, SPEC)],
-                [Output("--out", out or Path(run_dir) / REPORT, "report",
-                        home=("run", "finetune"))])
+    check_paths(
+        [("run_dir", Path(run_dir) / name) for name in (rundir.METRICS, rundir.CONFIG, SPEC)],
+        [Output("--out", out or Path(run_dir) / REPORT, "report", home=("run", "finetune"))],
+    )
     return write_report(Path(run_dir), Path(out) if out else None)
 
 
 # ------------------------------------------------------------------------------ helpers
+
 
 def corpus_inputs(flag: str, corpus: list[str] | None) -> list[tuple[str, str]]:
     """A corpus as inputs for check_paths: each path given and each file it names."""
@@ -460,8 +640,9 @@ def corpus_inputs(flag: str, corpus: list[str] | None) -> list[tuple[str, str]]:
     return given + [(flag, str(p)) for p in resolve_corpus(corpus)]
 
 
-def split_options(options: dict[str, Any], sections: dict[str, type],
-                  owners: dict[str, type] | None = None) -> dict[str, dict[str, Any]]:
+def split_options(
+    options: dict[str, Any], sections: dict[str, type], owners: dict[str, type] | None = None
+) -> dict[str, dict[str, Any]]:
     """Keyword options by the config section whose field each names; an option no
     section has (or `owners` leaves out) is refused."""
     if owners is None:
@@ -475,31 +656,41 @@ def split_options(options: dict[str, Any], sections: dict[str, type],
     return out
 
 
-def _task_data(task: str | None, data_dir: PathLike | None, train: PathLike | None,
-               validation: PathLike | None, text_column: str, text_pair_column: str | None,
-               label_column: str, regression: bool) -> Any:
+def _task_data(
+    task: str | None,
+    data_dir: PathLike | None,
+    train: PathLike | None,
+    validation: PathLike | None,
+    text_column: str,
+    text_pair_column: str | None,
+    label_column: str,
+    regression: bool,
+) -> Any:
     from bertforge.commands.glue import load_glue_task
     from bertforge.data.labelled import load_own_task
 
     if train or validation:
         if not (train and validation):
             raise BertforgeError("give both --train FILE and --validation FILE")
-        data = load_own_task(Path(train), Path(validation), text_column, label_column,
-                             text_pair_column, regression)
+        data = load_own_task(
+            Path(train), Path(validation), text_column, label_column, text_pair_column, regression
+        )
         if task:
             data.name = task
         return data
     if not (task and data_dir):
-        raise BertforgeError("give --task NAME --data-dir DIR (a GLUE task) or --train FILE "
-                             "--validation FILE (your own data)")
+        raise BertforgeError(
+            "give --task NAME --data-dir DIR (a GLUE task) or --train FILE "
+            "--validation FILE (your own data)"
+        )
     if regression:
-        raise BertforgeError("--regression is for --train/--validation files; GLUE tasks "
-                             "know their kind")
+        raise BertforgeError(
+            "--regression is for --train/--validation files; GLUE tasks know their kind"
+        )
     return load_glue_task(task, Path(data_dir))
 
 
-def _predictor(model_dir: PathLike, batch_size: int, max_length: int | None,
-               device: str) -> Any:
+def _predictor(model_dir: PathLike, batch_size: int, max_length: int | None, device: str) -> Any:
     from bertforge.commands.finetune import Predictor
 
     _number("batch_size", batch_size, int)
@@ -508,25 +699,34 @@ def _predictor(model_dir: PathLike, batch_size: int, max_length: int | None,
     return Predictor(Path(model_dir), max_length, device)
 
 
-def _predictions(predictor: Any, texts: list[str], pairs: list[str] | None,
-                 batch_size: int) -> list[dict[str, Any]]:
+def _predictions(
+    predictor: Any, texts: list[str], pairs: list[str] | None, batch_size: int
+) -> list[dict[str, Any]]:
     """The predictor's for each text; an empty text's is null (every input has one)."""
     filled = [i for i, text in enumerate(texts) if text]
     results = [predictor.blank()] * len(texts)
     if filled:
-        for i, r in zip(filled, predictor([texts[i] for i in filled],
-                                          [pairs[i] for i in filled] if pairs else None,
-                                          batch_size)):
+        for i, r in zip(
+            filled,
+            predictor(
+                [texts[i] for i in filled],
+                [pairs[i] for i in filled] if pairs else None,
+                batch_size,
+            ),
+        ):
             results[i] = r
     return results
 
 
-def _corpus_options(text_field: str, text_column: str, one_doc_per_line: bool,
-                    dedup: bool) -> Any:
+def _corpus_options(text_field: str, text_column: str, one_doc_per_line: bool, dedup: bool) -> Any:
     from bertforge.data.corpus import CorpusOptions
 
-    return CorpusOptions(text_field=text_field, text_column=text_column,
-                         one_doc_per_line=one_doc_per_line, dedup=dedup)
+    return CorpusOptions(
+        text_field=text_field,
+        text_column=text_column,
+        one_doc_per_line=one_doc_per_line,
+        dedup=dedup,
+    )
 
 
 def _list(value: PathLike | Sequence[PathLike], name: str) -> list[str]:
@@ -555,4 +755,3 @@ def _field_number(kind: type, name: str, value: Any) -> None:
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise BertforgeError(f"{name}={value!r}: must be one of {', '.join(choices)}")
-

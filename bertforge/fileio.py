@@ -41,9 +41,11 @@ def refuse_link(path: str | os.PathLike, what: str | None = None) -> None:
     symbolic link: bertforge writes only through links it made (none), so a planted one
     cannot redirect a write to its target."""
     if os.path.islink(path):
-        raise BertforgeError(f"{what or path} is a symbolic link; bertforge does not write "
-                             f"through a link it did not make (remove it or choose another "
-                             f"path)")
+        raise BertforgeError(
+            f"{what or path} is a symbolic link; bertforge does not write "
+            f"through a link it did not make (remove it or choose another "
+            f"path)"
+        )
 
 
 def open_new(path: str | os.PathLike, append: bool = False, exclusive: bool = False) -> int:
@@ -56,8 +58,9 @@ def open_new(path: str | os.PathLike, append: bool = False, exclusive: bool = Fa
     try:
         return os.open(path, flags, 0o666)
     except OSError as e:
-        if e.errno == errno.ELOOP or (exclusive and e.errno == errno.EEXIST
-                                      and os.path.islink(path)):
+        if e.errno == errno.ELOOP or (
+            exclusive and e.errno == errno.EEXIST and os.path.islink(path)
+        ):
             refuse_link(path)
         raise
 
@@ -236,8 +239,11 @@ def _acquire(path: Path, what: str) -> int:
             os.close(fd)
             raise BertforgeError(f"{what} is in use by {holder}; wait for it to end") from None
         except OSError as e:  # a filesystem without flock (Lustre mounted without it, say)
-            print(f"warning: cannot lock {what} ({e.strerror or e}): nothing stops a second "
-                  f"command on it at the same time", file=sys.stderr)
+            print(
+                f"warning: cannot lock {what} ({e.strerror or e}): nothing stops a second "
+                f"command on it at the same time",
+                file=sys.stderr,
+            )
             return fd
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
@@ -261,7 +267,7 @@ def _holder(fd: int, limit: int = 100) -> str:
     except (OSError, ValueError, TypeError, KeyError):  # being written, or not ours
         return "another process"
     if len(command) > limit:
-        command = command[:limit - 3] + "..."
+        command = command[: limit - 3] + "..."
     return f"process {pid} ({command})"
 
 
@@ -285,5 +291,6 @@ def require_utf8(path: str | os.PathLike, what: str) -> None:
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:
-        raise BertforgeError(f"{what} {str(path)!a}: the name is not valid UTF-8; "
-                             f"choose another") from None
+        raise BertforgeError(
+            f"{what} {str(path)!a}: the name is not valid UTF-8; choose another"
+        ) from None

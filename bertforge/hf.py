@@ -36,14 +36,12 @@ log = logging.getLogger("bertforge")
 KEY_MAP: dict[str, str] = {
     "bert.embeddings.word_embeddings.weight": "bert.embeddings.word_embeddings.weight",
     "bert.embeddings.position_embeddings.weight": "bert.embeddings.position_embeddings.weight",
-    "bert.embeddings.token_type_embeddings.weight":
-        "bert.embeddings.token_type_embeddings.weight",
+    "bert.embeddings.token_type_embeddings.weight": "bert.embeddings.token_type_embeddings.weight",
     "bert.embeddings.LayerNorm.weight": "bert.embeddings.LayerNorm.weight",
     "bert.embeddings.LayerNorm.bias": "bert.embeddings.LayerNorm.bias",
     "bert.layers.{i}.attention.out.weight": "bert.encoder.layer.{i}.attention.output.dense.weight",
     "bert.layers.{i}.attention.out.bias": "bert.encoder.layer.{i}.attention.output.dense.bias",
-    "bert.layers.{i}.attention_norm.weight":
-        "bert.encoder.layer.{i}.attention.output.LayerNorm.weight",
+    "bert.layers.{i}.attention_norm.weight": "bert.encoder.layer.{i}.attention.output.LayerNorm.weight",  # noqa: E501
     "bert.layers.{i}.attention_norm.bias": "bert.encoder.layer.{i}.attention.output.LayerNorm.bias",
     "bert.layers.{i}.ffn_in.weight": "bert.encoder.layer.{i}.intermediate.dense.weight",
     "bert.layers.{i}.ffn_in.bias": "bert.encoder.layer.{i}.intermediate.dense.bias",
@@ -64,13 +62,16 @@ KEY_MAP: dict[str, str] = {
 
 # bertforge BertForSequenceClassification's head -> transformers' (the encoder, pooler
 # included, goes through KEY_MAP). Read on import only when asked (`classifier=True`).
-CLASSIFIER_KEY_MAP: dict[str, str] = {"classifier.weight": "classifier.weight",
-                                      "classifier.bias": "classifier.bias"}
+CLASSIFIER_KEY_MAP: dict[str, str] = {
+    "classifier.weight": "classifier.weight",
+    "classifier.bias": "classifier.bias",
+}
 
 # bertforge fused key -> the transformers keys it concatenates (dim 0, in this order).
 FUSED_QKV: dict[str, tuple[str, ...]] = {
     f"bert.layers.{{i}}.attention.qkv.{p}": tuple(
-        f"bert.encoder.layer.{{i}}.attention.self.{name}.{p}" for name in ("query", "key", "value"))
+        f"bert.encoder.layer.{{i}}.attention.self.{name}.{p}" for name in ("query", "key", "value")
+    )
     for p in ("weight", "bias")
 }
 
@@ -78,8 +79,10 @@ FUSED_QKV: dict[str, tuple[str, ...]] = {
 VOCAB_PADDED = ("bert.embeddings.word_embeddings.weight", "mlm.bias")
 
 # transformers keys that carry nothing of their own: buffers, and the tied decoder.
-_TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
-         "cls.predictions.decoder.bias": "cls.predictions.bias"}
+_TIED = {
+    "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
 _BUFFERS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
 # Prefixes of a bare BertModel / AutoModel checkpoint, which lacks the "bert." prefix.
 _BARE_PREFIXES = ("embeddings.", "encoder.", "pooler.")
@@ -96,8 +99,9 @@ def _layer_keys(config: ModelConfig) -> tuple[dict[str, str], dict[str, tuple[st
     return renames, fused
 
 
-def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
-                     config: ModelConfig) -> dict[str, torch.Tensor]:
+def to_hf_state_dict(
+    bf_state_dict: dict[str, torch.Tensor], config: ModelConfig
+) -> dict[str, torch.Tensor]:
     """bertforge BertForPreTraining (or BertForSequenceClassification) state_dict ->
     transformers keys of the same class."""
     renames, fused = _layer_keys(config)
@@ -108,7 +112,7 @@ def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
                 out[hf_key] = part
         elif key in renames:
             if key in VOCAB_PADDED:
-                tensor = tensor[:config.vocab_size]  # (vocab_size, ...): padding dropped
+                tensor = tensor[: config.vocab_size]  # (vocab_size, ...): padding dropped
             out[renames[key]] = tensor
         elif key in CLASSIFIER_KEY_MAP:
             out[CLASSIFIER_KEY_MAP[key]] = tensor
@@ -117,8 +121,9 @@ def to_hf_state_dict(bf_state_dict: dict[str, torch.Tensor],
     return out
 
 
-def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
-                       config: ModelConfig, classifier: bool = False) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_state_dict: dict[str, torch.Tensor], config: ModelConfig, classifier: bool = False
+) -> dict[str, torch.Tensor]:
     """transformers BERT state_dict -> bertforge keys (the reverse of to_hf_state_dict).
 
     Accepts BertForPreTraining / BertForMaskedLM keys ("bert.", "cls.") and bare
@@ -137,8 +142,10 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
         if present:
             parts = [hf[k] for k in hf_keys]
             if len({p.shape for p in parts}) > 1 or parts[0].dim() == 0:
-                raise BertforgeError(f"checkpoint's query/key/value {hf_keys[0]!r} ... have "
-                                     f"shapes {[tuple(p.shape) for p in parts]}")
+                raise BertforgeError(
+                    f"checkpoint's query/key/value {hf_keys[0]!r} ... have "
+                    f"shapes {[tuple(p.shape) for p in parts]}"
+                )
             out[bf_key] = torch.cat(parts, dim=0)  # (3H, ...)
             used.update(hf_keys)
     for bf_key, hf_key in renames.items():
@@ -149,21 +156,26 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor],
             tensor = _pad_vocab(tensor, config)
         out[bf_key] = tensor
         used.add(hf_key)
-    for bf_key, hf_key in (CLASSIFIER_KEY_MAP.items() if classifier else ()):
+    for bf_key, hf_key in CLASSIFIER_KEY_MAP.items() if classifier else ():
         if hf_key in hf:
             out[bf_key] = hf[hf_key]
             used.add(hf_key)
     for hf_key, tied_to in _TIED.items():
         if hf_key in hf:
             if tied_to in hf and not torch.equal(hf[hf_key], hf[tied_to]):
-                raise BertforgeError(f"checkpoint's {hf_key} is not tied to {tied_to}; "
-                                     "bertforge always ties the MLM decoder")
+                raise BertforgeError(
+                    f"checkpoint's {hf_key} is not tied to {tied_to}; "
+                    "bertforge always ties the MLM decoder"
+                )
             used.add(hf_key)
     used.update(k for k in _BUFFERS if k in hf)
     skipped = sorted(set(hf) - used)
     if skipped:
-        log.warning("ignoring %d checkpoint weight(s) bertforge has no place for: %s",
-                    len(skipped), ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))
+        log.warning(
+            "ignoring %d checkpoint weight(s) bertforge has no place for: %s",
+            len(skipped),
+            ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""),
+        )
     return out
 
 
@@ -172,17 +184,19 @@ def _normalise_key(key: str) -> str:
     if key.startswith(_BARE_PREFIXES):
         key = "bert." + key
     if key.endswith(".gamma"):
-        key = key[:-len("gamma")] + "weight"
+        key = key[: -len("gamma")] + "weight"
     elif key.endswith(".beta"):
-        key = key[:-len("beta")] + "bias"
+        key = key[: -len("beta")] + "bias"
     return key
 
 
 def _pad_vocab(tensor: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     rows = tensor.shape[0] if tensor.dim() else 0
     if rows != config.vocab_size:
-        raise BertforgeError(f"checkpoint has a vocabulary of {rows} rows but "
-                             f"config.json says vocab_size={config.vocab_size}")
+        raise BertforgeError(
+            f"checkpoint has a vocabulary of {rows} rows but "
+            f"config.json says vocab_size={config.vocab_size}"
+        )
     padding = tensor.new_zeros((config.padded_vocab_size - config.vocab_size, *tensor.shape[1:]))
     return torch.cat([tensor, padding], dim=0)  # (padded_vocab_size, ...)
 
@@ -216,29 +230,34 @@ def model_config_from_hf(raw: dict[str, Any]) -> ModelConfig:
         raise BertforgeError(f"config.json: expected a JSON object, got {type(raw).__name__}")
     model_type = raw.get("model_type", "bert")
     if model_type != "bert":
-        raise BertforgeError(f"config.json: model_type {model_type!r} is not supported "
-                             "(only 'bert')")
+        raise BertforgeError(
+            f"config.json: model_type {model_type!r} is not supported (only 'bert')"
+        )
     refusals = {
         "hidden_act": ("gelu", "activation {!r} is not supported (only 'gelu')"),
-        "position_embedding_type": ("absolute",
-                                    "position_embedding_type {!r} is not supported "
-                                    "(only 'absolute')"),
+        "position_embedding_type": (
+            "absolute",
+            "position_embedding_type {!r} is not supported (only 'absolute')",
+        ),
         "is_decoder": (False, "is_decoder={!r}: bertforge builds encoders only"),
         "add_cross_attention": (False, "add_cross_attention={!r} is not supported"),
     }
     for key, (allowed, message) in refusals.items():
         if raw.get(key, allowed) != allowed:
             raise BertforgeError("config.json: " + message.format(raw[key]))
-    values = {name: raw[name] for name in _MODEL_FIELDS
-              if raw.get(name) is not None}
+    values = {name: raw[name] for name in _MODEL_FIELDS if raw.get(name) is not None}
     return build(ModelConfig, values, "config.json")  # each value of its field's type
 
 
 # ------------------------------------------------------------------------------ directories
 
-def export_model(model: BertForPreTraining | BertForSequenceClassification,
-                 out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-                 extra_config: dict[str, Any] | None = None) -> Path:
+
+def export_model(
+    model: BertForPreTraining | BertForSequenceClassification,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> Path:
     """Write a Hugging Face directory: config.json, model.safetensors (fp32) and the tokenizer.
 
     `model` is a BertForPreTraining, or a BertForSequenceClassification with
@@ -260,14 +279,18 @@ def export_model(model: BertForPreTraining | BertForSequenceClassification,
     return final
 
 
-def _write_export(model: BertForPreTraining | BertForSequenceClassification, out: Path,
-                  tokenizer_dir: str | Path | None, extra_config: dict[str, Any] | None
-                  ) -> None:
+def _write_export(
+    model: BertForPreTraining | BertForSequenceClassification,
+    out: Path,
+    tokenizer_dir: str | Path | None,
+    extra_config: dict[str, Any] | None,
+) -> None:
     config = model.config
     weights = to_hf_state_dict(model.state_dict(), config)
     # safetensors wants contiguous, unshared CPU tensors; qkv chunks are views of one tensor.
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
-               for k, v in weights.items()}
+    weights = {
+        k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in weights.items()
+    }
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     give_usual_mode(out / "model.safetensors")  # safetensors leaves its temporary file's 0600
     raw = {**model_config_to_hf(config), **(extra_config or {})}
@@ -311,15 +334,21 @@ def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
     expected = model.state_dict()
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise BertforgeError(f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
-                                 f"config.json implies {tuple(expected[key].shape)}")
+            raise BertforgeError(
+                f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[key].shape)}"
+            )
     missing = [k for k in expected if k not in state]
     if any(k.startswith("bert.layers.") or k.startswith("bert.embeddings.") for k in missing):
         raise BertforgeError(f"{hf_dir}: checkpoint lacks encoder weights, e.g. {missing[0]}")
     model.load_state_dict(state, strict=False)
     if missing:
-        log.warning("%s: initialised %d weight(s) the checkpoint does not have: %s",
-                    hf_dir, len(missing), ", ".join(missing))
+        log.warning(
+            "%s: initialised %d weight(s) the checkpoint does not have: %s",
+            hf_dir,
+            len(missing),
+            ", ".join(missing),
+        )
     if with_info:
         return model, config, {"initialised": missing}
     return model, config
@@ -328,15 +357,15 @@ def import_model(hf_dir: str | Path, *, with_info: bool = False) -> tuple:
 def classifier_config_to_hf(labels: list[str] | None) -> dict[str, Any]:
     """config.json entries of a sequence classifier; labels None means regression."""
     names = labels if labels is not None else ["LABEL_0"]
-    return {"architectures": ["BertForSequenceClassification"],
-            "id2label": {str(i): name for i, name in enumerate(names)},
-            "label2id": {name: i for i, name in enumerate(names)},
-            "problem_type": ("regression" if labels is None
-                             else "single_label_classification")}
+    return {
+        "architectures": ["BertForSequenceClassification"],
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": ("regression" if labels is None else "single_label_classification"),
+    }
 
 
-def import_classifier(hf_dir: str | Path
-                      ) -> tuple[BertForSequenceClassification, dict[str, Any]]:
+def import_classifier(hf_dir: str | Path) -> tuple[BertForSequenceClassification, dict[str, Any]]:
     """(bertforge BertForSequenceClassification, raw config.json) from a Hugging Face
     BertForSequenceClassification directory, such as `bertforge finetune` exports."""
     hf_dir = Path(hf_dir)
@@ -349,8 +378,10 @@ def import_classifier(hf_dir: str | Path
     expected = model.state_dict()
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise BertforgeError(f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
-                                 f"config.json implies {tuple(expected[key].shape)}")
+            raise BertforgeError(
+                f"{hf_dir}: weight {key} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[key].shape)}"
+            )
     missing = sorted(set(expected) - set(state))
     if missing:
         raise BertforgeError(f"{hf_dir}: checkpoint lacks weights, e.g. {missing[0]}")
@@ -373,8 +404,10 @@ def _load_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         return state
     if pickled.is_file():
         state = load_pickled(pickled)
-        if not (isinstance(state, dict) and all(isinstance(k, str) and torch.is_tensor(v)
-                                                for k, v in state.items())):
+        if not (
+            isinstance(state, dict)
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items())
+        ):
             raise BertforgeError(f"{pickled}: not a state dict (names to tensors)")
         return state
     raise BertforgeError(f"{hf_dir}: no weights (model.safetensors or pytorch_model.bin)")
@@ -388,11 +421,17 @@ def _shards(index: Path) -> list[str]:
         weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise BertforgeError(f"{index}: not a safetensors index (no weight_map of names to "
-                             f"shard files)") from None
+        raise BertforgeError(
+            f"{index}: not a safetensors index (no weight_map of names to shard files)"
+        ) from None
     for shard in shards:
-        if not isinstance(shard, str) or not shard or Path(shard).is_absolute() \
-                or ".." in Path(shard).parts:
-            raise BertforgeError(f"{index}: refused shard {shard!r:.80}: not a file in "
-                                 f"{index.parent}")
+        if (
+            not isinstance(shard, str)
+            or not shard
+            or Path(shard).is_absolute()
+            or ".." in Path(shard).parts
+        ):
+            raise BertforgeError(
+                f"{index}: refused shard {shard!r:.80}: not a file in {index.parent}"
+            )
     return shards

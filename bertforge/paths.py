@@ -42,6 +42,7 @@ _OURS = {MARKER, ".lock"}
 class Output:
     """An output flag: the path given, the kind written there (a KINDS directory, or
     "file"), and the kinds of artefact it belongs inside (a report inside its run)."""
+
     flag: str
     path: str | os.PathLike
     kind: str
@@ -76,6 +77,7 @@ def _marker_kind(directory: Path) -> str | None:
 def _layout_kind(d: Path) -> str | None:
     """The kind an unmarked directory's files show (a model or tokenizer directory from
     elsewhere, say); None when they show none."""
+
     def has(name: str) -> bool:
         return (d / name).exists()
 
@@ -87,8 +89,9 @@ def _layout_kind(d: Path) -> str | None:
         return "run"
     if has("glue.json"):
         return "glue"
-    if has("config.json") and (has("model.safetensors") or has("pytorch_model.bin")
-                               or has("model.safetensors.index.json")):
+    if has("config.json") and (
+        has("model.safetensors") or has("pytorch_model.bin") or has("model.safetensors.index.json")
+    ):
         return "export"
     if has("tokenizer.json") or (has("vocab.txt") and has("tokenizer_config.json")):
         return "tokenizer"
@@ -124,8 +127,10 @@ def require_owned(path: Path, kind: str) -> None:
     """Refuse to delete or replace `path` unless bertforge wrote it as a `kind` directory."""
     refuse_link(path)
     if os.path.lexists(path) and not owned(path, kind):
-        raise BertforgeError(f"{path} exists and is not {_a(kind)} directory bertforge wrote; "
-                             f"it is left alone (move it away or choose another output)")
+        raise BertforgeError(
+            f"{path} exists and is not {_a(kind)} directory bertforge wrote; "
+            f"it is left alone (move it away or choose another output)"
+        )
 
 
 def remove_owned(path: Path, kind: str) -> None:
@@ -177,19 +182,22 @@ class Undo:
                 path.unlink()
 
 
-def check_paths(inputs: Iterable[tuple[str, str | os.PathLike]],
-                outputs: Iterable[Output]) -> None:
+def check_paths(inputs: Iterable[tuple[str, str | os.PathLike]], outputs: Iterable[Output]) -> None:
     """Refuse, in one line naming the flags, an output that would overlap an input or an
     artefact of another kind (the module docstring states the rule)."""
-    ins = [(flag, Path(p), _real(p)) for flag, p in inputs
-           if str(p) not in ("", "-") and not str(p).startswith("hf:")]
+    ins = [
+        (flag, Path(p), _real(p))
+        for flag, p in inputs
+        if str(p) not in ("", "-") and not str(p).startswith("hf:")
+    ]
     for out in outputs:
         given = Path(out.path)
         real = _real(given)
         where = f"{out.flag} {given}"
         if real == Path(real.anchor) or real == _real(Path.home()):
-            raise BertforgeError(f"{where}: refusing to write into {real} itself; give a "
-                                 f"directory of its own")
+            raise BertforgeError(
+                f"{where}: refusing to write into {real} itself; give a directory of its own"
+            )
         refuse_link(given, where)
         for flag, path, source in ins:
             inside = source in real.parents
@@ -197,13 +205,16 @@ def check_paths(inputs: Iterable[tuple[str, str | os.PathLike]],
                 continue  # a run's own report
             if real == source or inside or real in source.parents:
                 how = "is" if real == source else "lies inside" if inside else "contains"
-                raise BertforgeError(f"{where} {how} the input {flag} {path}; an output "
-                                     f"must not overlap what the command reads")
+                raise BertforgeError(
+                    f"{where} {how} the input {flag} {path}; an output "
+                    f"must not overlap what the command reads"
+                )
         for parent in real.parents:
             found = kind_of(parent)
             if found is not None and found not in out.home:
-                raise BertforgeError(f"{where} lies inside {parent}, {_a(found)} directory; "
-                                     f"choose a path outside it")
+                raise BertforgeError(
+                    f"{where} lies inside {parent}, {_a(found)} directory; choose a path outside it"
+                )
         if out.kind == "file":
             if real.is_dir():
                 raise BertforgeError(f"{where} is a directory; give a file name")
@@ -212,11 +223,15 @@ def check_paths(inputs: Iterable[tuple[str, str | os.PathLike]],
             raise BertforgeError(f"{where} exists and is not a directory")
         found = kind_of(real) if real.is_dir() else None
         if found is not None and found != out.kind:
-            raise BertforgeError(f"{where} is {_a(found)} directory, not {_a(out.kind)} "
-                                 f"directory; choose another {out.flag}")
+            raise BertforgeError(
+                f"{where} is {_a(found)} directory, not {_a(out.kind)} "
+                f"directory; choose another {out.flag}"
+            )
         if found is None and real.is_dir() and any(p.name not in _OURS for p in real.iterdir()):
-            raise BertforgeError(f"{where} is a directory holding files bertforge did not "
-                                 f"write; give a new or empty directory")
+            raise BertforgeError(
+                f"{where} is a directory holding files bertforge did not "
+                f"write; give a new or empty directory"
+            )
 
 
 def _a(kind: str) -> str:

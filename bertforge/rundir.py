@@ -11,7 +11,13 @@ from pathlib import Path
 from bertforge.errors import BertforgeError
 
 CONFIG, TOKENIZER, DATA, CHECKPOINTS, METRICS, HF = (
-    "config.yaml", "tokenizer", "data", "checkpoints", "metrics.jsonl", "hf")
+    "config.yaml",
+    "tokenizer",
+    "data",
+    "checkpoints",
+    "metrics.jsonl",
+    "hf",
+)
 LOCK = ".lock"  # held by the command writing the directory (fileio.hold_lock)
 
 

@@ -14,22 +14,37 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bertforge.config import RunConfig
 
-NOUNS = "cat dog bird horse king queen river city garden teacher doctor ship".split()
-ADJS = "small large red green old young quiet bright happy dark".split()
-VERBS = "sees follows finds likes meets paints helps watches".split()
+NOUNS = [
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "king",
+    "queen",
+    "river",
+    "city",
+    "garden",
+    "teacher",
+    "doctor",
+    "ship",
+]
+ADJS = ["small", "large", "red", "green", "old", "young", "quiet", "bright", "happy", "dark"]
+VERBS = ["sees", "follows", "finds", "likes", "meets", "paints", "helps", "watches"]
 
 
 def make_document(rng: random.Random, sentences: int = 6) -> str:
     """One document of `sentences` generated sentences."""
     out = []
     for _ in range(sentences):
-        out.append(f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
-                   f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} near the {rng.choice(NOUNS)}.")
+        out.append(
+            f"The {rng.choice(ADJS)} {rng.choice(NOUNS)} {rng.choice(VERBS)} "
+            f"the {rng.choice(ADJS)} {rng.choice(NOUNS)} near the {rng.choice(NOUNS)}."
+        )
     return " ".join(out)
 
 
@@ -40,9 +55,14 @@ def write_corpus(path: Path, documents: int = 120, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_data(root: Path, corpus: Path | None = None, documents: int = 120,
-                   vocab_size: int = 200, seq_len: int = 32,
-                   valid_fraction: float = 0.05) -> Path:
+def make_tiny_data(
+    root: Path,
+    corpus: Path | None = None,
+    documents: int = 120,
+    vocab_size: int = 200,
+    seq_len: int = 32,
+    valid_fraction: float = 0.05,
+) -> Path:
     """Token shards under root/data, from `corpus` (default: a generated one written to
     root/corpus.txt) and a WordPiece tokenizer trained on it in root/tokenizer."""
     from bertforge.data.prepare import prepare
@@ -51,10 +71,15 @@ def make_tiny_data(root: Path, corpus: Path | None = None, documents: int = 120,
     root.mkdir(parents=True, exist_ok=True)
     if corpus is None:
         corpus = write_corpus(root / "corpus.txt", documents=documents)
-    train_tokenizer([str(corpus)], root / "tokenizer", vocab_size=vocab_size,
-                    show_progress=False)
-    prepare([str(corpus)], root / "tokenizer", root / "data", seq_len=seq_len,
-            valid_fraction=valid_fraction, show_progress=False)
+    train_tokenizer([str(corpus)], root / "tokenizer", vocab_size=vocab_size, show_progress=False)
+    prepare(
+        [str(corpus)],
+        root / "tokenizer",
+        root / "data",
+        seq_len=seq_len,
+        valid_fraction=valid_fraction,
+        show_progress=False,
+    )
     return root / "data"
 
 
@@ -63,15 +88,31 @@ def tiny_run_config(objective: str = "mlm", **train) -> RunConfig:
     64-wide model without dropout); `train` overrides TrainConfig fields."""
     from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
 
-    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                   max_position_embeddings=64, hidden_dropout_prob=0.0,
-                   attention_probs_dropout_prob=0.0)
-    values = dict(batch_size=16, micro_batch_size=16, lr=2e-3, warmup_fraction=0.1,
-                  max_steps=40,
-                  log_every=1, eval_every=20, eval_sequences=64, precision="fp32", seed=0)
+    model = preset(
+        "tiny",
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    values: dict[str, Any] = dict(
+        batch_size=16,
+        micro_batch_size=16,
+        lr=2e-3,
+        warmup_fraction=0.1,
+        max_steps=40,
+        log_every=1,
+        eval_every=20,
+        eval_sequences=64,
+        precision="fp32",
+        seed=0,
+    )
     values.update(train)
-    return RunConfig(model=model, data=DataConfig(seq_len=32, objective=objective),
-                     train=TrainConfig(**values))
+    return RunConfig(
+        model=model, data=DataConfig(seq_len=32, objective=objective), train=TrainConfig(**values)
+    )
 
 
 def train_records(run: Path) -> list[dict]:
@@ -79,7 +120,7 @@ def train_records(run: Path) -> list[dict]:
     being written, is skipped."""
     path = run / "metrics.jsonl"
     records = []
-    for line in (path.read_text().splitlines() if path.exists() else []):
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             record = json.loads(line)
         except ValueError:
@@ -98,8 +139,7 @@ def complete_checkpoints(run: Path) -> list[str]:
             continue
         try:
             sums = json.loads((d / "state.json").read_text())["checksums"]
-            if all(hashlib.sha256((d / f).read_bytes()).hexdigest() == h
-                   for f, h in sums.items()):
+            if all(hashlib.sha256((d / f).read_bytes()).hexdigest() == h for f, h in sums.items()):
                 names.append(d.name)
         except (OSError, ValueError, KeyError):
             continue

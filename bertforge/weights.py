@@ -36,8 +36,10 @@ def require_finite(weights: dict[str, torch.Tensor], doing: str) -> None:
     `doing` says what is refused ("not saving checkpoint step-000005")."""
     for name, t in weights.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise BertforgeError(f"{doing}: weight {name} is not finite (NaN or infinity): "
-                                 f"training diverged; lower --lr")
+            raise BertforgeError(
+                f"{doing}: weight {name} is not finite (NaN or infinity): "
+                f"training diverged; lower --lr"
+            )
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -46,15 +48,19 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor])
     own = model.state_dict()
     for name, t in weights.items():
         if name in own and t.shape != own[name].shape:
-            raise BertforgeError(f"checkpoint does not match the model: {name} has shape "
-                                 f"{tuple(t.shape)}, the model's config says "
-                                 f"{tuple(own[name].shape)}")
+            raise BertforgeError(
+                f"checkpoint does not match the model: {name} has shape "
+                f"{tuple(t.shape)}, the model's config says "
+                f"{tuple(own[name].shape)}"
+            )
     missing, unexpected = model.load_state_dict(weights, strict=False)
     stored = {own[k].data_ptr() for k in weights if k in own}
     truly_missing = [k for k in missing if own[k].data_ptr() not in stored]
     if truly_missing or unexpected:
-        raise BertforgeError(f"checkpoint does not match the model: missing {truly_missing[:3]}, "
-                             f"unexpected {unexpected[:3]}")
+        raise BertforgeError(
+            f"checkpoint does not match the model: missing {truly_missing[:3]}, "
+            f"unexpected {unexpected[:3]}"
+        )
 
 
 def load_safetensors(file: Path) -> dict[str, torch.Tensor]:
@@ -82,14 +88,18 @@ def load_pickled(file: Path) -> Any:
         if wanted:
             reason = f"it asks for the global {wanted.group(1)}"
         else:  # the first line that is not torch's advice about weights_only
-            lines = [x.strip() for x in text.splitlines() if x.strip()
-                     and "weights_only" not in x and not x.startswith("Check the doc")]
+            lines = [
+                x.strip()
+                for x in text.splitlines()
+                if x.strip() and "weights_only" not in x and not x.startswith("Check the doc")
+            ]
             reason = (lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
-        raise BertforgeError(f"{file}: refused to load, it is not plain tensor data "
-                             f"({short(reason)})") from None
+        raise BertforgeError(
+            f"{file}: refused to load, it is not plain tensor data ({short(reason)})"
+        ) from None
 
 
 def short(text: str, limit: int = 80) -> str:
     """`text` on one line, cut to `limit` characters: an error stays one short line."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -30,21 +30,61 @@ from bertforge.testing import complete_checkpoints, make_tiny_data, train_record
 
 
 def command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "bertforge", "pretrain", "--data", str(data),
-            "--out", str(out), "--preset", "tiny", "--hidden-size", "64",
-            "--num-attention-heads", "2", "--intermediate-size", "128",
-            "--max-position-embeddings", "64", "--seq-len", "32", "--dropout", "0.1",
-            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3",
-            "--warmup-fraction", "0.1",
-            "--max-steps", str(steps), "--checkpoint-every", "1", "--keep-last", "2",
-            "--log-every", "1", "--eval-every", "0", "--eval-sequences", "32",
-            "--precision", "fp32", "--quiet", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "bertforge",
+        "pretrain",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "2",
+        "--intermediate-size",
+        "128",
+        "--max-position-embeddings",
+        "64",
+        "--seq-len",
+        "32",
+        "--dropout",
+        "0.1",
+        "--batch-size",
+        "16",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--warmup-fraction",
+        "0.1",
+        "--max-steps",
+        str(steps),
+        "--checkpoint-every",
+        "1",
+        "--keep-last",
+        "2",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-sequences",
+        "32",
+        "--precision",
+        "fp32",
+        "--quiet",
+        *extra,
+    ]
 
 
 def launch(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")  # light, and the same in every run
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 def train_losses(run: Path) -> list[tuple[int, float]]:
@@ -78,8 +118,11 @@ def moment(run: Path, since: float, resumed_at: int | None) -> str:
         return "mid checkpoint write"
     complete = complete_checkpoints(run)
     latest = run / "checkpoints" / "latest"
-    if (complete and (run / "checkpoints" / complete[-1] / "state.json").stat().st_mtime >= since
-            and (not latest.exists() or latest.read_text().strip() != complete[-1])):
+    if (
+        complete
+        and (run / "checkpoints" / complete[-1] / "state.json").stat().st_mtime >= since
+        and (not latest.exists() or latest.read_text().strip() != complete[-1])
+    ):
         return "after rename, before `latest`"
     if resumed_at is None or last_step(run) <= resumed_at:
         return "startup (before a step)"
@@ -120,8 +163,10 @@ def main() -> int:
             print(f"FAIL: the reference run failed:\n{err}")
             return 1
         step_time = (trained - first) / max(args.steps - 1, 1)
-        print(f"reference: {args.steps} steps; first step after {first:.2f}s, then "
-              f"{1000 * step_time:.0f} ms/step (with a checkpoint each step)")
+        print(
+            f"reference: {args.steps} steps; first step after {first:.2f}s, then "
+            f"{1000 * step_time:.0f} ms/step (with a checkpoint each step)"
+        )
 
         run = root / "run"
         rows = []
@@ -144,34 +189,45 @@ def main() -> int:
                 target = int(newest.split("-")[1]) if newest else 0
                 target += rng.randint(1, 4)
                 while time.monotonic() < deadline and proc.poll() is None:
-                    if (run / "metrics.jsonl").exists() and last_step(run) >= target and \
-                            (run / "metrics.jsonl").stat().st_mtime >= since:
+                    if (
+                        (run / "metrics.jsonl").exists()
+                        and last_step(run) >= target
+                        and (run / "metrics.jsonl").stat().st_mtime >= since
+                    ):
                         break
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0, 2 * step_time))
             if proc.poll() is not None:
-                failures.append(f"attempt {i + 1} ended before its kill "
-                                f"(status {proc.returncode}); use more --steps")
+                failures.append(
+                    f"attempt {i + 1} ended before its kill "
+                    f"(status {proc.returncode}); use more --steps"
+                )
                 break
             proc.kill()
             _, err = proc.communicate()
             found = re.search(r"resuming from (step-\d+)", err)
-            resumed_at = (int(found.group(1).split("-")[1]) if found else
-                          0 if "starting from step 0" in err or not resume else None)
+            resumed_at = (
+                int(found.group(1).split("-")[1])
+                if found
+                else 0
+                if "starting from step 0" in err or not resume
+                else None
+            )
             where = moment(run, since, resumed_at)
             if found:
                 started = found.group(1)
                 if started != newest:
-                    failures.append(f"attempt {i + 1} resumed from {started}, but the newest "
-                                    f"complete checkpoint was {newest}")
+                    failures.append(
+                        f"attempt {i + 1} resumed from {started}, but the newest "
+                        f"complete checkpoint was {newest}"
+                    )
             elif "starting from step 0" in err:
                 started = "step 0"
                 if newest is not None:
                     failures.append(f"attempt {i + 1} started over although {newest} existed")
             else:
                 started = "(killed before choosing)" if resume else "(fresh start)"
-            rows.append((i + 1, kind, where, started,
-                         last_step(run)))
+            rows.append((i + 1, kind, where, started, last_step(run)))
 
         # The last resume runs to the end.
         newest = (complete_checkpoints(run) or [None])[-1]
@@ -179,17 +235,22 @@ def main() -> int:
         _, err = proc.communicate()
         found = re.search(r"resuming from (step-\d+)", err)
         if proc.returncode != 0:
-            failures.append(f"the final resume failed (status {proc.returncode}): "
-                            f"{err.strip().splitlines()[-1:]}")
+            failures.append(
+                f"the final resume failed (status {proc.returncode}): "
+                f"{err.strip().splitlines()[-1:]}"
+            )
         elif not found or found.group(1) != newest:
-            failures.append(f"the final resume started from "
-                            f"{found.group(1) if found else None}, newest complete: {newest}")
+            failures.append(
+                f"the final resume started from "
+                f"{found.group(1) if found else None}, newest complete: {newest}"
+            )
 
-        print(f"\n{'kill':>4}  {'timing':<7}  {'landed':<30}  {'next resume from':<24}  "
-              f"{'last step logged':>16}")
+        print(
+            f"\n{'kill':>4}  {'timing':<7}  {'landed':<30}  {'next resume from':<24}  "
+            f"{'last step logged':>16}"
+        )
         for n, (kill, timing, where, _, step) in enumerate(rows):
-            resumed = rows[n + 1][3] if n + 1 < len(rows) else (
-                found.group(1) if found else "?")
+            resumed = rows[n + 1][3] if n + 1 < len(rows) else (found.group(1) if found else "?")
             print(f"{kill:>4}  {timing:<7}  {where:<30}  {resumed:<24}  {step:>16}")
 
         ref_losses, losses = train_losses(ref), train_losses(run)
@@ -207,16 +268,21 @@ def main() -> int:
             b = load_weights(find_latest(run / "checkpoints")[0])
             if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
                 failures.append("final weights differ from the reference")
-        mid_save = sum(1 for r in rows if r[2] in ("mid checkpoint write",
-                                                   "after rename, before `latest`"))
-        print(f"\n{len(rows)} kills ({mid_save} during a checkpoint write), "
-              f"{len(rows) + 1} resumes; {len(losses)} per-step losses compared bitwise "
-              f"with the uninterrupted run")
+        mid_save = sum(
+            1 for r in rows if r[2] in ("mid checkpoint write", "after rename, before `latest`")
+        )
+        print(
+            f"\n{len(rows)} kills ({mid_save} during a checkpoint write), "
+            f"{len(rows) + 1} resumes; {len(losses)} per-step losses compared bitwise "
+            f"with the uninterrupted run"
+        )
     if failures:
         print("FAIL:\n  " + "\n  ".join(failures))
         return 1
-    print("PASS: every resume started from the newest complete checkpoint; losses and "
-          "final weights equal the uninterrupted run's")
+    print(
+        "PASS: every resume started from the newest complete checkpoint; losses and "
+        "final weights equal the uninterrupted run's"
+    )
     return 0
 
 

@@ -27,25 +27,60 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # a light, steady measurement
 
-import torch  # noqa: E402
+import torch
 
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.config import RunConfig
+from bertforge.data.loader import PretrainBatches, ShardedSequences
+from bertforge.data.masking import Masker
+from bertforge.testing import make_tiny_data, tiny_run_config
 from bertforge.train import checkpoint as ckpt
-from bertforge.config import RunConfig  # noqa: E402
-from bertforge.data.loader import PretrainBatches, ShardedSequences  # noqa: E402
-from bertforge.data.masking import Masker  # noqa: E402
-from bertforge.commands.pretrain import run_pretrain  # noqa: E402
-from bertforge.testing import make_tiny_data, tiny_run_config  # noqa: E402
 
-WORDS = ("cat dog bird horse king queen river city garden teacher doctor ship small large red "
-         "green old young quiet bright happy dark sees follows finds likes meets paints helps "
-         "watches near the a of").split()
+WORDS = [
+    "cat",
+    "dog",
+    "bird",
+    "horse",
+    "king",
+    "queen",
+    "river",
+    "city",
+    "garden",
+    "teacher",
+    "doctor",
+    "ship",
+    "small",
+    "large",
+    "red",
+    "green",
+    "old",
+    "young",
+    "quiet",
+    "bright",
+    "happy",
+    "dark",
+    "sees",
+    "follows",
+    "finds",
+    "likes",
+    "meets",
+    "paints",
+    "helps",
+    "watches",
+    "near",
+    "the",
+    "a",
+    "of",
+]
 
 
 def make_data(root: Path, documents: int) -> Path:
     """Documents of 40 to 120 words: many sequences for the loader to choose from."""
     rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "."
-            for _ in range(documents)]
+    docs = [
+        " ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "."
+        for _ in range(documents)
+    ]
     (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
     return make_tiny_data(root, corpus=root / "corpus.txt", valid_fraction=0.01)
 
@@ -70,13 +105,18 @@ def loader_times(data: Path) -> dict[int, float]:
 
     first_batch(10)  # warm the page cache and numpy
     print(f"loader: {len(train):,} training sequences, global batch 256, micro-batch 32")
-    return {step: median_time(lambda s=step: first_batch(s), 7)
-            for step in (10, 10_000, 1_000_000)}
+    return {step: median_time(lambda s=step: first_batch(s), 7) for step in (10, 10_000, 1_000_000)}
 
 
 def tiny_config(max_steps: int) -> RunConfig:
-    return tiny_run_config(max_steps=max_steps, micro_batch_size=4, eval_every=0,
-                           eval_sequences=32, checkpoint_every=10, keep_last=10)
+    return tiny_run_config(
+        max_steps=max_steps,
+        micro_batch_size=4,
+        eval_every=0,
+        eval_sequences=32,
+        checkpoint_every=10,
+        keep_last=10,
+    )
 
 
 def relabel(run: Path, step: int) -> None:
@@ -109,8 +149,14 @@ def resume_times(root: Path, data: Path, repeats: int = 3) -> dict[int, float]:
             shutil.copytree(run, work)
             cfg = tiny_config(step + 1)
             t0 = time.perf_counter()
-            result = run_pretrain(work, cfg, data_dir=data, resume=True,
-                                  given={"train": {"max_steps": step + 1}}, show_progress=False)
+            result = run_pretrain(
+                work,
+                cfg,
+                data_dir=data,
+                resume=True,
+                given={"train": {"max_steps": step + 1}},
+                show_progress=False,
+            )
             times[step].append(time.perf_counter() - t0)
             assert result["step"] == step + 1
     return {step: statistics.median(t) for step, t in times.items()}
@@ -123,8 +169,10 @@ def main() -> int:
         data = make_data(root, documents=4000)
         loader = loader_times(data)
         for step, t in loader.items():
-            print(f"  first micro-batch of step {step:>9,}: {1000 * t:7.2f} ms "
-                  f"({t / loader[10]:.2f}x step 10)")
+            print(
+                f"  first micro-batch of step {step:>9,}: {1000 * t:7.2f} ms "
+                f"({t / loader[10]:.2f}x step 10)"
+            )
         stderr = sys.stderr
         sys.stderr = open(os.devnull, "w")  # run_pretrain's progress notes
         try:

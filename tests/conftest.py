@@ -20,8 +20,9 @@ import torch
 # Re-exported for the tests: `from conftest import ...`.
 from bertforge.testing import make_document, tiny_run_config, write_corpus  # noqa: F401
 
-SHARED_CORPUS = (Path(__file__).resolve().parents[2] / "shared" / "data"
-                 / "enwiki-2015-wikiextractor-sample")
+SHARED_CORPUS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "enwiki-2015-wikiextractor-sample"
+)
 
 
 def run_cli(capsys, *argv: object) -> tuple[int, str, str]:
@@ -70,16 +71,19 @@ def data_dir(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
     from bertforge.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "data"
-    prepare([str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.05,
-            show_progress=False)
+    prepare(
+        [str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.05, show_progress=False
+    )
     return out
 
 
 @pytest.fixture
 def shared_corpus() -> Path:
     if not SHARED_CORPUS.is_dir():
-        pytest.skip(f"the shared Wikipedia sample is not present ({SHARED_CORPUS.name} "
-                    "beside this repository); this test needs real text")
+        pytest.skip(
+            f"the shared Wikipedia sample is not present ({SHARED_CORPUS.name} "
+            "beside this repository); this test needs real text"
+        )
     return SHARED_CORPUS
 
 
@@ -98,14 +102,34 @@ def one_thread():
 
 # -------------------------------------------------------- a tiny pretraining run and its export
 
-TINY = ["--preset", "tiny", "--max-position-embeddings", "64", "--seq-len", "32",
-        "--batch-size", "8", "--quiet"]
+TINY = [
+    "--preset",
+    "tiny",
+    "--max-position-embeddings",
+    "64",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--quiet",
+]
 
 
 def tiny_pretrain_argv(data_dir: Path, run: Path, *extra: object) -> list[object]:
     """A tiny run's command line (2 steps, a checkpoint after each); later flags win."""
-    return ["pretrain", "--data", data_dir, "--out", run, *TINY, "--max-steps", "2",
-            "--checkpoint-every", "1", *extra]
+    return [
+        "pretrain",
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        *TINY,
+        "--max-steps",
+        "2",
+        "--checkpoint-every",
+        "1",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -132,8 +156,9 @@ def reseal(step_dir: Path, state: dict | None = None) -> None:
 
     state = state if state is not None else json.loads((step_dir / "state.json").read_text())
     state = {k: v for k, v in state.items() if k != "state_sha256"}
-    state["checksums"] = {f: hashlib.sha256((step_dir / f).read_bytes()).hexdigest()
-                          for f in state["checksums"]}
+    state["checksums"] = {
+        f: hashlib.sha256((step_dir / f).read_bytes()).hexdigest() for f in state["checksums"]
+    }
     ckpt.write_state(step_dir, state)
 
 
@@ -145,24 +170,45 @@ def tiny_model(tokenizer_dir: Path):
 
     vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text())["model"]["vocab"]
     torch.manual_seed(0)
-    return BertForPreTraining(ModelConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=64)).eval()
+    return BertForPreTraining(
+        ModelConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+        )
+    ).eval()
 
 
 # ------------------------------------------------------------------ fine-tuning data and runs
+
 
 @pytest.fixture(scope="session")
 def classification_files(tmp_path_factory) -> list[object]:
     """finetune's own-data flags for a tiny labelled task."""
     root = tmp_path_factory.mktemp("task")
-    rows = "text,label\n" + "".join(f"the {w} sees the dog,{i % 2}\n"
-                                   for i, w in enumerate(["cat", "king", "bird", "ship"] * 4))
+    rows = "text,label\n" + "".join(
+        f"the {w} sees the dog,{i % 2}\n" for i, w in enumerate(["cat", "king", "bird", "ship"] * 4)
+    )
     (root / "train.csv").write_text(rows)
     (root / "valid.csv").write_text(rows)
-    return ["--train", root / "train.csv", "--validation", root / "valid.csv",
-            "--text-column", "text", "--label-column", "label", "--max-steps", "1",
-            "--max-length", "32", "--quiet"]
+    return [
+        "--train",
+        root / "train.csv",
+        "--validation",
+        root / "valid.csv",
+        "--text-column",
+        "text",
+        "--label-column",
+        "label",
+        "--max-steps",
+        "1",
+        "--max-length",
+        "32",
+        "--quiet",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -178,17 +224,22 @@ def finetuned(tmp_path_factory, one_step_run, classification_files) -> tuple[Pat
 
 
 # Words of the generated corpus, so the tiny tokenizer knows them.
-SST2_NOUNS = "cat dog bird horse king queen river city garden teacher".split()
-POSITIVE, NEGATIVE = "happy bright young green large".split(), "dark old quiet small red".split()
-SST2_VERBS = "sees follows finds likes meets".split()
+SST2_NOUNS = ["cat", "dog", "bird", "horse", "king", "queen", "river", "city", "garden", "teacher"]
+POSITIVE, NEGATIVE = (
+    ["happy", "bright", "young", "green", "large"],
+    ["dark", "old", "quiet", "small", "red"],
+)
+SST2_VERBS = ["sees", "follows", "finds", "likes", "meets"]
 
 
 def sentence(rng: random.Random) -> tuple[str, int]:
     """A sentence whose label is whether its two adjectives are 'positive' ones."""
     label = rng.random() < 0.5
     adj = POSITIVE if label else NEGATIVE
-    return (f"the {rng.choice(adj)} {rng.choice(SST2_NOUNS)} {rng.choice(SST2_VERBS)} the "
-            f"{rng.choice(adj)} {rng.choice(SST2_NOUNS)} ."), int(label)
+    return (
+        f"the {rng.choice(adj)} {rng.choice(SST2_NOUNS)} {rng.choice(SST2_VERBS)} the "
+        f"{rng.choice(adj)} {rng.choice(SST2_NOUNS)} ."
+    ), int(label)
 
 
 def write_sst2(folder: Path, train: int = 128, dev: int = 48, header: bool = True) -> Path:
@@ -208,17 +259,34 @@ def tiny_finetune(**kw):
 
     # A tiny, barely pretrained model sits at chance for a while before it finds the
     # adjectives; these settings leave it a margin (seeds 1-4 learn the task by epoch 2).
-    values = dict(lr=2e-3, epochs=3, batch_size=8, micro_batch_size=8, max_length=32,
-                  dropout=0.0, seed=1, precision="fp32", log_every=1, eval_batch_size=32)
+    values = dict(
+        lr=2e-3,
+        epochs=3,
+        batch_size=8,
+        micro_batch_size=8,
+        max_length=32,
+        dropout=0.0,
+        seed=1,
+        precision="fp32",
+        log_every=1,
+        eval_batch_size=32,
+    )
     values.update(kw)
     train = {f.name for f in dataclasses.fields(TrainConfig)}
-    return FinetuneConfig.from_dict({**{k: v for k, v in values.items() if k not in train},
-                                     "train": {k: v for k, v in values.items() if k in train}})
+    return FinetuneConfig.from_dict(
+        {
+            **{k: v for k, v in values.items() if k not in train},
+            "train": {k: v for k, v in values.items() if k in train},
+        }
+    )
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "report: keeps the plots and report.md that "
-                            "pretraining writes at its end (other tests skip them)")
+    config.addinivalue_line(
+        "markers",
+        "report: keeps the plots and report.md that "
+        "pretraining writes at its end (other tests skip them)",
+    )
 
 
 @pytest.fixture(autouse=True)

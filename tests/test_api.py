@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, tiny_run_config
 
 import bertforge
 from bertforge import BertforgeError, api
-from conftest import run_cli, tiny_run_config
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 
@@ -31,8 +31,10 @@ def test_the_python_api_page_runs(tmp_path, monkeypatch):
 
 
 def test_import_bertforge_imports_no_torch():
-    code = ("import sys, bertforge; assert 'torch' not in sys.modules; bertforge.pretrain; "
-            "bertforge.RunConfig; import bertforge.cli.main; assert 'torch' not in sys.modules")
+    code = (
+        "import sys, bertforge; assert 'torch' not in sys.modules; bertforge.pretrain; "
+        "bertforge.RunConfig; import bertforge.cli.main; assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -44,31 +46,72 @@ def test_the_exports_are_there():
         bertforge.no_such_function  # noqa: B018
 
 
-@pytest.mark.parametrize("argv, call", [
-    (["pretrain", "--out", "{tmp}/r"], lambda t, d: bertforge.pretrain(f"{t}/r")),
-    (["pretrain", "--data", "{data}", "--out", "{tmp}/r", "--tokenizer", "{data}/tokenizer",
-      "--max-steps", "1"],
-     lambda t, d: bertforge.pretrain(f"{t}/r", data=d, tokenizer=f"{d}/tokenizer",
-                                     max_steps=1)),
-    (["pretrain", "--data", "{data}", "--out", "{tmp}/r", "--preset", "huge"],
-     lambda t, d: bertforge.pretrain(f"{t}/r", data=d, preset="huge")),
-    (["pretrain", "--data", "{data}", "--out", "{data}/r"],
-     lambda t, d: bertforge.pretrain(f"{d}/r", data=d)),
-    (["pretrain", "--data", "{data}", "--out", "{tmp}/r", "--hidden-size", "100",
-      "--num-attention-heads", "3"],
-     lambda t, d: bertforge.pretrain(f"{t}/r", data=d, hidden_size=100, num_attention_heads=3)),
-    (["evaluate", "{tmp}/nope"], lambda t, d: bertforge.evaluate(f"{t}/nope")),
-    (["export", "{tmp}/nope", "--out", "{tmp}/hf"],
-     lambda t, d: bertforge.export(f"{t}/nope", f"{t}/hf")),
-    (["fill-mask", "{tmp}/nope", "a [MASK] b"],
-     lambda t, d: bertforge.fill_mask(f"{t}/nope", "a [MASK] b")),
-    (["finetune", "{tmp}/nope", "--out", "{tmp}/ft", "--train", "{tmp}/a.csv"],
-     lambda t, d: bertforge.finetune(f"{t}/nope", f"{t}/ft", train=f"{t}/a.csv")),
-    (["predict", "{tmp}/nope", "--input", "{tmp}/a.csv"],
-     lambda t, d: list(bertforge.predict_file(f"{t}/nope", f"{t}/a.csv"))),
-])
-def test_the_api_refuses_what_the_cli_refuses_with_its_message(capsys, tmp_path, data_dir,
-                                                                argv, call):
+@pytest.mark.parametrize(
+    "argv, call",
+    [
+        (["pretrain", "--out", "{tmp}/r"], lambda t, d: bertforge.pretrain(f"{t}/r")),
+        (
+            [
+                "pretrain",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/r",
+                "--tokenizer",
+                "{data}/tokenizer",
+                "--max-steps",
+                "1",
+            ],
+            lambda t, d: bertforge.pretrain(
+                f"{t}/r", data=d, tokenizer=f"{d}/tokenizer", max_steps=1
+            ),
+        ),
+        (
+            ["pretrain", "--data", "{data}", "--out", "{tmp}/r", "--preset", "huge"],
+            lambda t, d: bertforge.pretrain(f"{t}/r", data=d, preset="huge"),
+        ),
+        (
+            ["pretrain", "--data", "{data}", "--out", "{data}/r"],
+            lambda t, d: bertforge.pretrain(f"{d}/r", data=d),
+        ),
+        (
+            [
+                "pretrain",
+                "--data",
+                "{data}",
+                "--out",
+                "{tmp}/r",
+                "--hidden-size",
+                "100",
+                "--num-attention-heads",
+                "3",
+            ],
+            lambda t, d: bertforge.pretrain(
+                f"{t}/r", data=d, hidden_size=100, num_attention_heads=3
+            ),
+        ),
+        (["evaluate", "{tmp}/nope"], lambda t, d: bertforge.evaluate(f"{t}/nope")),
+        (
+            ["export", "{tmp}/nope", "--out", "{tmp}/hf"],
+            lambda t, d: bertforge.export(f"{t}/nope", f"{t}/hf"),
+        ),
+        (
+            ["fill-mask", "{tmp}/nope", "a [MASK] b"],
+            lambda t, d: bertforge.fill_mask(f"{t}/nope", "a [MASK] b"),
+        ),
+        (
+            ["finetune", "{tmp}/nope", "--out", "{tmp}/ft", "--train", "{tmp}/a.csv"],
+            lambda t, d: bertforge.finetune(f"{t}/nope", f"{t}/ft", train=f"{t}/a.csv"),
+        ),
+        (
+            ["predict", "{tmp}/nope", "--input", "{tmp}/a.csv"],
+            lambda t, d: list(bertforge.predict_file(f"{t}/nope", f"{t}/a.csv")),
+        ),
+    ],
+)
+def test_the_api_refuses_what_the_cli_refuses_with_its_message(
+    capsys, tmp_path, data_dir, argv, call
+):
     code, _, err = run_cli(capsys, *(a.format(tmp=tmp_path, data=data_dir) for a in argv))
     assert code == 2
     with pytest.raises(BertforgeError) as e:
@@ -76,22 +119,30 @@ def test_the_api_refuses_what_the_cli_refuses_with_its_message(capsys, tmp_path,
     assert err.strip() == f"bertforge: error: {e.value}"
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda d: bertforge.pretrain("r", data=d, lr=-1), r"TrainConfig.lr=-1.0: must be > 0"),
-    (lambda d: bertforge.pretrain("r", data=d, lr="fast"), r"train.lr: expected float"),
-    (lambda d: bertforge.pretrain("r", data=d, learning_rate=1e-3), "unknown option"),
-    (lambda d: bertforge.pretrain("r", data=d, preset="tiny", config=bertforge.RunConfig()),
-     "not both"),
-    (lambda d: bertforge.finetune("m", "o", epochs=0), r"FinetuneConfig.epochs=0: must be >= 1"),
-    (lambda d: bertforge.finetune("m", "o", init="x"), "unknown option 'init'"),
-    (lambda d: bertforge.fill_mask(d, "a [MASK]", top_k=0), r"top_k=0: must be >= 1"),
-    (lambda d: bertforge.evaluate(d, max_sequences=-1), r"max_sequences=-1: must be >= 0"),
-    (lambda d: bertforge.evaluate(d, precision="fp16"), "precision='fp16': must be one of"),
-    (lambda d: bertforge.prepare("c.txt", d, "o", seq_len=4), r"seq_len=4: must be >= 8"),
-    (lambda d: bertforge.prepare("c.txt", d, "o", document_boundary="x"), "must be one of"),
-    (lambda d: bertforge.train_tokenizer("c.txt", "o", min_frequency=0), "must be >= 1"),
-    (lambda d: bertforge.predict(d, ["a"], batch_size=0), r"batch_size=0: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda d: bertforge.pretrain("r", data=d, lr=-1), r"TrainConfig.lr=-1.0: must be > 0"),
+        (lambda d: bertforge.pretrain("r", data=d, lr="fast"), r"train.lr: expected float"),
+        (lambda d: bertforge.pretrain("r", data=d, learning_rate=1e-3), "unknown option"),
+        (
+            lambda d: bertforge.pretrain("r", data=d, preset="tiny", config=bertforge.RunConfig()),
+            "not both",
+        ),
+        (
+            lambda d: bertforge.finetune("m", "o", epochs=0),
+            r"FinetuneConfig.epochs=0: must be >= 1",
+        ),
+        (lambda d: bertforge.finetune("m", "o", init="x"), "unknown option 'init'"),
+        (lambda d: bertforge.fill_mask(d, "a [MASK]", top_k=0), r"top_k=0: must be >= 1"),
+        (lambda d: bertforge.evaluate(d, max_sequences=-1), r"max_sequences=-1: must be >= 0"),
+        (lambda d: bertforge.evaluate(d, precision="fp16"), "precision='fp16': must be one of"),
+        (lambda d: bertforge.prepare("c.txt", d, "o", seq_len=4), r"seq_len=4: must be >= 8"),
+        (lambda d: bertforge.prepare("c.txt", d, "o", document_boundary="x"), "must be one of"),
+        (lambda d: bertforge.train_tokenizer("c.txt", "o", min_frequency=0), "must be >= 1"),
+        (lambda d: bertforge.predict(d, ["a"], batch_size=0), r"batch_size=0: must be >= 1"),
+    ],
+)
 def test_options_are_checked_before_any_work(data_dir, tmp_path, monkeypatch, call, match):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(BertforgeError, match=match):
@@ -142,11 +193,17 @@ def test_pretrain_evaluate_fill_mask_export_return_values(capsys, tmp_path, data
     assert code == 0 and json.loads(out) == metrics
     fills = bertforge.fill_mask(run.hf_dir, "the [MASK] sees the [MASK].", top_k=2)
     assert [(f.index, f.position) for f in fills] == [(0, 2), (1, 5)]
-    assert all(len(f.predictions) == 2 and isinstance(f.predictions[0][0], str)
-               and 0 <= f.predictions[0][1] <= 1 for f in fills)
-    code, out, _ = run_cli(capsys, "fill-mask", run.hf_dir, "the [MASK] sees the [MASK].",
-                           "--json", "--top-k", "2")
-    assert [[(p["token"], p["score"]) for p in r["predictions"]]
-            for r in json.loads(out)] == [f.predictions for f in fills]
+    assert all(
+        len(f.predictions) == 2
+        and isinstance(f.predictions[0][0], str)
+        and 0 <= f.predictions[0][1] <= 1
+        for f in fills
+    )
+    code, out, _ = run_cli(
+        capsys, "fill-mask", run.hf_dir, "the [MASK] sees the [MASK].", "--json", "--top-k", "2"
+    )
+    assert [[(p["token"], p["score"]) for p in r["predictions"]] for r in json.loads(out)] == [
+        f.predictions for f in fills
+    ]
     assert bertforge.export(run.run_dir, tmp_path / "hf") == tmp_path / "hf"
     assert (tmp_path / "hf" / "model.safetensors").is_file()

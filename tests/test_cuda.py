@@ -33,9 +33,15 @@ def test_hf_parity_in_fp32_on_cuda():
     from bertforge.model.bert import BertForPreTraining
 
     torch.manual_seed(0)
-    hf_cfg = transformers.BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, intermediate_size=96,
-                                     max_position_embeddings=64, attn_implementation="sdpa")
+    hf_cfg = transformers.BertConfig(
+        vocab_size=99,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        attn_implementation="sdpa",
+    )
     theirs = transformers.BertForPreTraining(hf_cfg).eval().to(CUDA)
     config = model_config_from_hf(hf_cfg.to_dict())
     ours = BertForPreTraining(config)
@@ -58,9 +64,12 @@ def test_bf16_training_falls_and_tracks_fp32(tmp_path, data_dir):
     runs = {}
     for precision in ("fp32", "bf16"):
         runs[precision] = tmp_path / precision
-        run_pretrain(runs[precision], tiny_run_config(precision=precision, device="cuda",
-                                                      eval_every=0),
-                     data_dir=data_dir, show_progress=False)
+        run_pretrain(
+            runs[precision],
+            tiny_run_config(precision=precision, device="cuda", eval_every=0),
+            data_dir=data_dir,
+            show_progress=False,
+        )
     fp32, bf16 = _losses(runs["fp32"]), _losses(runs["bf16"])
     assert sum(bf16[-5:]) / 5 < sum(bf16[:5]) / 5 - 1.0
     assert max(abs(a - b) for a, b in zip(fp32, bf16)) < 0.1
@@ -112,8 +121,12 @@ def test_a_few_fine_tuning_steps_on_cuda(tmp_path, data_dir):
     from bertforge.commands.pretrain import run_pretrain
 
     run = tmp_path / "run"
-    run_pretrain(run, tiny_run_config(max_steps=3, eval_every=0, device="cuda"),
-                 data_dir=data_dir, show_progress=False)
+    run_pretrain(
+        run,
+        tiny_run_config(max_steps=3, eval_every=0, device="cuda"),
+        data_dir=data_dir,
+        show_progress=False,
+    )
     data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2"))
     cfg = tiny_finetune(epochs=1)
     cfg.train.device = "cuda"
@@ -126,8 +139,8 @@ def test_fsdp2_in_one_process(tmp_path, data_dir):
     plain process's losses."""
     import torch.distributed as dist
 
-    from bertforge.train.distributed import Distributed
     from bertforge.tasks.mlm import MLMTask, pretraining_model
+    from bertforge.train.distributed import Distributed
     from bertforge.train.loop import fit
 
     cfg = tiny_run_config(max_steps=5, checkpoint_every=5, eval_every=0, device="cuda")
@@ -136,15 +149,22 @@ def test_fsdp2_in_one_process(tmp_path, data_dir):
     with socket.socket() as s:  # a free port for the one-process group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                            world_size=1)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         for strategy in ("none", "fsdp"):
             torch.manual_seed(0)
             model = pretraining_model(cfg.model, "mlm").to(CUDA)
             run = tmp_path / strategy
-            fit(model, MLMTask(cfg, data_dir, CUDA), cfg.train, run, CUDA, None,
-                show_progress=False, dist=Distributed(strategy=strategy))
+            fit(
+                model,
+                MLMTask(cfg, data_dir, CUDA),
+                cfg.train,
+                run,
+                CUDA,
+                None,
+                show_progress=False,
+                dist=Distributed(strategy=strategy),
+            )
             losses[strategy] = _losses(run)
     finally:
         dist.destroy_process_group()
@@ -156,8 +176,8 @@ def test_host_syncs_per_optimizer_step(data_dir, defer):
     """torch.cuda.set_sync_debug_mode warns at every synchronising call: after warm-up, a
     step of three micro-batches makes exactly one, before its update; with `defer` (the
     training loop's GPU path) none, and one read brings several steps' figures."""
-    from bertforge.train.optim import build_optimizer
     from bertforge.tasks.mlm import MLMTask, pretraining_model
+    from bertforge.train.optim import build_optimizer
     from bertforge.train.step import read_steps, train_step
 
     cfg = tiny_run_config("mlm+nsp", batch_size=12, micro_batch_size=4, device="cuda")
@@ -168,8 +188,18 @@ def test_host_syncs_per_optimizer_step(data_dir, defer):
     batches = [task.batch(step).pin_memory() for step in range(6)]
 
     def step(i):
-        return train_step(model, optimizer, task.loss_sum, batches[i], lr=1e-3, cfg=cfg.train,
-                          device=CUDA, dtype=torch.bfloat16, step=i, defer=defer)
+        return train_step(
+            model,
+            optimizer,
+            task.loss_sum,
+            batches[i],
+            lr=1e-3,
+            cfg=cfg.train,
+            device=CUDA,
+            dtype=torch.bfloat16,
+            step=i,
+            defer=defer,
+        )
 
     for i in range(2):  # cuBLAS handles, allocator pools: first-call work
         step(i)
@@ -187,7 +217,7 @@ def test_host_syncs_per_optimizer_step(data_dir, defer):
         return sum("synchroniz" in str(w.message) for w in caught)
 
     for i in range(2, 6):
-        counts.append(syncs(lambda: step(i)))
+        counts.append(syncs(lambda i=i: step(i)))
     if defer:
         assert counts == [0, 0, 0, 0], counts
         assert syncs(lambda: read_steps(pending[:4])) == 1

@@ -15,6 +15,7 @@ DEMO = REPO / "scripts" / "demo.sh"
 
 # ------------------------------------------------------------------------- scripts/demo.sh
 
+
 def stub_bin(tmp_path: Path) -> tuple[Path, Path]:
     """A BIN directory whose bertforge and python only append their arguments to a log,
     one per line, each call ended by '--': the demo's stages run without training."""
@@ -22,23 +23,40 @@ def stub_bin(tmp_path: Path) -> tuple[Path, Path]:
     bin_dir.mkdir(exist_ok=True)
     for name in ("bertforge", "python"):
         script = bin_dir / name
-        script.write_text(f'#!/bin/sh\n{{ echo {name}; for a in "$@"; do printf "%s\\n" "$a"; '
-                          f'done; echo --; }} >> "{log}"\n')
+        script.write_text(
+            f'#!/bin/sh\n{{ echo {name}; for a in "$@"; do printf "%s\\n" "$a"; '
+            f'done; echo --; }} >> "{log}"\n'
+        )
         script.chmod(0o755)
     return bin_dir, log
 
 
-def run_demo(tmp_path: Path, corpus: str, out: Path, extra: dict[str, str] | None = None,
-             ) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+def run_demo(
+    tmp_path: Path,
+    corpus: str,
+    out: Path,
+    extra: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
     """scripts/demo.sh with HOME in tmp_path and the stub BIN: (the process, its calls)."""
     bin_dir, log = stub_bin(tmp_path)
     log.unlink(missing_ok=True)
-    env = {**os.environ, "HOME": str(tmp_path / "home"), "BIN": str(bin_dir),
-           "DEMO_CORPUS": corpus, "DEMO_OUT": str(out), "DEMO_STEPS": "10", **(extra or {})}
-    proc = subprocess.run(["bash", str(DEMO)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
-    calls = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()] \
-        if log.exists() else []
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path / "home"),
+        "BIN": str(bin_dir),
+        "DEMO_CORPUS": corpus,
+        "DEMO_OUT": str(out),
+        "DEMO_STEPS": "10",
+        **(extra or {}),
+    }
+    proc = subprocess.run(
+        ["bash", str(DEMO)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    calls = (
+        [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()]
+        if log.exists()
+        else []
+    )
     return proc, calls
 
 
@@ -119,7 +137,7 @@ def test_a_demo_with_other_settings_does_not_continue_an_unfinished_one(tmp_path
     out = tmp_path / "runs" / "demo"
     run_demo(tmp_path, str(home_corpus), out)
     (out / "demo.done").unlink()
-    proc, calls = run_demo(tmp_path, str(home_corpus), out, {"DEMO_STEPS": "20"})
+    proc, _calls = run_demo(tmp_path, str(home_corpus), out, {"DEMO_STEPS": "20"})
     assert "continuing" not in proc.stdout and str(tmp_path / "runs" / "demo-2") in proc.stdout
 
 
@@ -127,15 +145,25 @@ def test_the_demo_defaults_to_the_shipped_sample_and_its_tokenizer(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     bin_dir, log = stub_bin(tmp_path)
     out = tmp_path / "demo"
-    proc = subprocess.run(["bash", str(DEMO)], env={**env, "BIN": str(bin_dir),
-                                                    "DEMO_OUT": str(out)},
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(DEMO)],
+        env={**env, "BIN": str(bin_dir), "DEMO_OUT": str(out)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     calls = [c.strip("\n").split("\n") for c in log.read_text().split("--\n") if c.strip()]
-    assert [c[1] for c in calls if c[0] == "bertforge"][0] == "prepare"  # no training
+    assert next(c[1] for c in calls if c[0] == "bertforge") == "prepare"  # no training
     assert calls[0][2] == "data/enwiki-2015-sample.txt.xz"
     assert (out / "tokenizer" / "vocab.txt").read_text().splitlines()[:5] == [
-        "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+    ]
     assert "8192 tokens" in proc.stdout
     pretrain = next(c for c in calls if c[1:2] == ["pretrain"])
     assert pretrain[pretrain.index("--max-steps") + 1] == "5000"

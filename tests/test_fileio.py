@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_model
 
 
@@ -21,8 +20,11 @@ def umask_022():
 
 
 def modes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): stat.S_IMODE(p.stat().st_mode)
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): stat.S_IMODE(p.stat().st_mode)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_exported_files_have_the_usual_mode(tmp_path, tokenizer_dir, umask_022):
@@ -39,8 +41,9 @@ def test_checkpoint_files_have_the_usual_mode(tmp_path, tokenizer_dir, umask_022
 
     model = tiny_model(tokenizer_dir)
     optimizer = torch.optim.AdamW(model.parameters())
-    path = save_checkpoint(tmp_path / "checkpoints", 1, model_state(model),
-                           optimizer.state_dict(), {"step": 1})
+    path = save_checkpoint(
+        tmp_path / "checkpoints", 1, model_state(model), optimizer.state_dict(), {"step": 1}
+    )
     found = modes(path)
     assert "model.safetensors" in found and "state.json" in found
     assert found == {name: 0o644 for name in found}

@@ -13,9 +13,19 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-GPU_ORDER = ["env", "tests", "bench-mini-256x128", "bench-base-256x128", "bench-base-32x512",
-             "profile", "pretrain", "glue-pretrained", "glue-from_scratch",
-             "bench-base-256x128-compiled", "bench-base-256x128-hf-compiled"]
+GPU_ORDER = [
+    "env",
+    "tests",
+    "bench-mini-256x128",
+    "bench-base-256x128",
+    "bench-base-32x512",
+    "profile",
+    "pretrain",
+    "glue-pretrained",
+    "glue-from_scratch",
+    "bench-base-256x128-compiled",
+    "bench-base-256x128-hf-compiled",
+]
 
 
 def _gpu_check():
@@ -29,24 +39,36 @@ def _fake_run(self, *args: str) -> str:
     """What each command of a GPU run prints last; the compiled bertforge row times out."""
     if "--inner" in args:
         if args[args.index("--inner") + 1] == "env":
-            return json.dumps({"torch": "2.13", "device": "cuda:0", "dtype": "torch.bfloat16",
-                               "matmul_peak_tflops": 700.0, "transformers": "5.0"})
-        return json.dumps([{"share": 0.5, "ms_per_step": 1.0, "calls_per_step": 2,
-                            "name": "aten::mm"}])
+            return json.dumps(
+                {
+                    "torch": "2.13",
+                    "device": "cuda:0",
+                    "dtype": "torch.bfloat16",
+                    "matmul_peak_tflops": 700.0,
+                    "transformers": "5.0",
+                }
+            )
+        return json.dumps(
+            [{"share": 0.5, "ms_per_step": 1.0, "calls_per_step": 2, "name": "aten::mm"}]
+        )
     command = args[2]  # -m bertforge COMMAND
     if command == "bench":
         if "--compile" in args:
             raise TimeoutError("stopped at its cap of 70s")
-        return json.dumps({"best": {"name": "bertforge (bf16)", "tokens_per_s": 100.0,
-                                    "mfu": 0.5},
-                           "best_transformers": {"name": "transformers (sdpa, bf16)",
-                                                 "tokens_per_s": 50.0}, "speedup": 2.0})
+        return json.dumps(
+            {
+                "best": {"name": "bertforge (bf16)", "tokens_per_s": 100.0, "mfu": 0.5},
+                "best_transformers": {"name": "transformers (sdpa, bf16)", "tokens_per_s": 50.0},
+                "speedup": 2.0,
+            }
+        )
     if command == "pretrain":
         run = Path(args[args.index("--out") + 1])
         run.mkdir(parents=True)
         (run / "config.yaml").write_text("{}\n")
-        (run / "metrics.jsonl").write_text(json.dumps({"kind": "train",
-                                                       "tokens_per_s": 9.0}) + "\n")
+        (run / "metrics.jsonl").write_text(
+            json.dumps({"kind": "train", "tokens_per_s": 9.0}) + "\n"
+        )
         return json.dumps({"step": 10, "tokens": 1000, "elapsed_s": 1.0})
     if command == "evaluate":
         return json.dumps({"mlm_loss": 5.0, "unigram_baseline_loss": 7.0})
@@ -73,8 +95,9 @@ def test_stages_run_in_order_and_each_is_saved_as_it_ends(tmp_path, monkeypatch,
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--out", str(out), "--data", str(data)])
     assert gc.main() == 1  # the compiled row failed
     # results.json after every stage, each time with the stages so far
-    assert [list(s["steps"]) for s in saved[:len(GPU_ORDER)]] == \
-        [GPU_ORDER[:i + 1] for i in range(len(GPU_ORDER))]
+    assert [list(s["steps"]) for s in saved[: len(GPU_ORDER)]] == [
+        GPU_ORDER[: i + 1] for i in range(len(GPU_ORDER))
+    ]
     steps = json.loads((out / "results.json").read_text())["steps"]
     assert list(steps) == GPU_ORDER
     assert "pytest is not installed" in steps["tests"]["skipped"]
@@ -93,8 +116,11 @@ def test_stage_caps_fit_the_budget(tmp_path):
     default budget, which leaves a 10-minute command time to start and copy."""
     gc = _gpu_check()
     rows = len([r for r in gc.BENCH_GPU if r[4] == "eager"])
-    before_compiled = sum(gc.CAPS[k] for k in ("env", "tests", "profile", "pretrain")) \
-        + rows * gc.CAPS["bench"] + 2 * gc.CAPS["glue"]
+    before_compiled = (
+        sum(gc.CAPS[k] for k in ("env", "tests", "profile", "pretrain"))
+        + rows * gc.CAPS["bench"]
+        + 2 * gc.CAPS["glue"]
+    )
     assert before_compiled + gc.CAPS["compiled"] <= gc.DEFAULT_BUDGET <= 540
 
 
@@ -106,8 +132,12 @@ def test_stage_data_copies_what_the_run_reads(tmp_path):
         (source / "glue" / task).mkdir(parents=True)
         (source / "glue" / task / "train.tsv").write_text("x\n")
     target = tmp_path / "benchmarks-data"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--stage-data", str(target),
-                           "--from", str(source)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--stage-data", str(target), "--from", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (target / "enwiki" / "AA" / "wiki_00").is_file()
     assert (target / "glue" / "SST-2" / "train.tsv").is_file()
@@ -117,13 +147,32 @@ def test_stage_data_copies_what_the_run_reads(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_stage(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(out),
-                           "--data", str(tmp_path / "no-data")],  # synthetic data
-                          capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--smoke",
+            "--out",
+            str(out),
+            "--data",
+            str(tmp_path / "no-data"),
+        ],  # synthetic data
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == ["env", "tests", "bench-tiny-8x64", "profile", "pretrain",
-                           "glue-pretrained", "glue-from_scratch", "bench-tiny-8x64-compiled"]
+    assert list(steps) == [
+        "env",
+        "tests",
+        "bench-tiny-8x64",
+        "profile",
+        "pretrain",
+        "glue-pretrained",
+        "glue-from_scratch",
+        "bench-tiny-8x64-compiled",
+    ]
     # torch.compile on a busy CPU may outrun its cap: recorded, and it costs no other row
     compiled = steps.pop("bench-tiny-8x64-compiled")
     assert compiled["ok"] or compiled["error"], compiled
@@ -137,7 +186,17 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
 
 
 def test_gpu_check_refuses_to_run_without_data_on_a_gpu_run(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"),
-                           "--data", str(tmp_path / "no-data")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--out",
+            str(tmp_path / "out"),
+            "--data",
+            str(tmp_path / "no-data"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0 and "--stage-data" in proc.stderr

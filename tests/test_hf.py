@@ -7,15 +7,27 @@ import torch
 
 from bertforge.config import ModelConfig
 from bertforge.errors import BertforgeError
-from bertforge.hf import (export_model, from_hf_state_dict, import_model, model_config_from_hf,
-                          model_config_to_hf, to_hf_state_dict)
+from bertforge.hf import (
+    export_model,
+    from_hf_state_dict,
+    import_model,
+    model_config_from_hf,
+    model_config_to_hf,
+    to_hf_state_dict,
+)
 from bertforge.model.bert import BertForPreTraining
 
 transformers = pytest.importorskip("transformers")
 
 B, T = 3, 10
-TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=37, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    max_position_embeddings=64,
+)
 
 
 def batch():
@@ -89,7 +101,8 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").is_file()  # built from vocab.txt
 
     hf_model, info = transformers.BertForPreTraining.from_pretrained(
-        tmp_path / "hf", output_loading_info=True, attn_implementation="eager")
+        tmp_path / "hf", output_loading_info=True, attn_implementation="eager"
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert not info["mismatched_keys"] and not info["error_msgs"]
     hf_model.eval()
@@ -105,8 +118,12 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path):
     # The same directory serves transformers' other BERT classes.
     mlm_model = transformers.BertForMaskedLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
-        close(mlm_model(input_ids=inputs[0], token_type_ids=inputs[1],
-                        attention_mask=inputs[2]).logits, ours_mlm)
+        close(
+            mlm_model(
+                input_ids=inputs[0], token_type_ids=inputs[1], attention_mask=inputs[2]
+            ).logits,
+            ours_mlm,
+        )
 
 
 def test_which_transformers_classes_load_the_export_clean(tmp_path):
@@ -114,14 +131,18 @@ def test_which_transformers_classes_load_the_export_clean(tmp_path):
     have (none missing) and report exactly the heads they lack as unexpected."""
     torch.manual_seed(0)
     export_model(BertForPreTraining(ModelConfig(**TINY)), tmp_path / "hf")
-    keys = set(to_hf_state_dict(BertForPreTraining(ModelConfig(**TINY)).state_dict(),
-                                ModelConfig(**TINY)))
+    keys = set(
+        to_hf_state_dict(BertForPreTraining(ModelConfig(**TINY)).state_dict(), ModelConfig(**TINY))
+    )
     heads = {k for k in keys if k.startswith("cls.")}
     expected = {
         transformers.BertForPreTraining: set(),
-        transformers.BertForMaskedLM: {"bert.pooler.dense.weight", "bert.pooler.dense.bias",
-                                       "cls.seq_relationship.weight",
-                                       "cls.seq_relationship.bias"},
+        transformers.BertForMaskedLM: {
+            "bert.pooler.dense.weight",
+            "bert.pooler.dense.bias",
+            "cls.seq_relationship.weight",
+            "cls.seq_relationship.bias",
+        },
         transformers.AutoModel: heads,
     }
     assert len(heads) == 7  # the MLM transform, its bias, the NSP head
@@ -162,8 +183,16 @@ def test_import_bare_bert_model_initialises_heads(tmp_path):
     hf_encoder.save_pretrained(tmp_path)
     model, _, info = import_model(tmp_path, with_info=True)
     assert sorted(info["initialised"]) == sorted(
-        ["mlm.dense.weight", "mlm.dense.bias", "mlm.LayerNorm.weight", "mlm.LayerNorm.bias",
-         "mlm.bias", "seq_relationship.weight", "seq_relationship.bias"])
+        [
+            "mlm.dense.weight",
+            "mlm.dense.bias",
+            "mlm.LayerNorm.weight",
+            "mlm.LayerNorm.bias",
+            "mlm.bias",
+            "seq_relationship.weight",
+            "seq_relationship.bias",
+        ]
+    )
     ids, types, mask = batch()
     with torch.no_grad():
         theirs = hf_encoder(input_ids=ids, token_type_ids=types, attention_mask=mask)
@@ -188,7 +217,7 @@ def test_config_round_trip_and_refusals():
 
 
 def test_import_errors_are_clear(tmp_path):
-    with pytest.raises(BertforgeError, match="no config.json"):
+    with pytest.raises(BertforgeError, match=r"no config.json"):
         import_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(model_config_to_hf(ModelConfig(**TINY))))
     with pytest.raises(BertforgeError, match="no weights"):
@@ -210,5 +239,6 @@ def test_exported_tokenizer_truncates_to_the_position_table(tmp_path, tokenizer_
     fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), device="cpu")
     assert len(fill(text, tokenizer_kwargs={"truncation": True})) > 0  # no position overflow
     # The run's own tokenizer directory is left as it was.
-    assert json.loads((tokenizer_dir / "tokenizer_config.json").read_text())[
-        "model_max_length"] == 512
+    assert (
+        json.loads((tokenizer_dir / "tokenizer_config.json").read_text())["model_max_length"] == 512
+    )

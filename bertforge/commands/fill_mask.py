@@ -37,8 +37,9 @@ def fill_mask(model_path: Path, text: str, top_k: int = 5) -> list[dict[str, Any
     if len(positions) == 0:
         raise BertforgeError("the text has no [MASK] token to fill")
     with torch.no_grad():
-        logits, _ = model(ids, token_type_ids=torch.tensor([enc.type_ids]),
-                          masked_positions=positions)  # (M, V)
+        logits, _ = model(
+            ids, token_type_ids=torch.tensor([enc.type_ids]), masked_positions=positions
+        )  # (M, V)
     probs = logits.float().softmax(-1)
     results = []
     for index, (pos, p) in enumerate(zip(positions.tolist(), probs)):
@@ -46,9 +47,16 @@ def fill_mask(model_path: Path, text: str, top_k: int = 5) -> list[dict[str, Any
         # vocabulary) are no token, and never a prediction.
         known = min(p.numel(), tok.get_vocab_size(with_added_tokens=True))
         top = p[:known].topk(min(top_k, known))
-        results.append({"mask_index": index, "position": pos, "predictions": [
-            {"token": tok.id_to_token(i), "score": round(s, 4)}
-            for s, i in zip(top.values.tolist(), top.indices.tolist())]})
+        results.append(
+            {
+                "mask_index": index,
+                "position": pos,
+                "predictions": [
+                    {"token": tok.id_to_token(i), "score": round(s, 4)}
+                    for s, i in zip(top.values.tolist(), top.indices.tolist())
+                ],
+            }
+        )
     return results
 
 

@@ -38,14 +38,16 @@ SPEC, BEST, METRICS_SUMMARY = "finetune.json", "best", "metrics.json"
 
 # ----------------------------------------------------------------------- models, tokenizers
 
+
 def resolve_model_dir(path: Path) -> Path:
     """A fine-tuning output directory stands for its export, OUT/hf."""
     path = Path(path)
     return path / rundir.HF if (path / SPEC).is_file() and (path / rundir.HF).is_dir() else path
 
 
-def load_encoder(path: Path, weights: bool = True
-                 ) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Path]:
+def load_encoder(
+    path: Path, weights: bool = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor] | None, Path]:
     """(model config, the encoder's weights or None, tokenizer dir) of a run or HF dir."""
     path = resolve_model_dir(path)
     if rundir.is_run_dir(path):
@@ -57,6 +59,7 @@ def load_encoder(path: Path, weights: bool = True
         return cfg.model, model.bert.state_dict(), tok_dir
     if (path / "config.json").is_file():
         from bertforge.hf import import_model, model_config_from_hf
+
         if not weights:
             try:
                 raw = json.loads((path / "config.json").read_text())
@@ -74,32 +77,43 @@ def load_encoder(path: Path, weights: bool = True
 
 # ------------------------------------------------------------------------------ the run
 
-def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None
-                  ) -> FinetuneConfig:
+
+def _check_resume(out: Path, spec: dict[str, Any], given: dict[str, Any] | None) -> FinetuneConfig:
     saved = json.loads((out / SPEC).read_text())
     for key in ("task", "from_scratch"):
         if saved[key] != spec[key]:
-            raise BertforgeError(f"--resume: {key} was {saved[key]!r} in {out}, "
-                                 f"cannot change it to {spec[key]!r}")
+            raise BertforgeError(
+                f"--resume: {key} was {saved[key]!r} in {out}, cannot change it to {spec[key]!r}"
+            )
     # The data itself, not its name: a file of the same name may hold other examples.
     for split, digest in saved["data_sha256"].items():
         if spec["data_sha256"].get(split) != digest:
-            raise BertforgeError(f"--resume: the {split} data is not what {out} was trained "
-                                 f"on (its content differs); give the run's own data, or "
-                                 f"another --out")
+            raise BertforgeError(
+                f"--resume: the {split} data is not what {out} was trained "
+                f"on (its content differs); give the run's own data, or "
+                f"another --out"
+            )
     cfg = FinetuneConfig.from_dict(saved["config"], where=str(out / SPEC))
     for key, value in (given or {}).items():
         old = getattr(cfg.train, key) if hasattr(cfg.train, key) else getattr(cfg, key)
         if old != value:
-            raise BertforgeError(f"--resume: {key} was {old!r} in {out}, "
-                                 f"cannot change it to {value!r}")
+            raise BertforgeError(
+                f"--resume: {key} was {old!r} in {out}, cannot change it to {value!r}"
+            )
     return cfg
 
 
-def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
-                 cfg: FinetuneConfig | None = None, *, from_scratch: bool = False,
-                 resume: bool = False, given: dict[str, Any] | None = None,
-                 show_progress: bool = True) -> dict[str, Any]:
+def run_finetune(
+    model_path: Path,
+    data: TaskData,
+    out_dir: Path,
+    cfg: FinetuneConfig | None = None,
+    *,
+    from_scratch: bool = False,
+    resume: bool = False,
+    given: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
     """Fine-tune MODEL (run or HF dir) on `data` into `out_dir`; returns metrics.json's
     content. from_scratch: the same architecture, randomly initialised (the baseline).
     resume: continue from OUT's checkpoint with its saved config (`given`, the values
@@ -115,43 +129,60 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
     # One command at a time in OUT: a second is refused, naming this one.
     with hold_lock(out / rundir.LOCK, f"fine-tuning directory {out}"):
         cfg = cfg or FinetuneConfig()
-        spec = {"model": str(model_path), "task": data.name, "from_scratch": from_scratch,
-                "labels": data.labels, "regression": data.regression,
-                "data_sha256": data_hashes(data)}
+        spec = {
+            "model": str(model_path),
+            "task": data.name,
+            "from_scratch": from_scratch,
+            "labels": data.labels,
+            "regression": data.regression,
+            "data_sha256": data_hashes(data),
+        }
         if resume and (out / SPEC).is_file():
             cfg = _check_resume(out, spec, given)
         elif (out / rundir.CHECKPOINTS).exists():
-            raise BertforgeError(f"{out} already holds a fine-tuning run; pass --resume to "
-                                 f"continue it or choose another --out")
+            raise BertforgeError(
+                f"{out} already holds a fine-tuning run; pass --resume to "
+                f"continue it or choose another --out"
+            )
         check_available(cfg.train)  # a missing tracker package, before any work
         if not resume:  # a best/ left by an attempt killed before its first checkpoint
             shutil.rmtree(out / BEST, ignore_errors=True)
         config, encoder, tok_src = load_encoder(Path(model_path), weights=not from_scratch)
         if cfg.max_length > config.max_position_embeddings:
-            raise BertforgeError(f"max_length {cfg.max_length} exceeds the model's "
-                                 f"max_position_embeddings {config.max_position_embeddings}")
+            raise BertforgeError(
+                f"max_length {cfg.max_length} exceeds the model's "
+                f"max_position_embeddings {config.max_position_embeddings}"
+            )
         device = resolve_device(cfg.train.device)
-        check_training_fits(config, min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH,
-                                        cfg.train.batch_size),
-                            cfg.max_length, device)  # before OUT is written to
+        check_training_fits(
+            config,
+            min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH, cfg.train.batch_size),
+            cfg.max_length,
+            device,
+        )  # before OUT is written to
         make_marked(out, "finetune")
         tok_dir = copy_tokenizer(tok_src, out / rundir.TOKENIZER)
         tok = load_truncating_tokenizer(tok_dir, cfg.max_length)
         pad_id = config.pad_token_id
         train_examples = data.train.head(cfg.max_train_examples)
         t0 = time.monotonic()
-        train = TokenizedSplit(tok, train_examples.texts, train_examples.pairs, train_examples.y,
-                               pad_id)
-        valid = {name: TokenizedSplit(tok, ex.texts, ex.pairs, ex.y, pad_id)
-                 for name, ex in data.validation.items()}
+        train = TokenizedSplit(
+            tok, train_examples.texts, train_examples.pairs, train_examples.y, pad_id
+        )
+        valid = {
+            name: TokenizedSplit(tok, ex.texts, ex.pairs, ex.y, pad_id)
+            for name, ex in data.validation.items()
+        }
         tokenize_s = time.monotonic() - t0
-        write_text_atomic(out / SPEC, json.dumps({**spec, "config": dataclasses.asdict(cfg)},
-                                                 indent=1) + "\n")
+        write_text_atomic(
+            out / SPEC, json.dumps({**spec, "config": dataclasses.asdict(cfg)}, indent=1) + "\n"
+        )
 
         where = configure(device)
         dtype = resolve_precision(cfg.train.precision, device)
-        config = dataclasses.replace(config, hidden_dropout_prob=cfg.dropout,
-                                     attention_probs_dropout_prob=cfg.dropout)
+        config = dataclasses.replace(
+            config, hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout
+        )
         torch.manual_seed(cfg.train.seed)
         model = BertForSequenceClassification(config, data.num_labels)
         if encoder is not None:
@@ -159,41 +190,77 @@ def run_finetune(model_path: Path, data: TaskData, out_dir: Path,
         model.to(device)
         task = ClassificationTask(data, train, valid, cfg, device, out / BEST)
         train_cfg = cfg.train_config(task.steps_per_epoch)
-        print(f"finetune {data.name}: {'from scratch' if from_scratch else model_path}, "
-              f"{len(train):,} training / {sum(map(len, valid.values())):,} validation examples, "
-              f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
-              f"{where}, {'bf16' if dtype else 'fp32'}", file=sys.stderr)
-        result = fit(model, task, train_cfg, out, device, dtype, resume=resume,
-                     show_progress=show_progress, name=f"finetune {data.name}",
-                     run_config={**spec, "config": dataclasses.asdict(cfg)})
+        print(
+            f"finetune {data.name}: {'from scratch' if from_scratch else model_path}, "
+            f"{len(train):,} training / {sum(map(len, valid.values())):,} validation examples, "
+            f"{task.steps_per_epoch} steps an epoch, {train_cfg.max_steps} steps, "
+            f"{where}, {'bf16' if dtype else 'fp32'}",
+            file=sys.stderr,
+        )
+        result = fit(
+            model,
+            task,
+            train_cfg,
+            out,
+            device,
+            dtype,
+            resume=resume,
+            show_progress=show_progress,
+            name=f"finetune {data.name}",
+            run_config={**spec, "config": dataclasses.asdict(cfg)},
+        )
 
         best = json.loads((out / BEST / "state.json").read_text())
         load_model_weights(model, load_file(str(out / BEST / best["weights"])))
-        export_model(model.cpu(), out / rundir.HF, tokenizer_dir=tok_dir,
-                     extra_config=classifier_config_to_hf(data.labels))
+        export_model(
+            model.cpu(),
+            out / rundir.HF,
+            tokenizer_dir=tok_dir,
+            extra_config=classifier_config_to_hf(data.labels),
+        )
         summary = _summary(out, data, spec, cfg, result, time.monotonic() - start)
         summary["tokenize_time_s"] = round(tokenize_s, 3)
         write_text_atomic(out / METRICS_SUMMARY, json.dumps(summary, indent=1) + "\n")
         return summary
 
 
-def _summary(out: Path, data: TaskData, spec: dict[str, Any], cfg: FinetuneConfig,
-             result: dict[str, Any], wall: float) -> dict[str, Any]:
+def _summary(
+    out: Path,
+    data: TaskData,
+    spec: dict[str, Any],
+    cfg: FinetuneConfig,
+    result: dict[str, Any],
+    wall: float,
+) -> dict[str, Any]:
     skip = {"kind", "tokens", "elapsed_s"}
-    epochs = [{k: v for k, v in record.items() if k not in skip}
-              for record in map(json.loads, (out / rundir.METRICS).read_text().splitlines())
-              if record.get("kind") == "eval"]
+    epochs = [
+        {k: v for k, v in record.items() if k not in skip}
+        for record in map(json.loads, (out / rundir.METRICS).read_text().splitlines())
+        if record.get("kind") == "eval"
+    ]
     best = json.loads((out / BEST / "state.json").read_text())
     metrics = {k: v for k, v in best.items() if k not in ("step", "weights", "epoch", "score")}
-    return {"task": data.name, "model": spec["model"], "from_scratch": spec["from_scratch"],
-            "labels": data.labels, "metrics": list(data.metrics), "epochs": epochs,
-            "best_epoch": best["epoch"], "best_step": best["step"], "best": metrics,
-            "score": best["score"], "steps": result["step"],
-            "train_time_s": result["elapsed_s"], "wall_time_s": round(wall, 3),
-            "config": dataclasses.asdict(cfg), "export": str(out / rundir.HF)}
+    return {
+        "task": data.name,
+        "model": spec["model"],
+        "from_scratch": spec["from_scratch"],
+        "labels": data.labels,
+        "metrics": list(data.metrics),
+        "epochs": epochs,
+        "best_epoch": best["epoch"],
+        "best_step": best["step"],
+        "best": metrics,
+        "score": best["score"],
+        "steps": result["step"],
+        "train_time_s": result["elapsed_s"],
+        "wall_time_s": round(wall, 3),
+        "config": dataclasses.asdict(cfg),
+        "export": str(out / rundir.HF),
+    }
 
 
 # ---------------------------------------------------------------------------- predict
+
 
 class Predictor:
     """A fine-tuned classifier, loaded once, that predicts batch after batch: from a
@@ -211,19 +278,23 @@ class Predictor:
         model, raw = import_classifier(hf_dir)
         check_tokenizer_fits(model.config, hf_dir)
         if not max_length:
-            spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()),
-                        None)
-            max_length = (json.loads(spec.read_text())["config"]["max_length"] if spec
-                          else model.config.max_position_embeddings)
+            spec = next((p / SPEC for p in (hf_dir, hf_dir.parent) if (p / SPEC).is_file()), None)
+            max_length = (
+                json.loads(spec.read_text())["config"]["max_length"]
+                if spec
+                else model.config.max_position_embeddings
+            )
         self.device = resolve_device(device)
         self.model = model.to(self.device)
         self.tok = load_truncating_tokenizer(hf_dir, max_length)
         self.regression = raw.get("problem_type") == "regression"
-        self.names = [raw.get("id2label", {}).get(str(i), f"LABEL_{i}")
-                      for i in range(model.num_labels)]
+        self.names = [
+            raw.get("id2label", {}).get(str(i), f"LABEL_{i}") for i in range(model.num_labels)
+        ]
 
-    def __call__(self, texts: list[str], pairs: list[str] | None = None,
-                 batch_size: int = 64) -> list[dict[str, Any]]:
+    def __call__(
+        self, texts: list[str], pairs: list[str] | None = None, batch_size: int = 64
+    ) -> list[dict[str, Any]]:
         """One {"label", "probabilities"} (classification) or {"score"} (regression) per
         text, in order."""
         data = TokenizedSplit(self.tok, texts, pairs, None, self.model.config.pad_token_id)
@@ -231,18 +302,27 @@ class Predictor:
         if self.regression:
             return [{"score": float(x)} for x in logits[:, 0]]
         probs = torch.from_numpy(logits).double().softmax(-1).numpy()
-        return [{"label": self.names[int(p.argmax())],
-                 "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)}}
-                for p in probs]
+        return [
+            {
+                "label": self.names[int(p.argmax())],
+                "probabilities": {n: round(float(x), 6) for n, x in zip(self.names, p)},
+            }
+            for p in probs
+        ]
 
     def blank(self) -> dict[str, Any]:
         """The prediction of an empty text: none, so that every input has its output."""
         return {"score": None} if self.regression else {"label": None, "probabilities": None}
 
 
-def predict(model_dir: Path, texts: list[str], pairs: list[str] | None = None,
-            batch_size: int = 64, max_length: int = 0, device: str = "cpu"
-            ) -> list[dict[str, Any]]:
+def predict(
+    model_dir: Path,
+    texts: list[str],
+    pairs: list[str] | None = None,
+    batch_size: int = 64,
+    max_length: int = 0,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
     """One {"label", "probabilities"} (classification) or {"score"} (regression) per text
     (`Predictor`)."""
     return Predictor(model_dir, max_length, device)(texts, pairs, batch_size)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from bertforge.model.bert import BertForPreTraining
 
 
-def load_run_model(run_dir: Path, checkpoint: Path | None = None
-                   ) -> tuple[BertForPreTraining, RunConfig, Path]:
+def load_run_model(
+    run_dir: Path, checkpoint: Path | None = None
+) -> tuple[BertForPreTraining, RunConfig, Path]:
     """The BertForPreTraining of a run's newest good checkpoint (or `checkpoint`)."""
     from bertforge.model.bert import BertForPreTraining
 
@@ -50,13 +51,16 @@ def load_any_model(path: Path) -> tuple[BertForPreTraining, Path]:
         return model, tok
     if (path / "config.json").is_file():
         from bertforge.hf import import_model
+
         model, config = import_model(path)[:2]
         check_tokenizer_fits(config, path)
         return model.eval(), path
     if not path.exists():
         raise BertforgeError(f"model not found: {path}")
-    raise BertforgeError(f"{path} is neither a bertforge run directory ({rundir.CONFIG}) nor a "
-                         f"Hugging Face model directory (config.json)")
+    raise BertforgeError(
+        f"{path} is neither a bertforge run directory ({rundir.CONFIG}) nor a "
+        f"Hugging Face model directory (config.json)"
+    )
 
 
 def init_source(path: Path) -> tuple[ModelConfig, Path]:

@@ -50,12 +50,20 @@ from bertforge.weights import load_model_weights
 RUN_FILES = (paths.MARKER, rundir.CONFIG, rundir.TOKENIZER, rundir.DATA, BUILT_FROM)
 
 
-def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] | None = None,
-                 corpus: list[str] | None = None, resume: bool = False,
-                 lowercase: bool = True, given: dict[str, dict[str, Any]] | None = None,
-                 show_progress: bool = True, corpus_options: CorpusOptions | None = None,
-                 sample_bytes: int | None = None,
-                 tokenizer: Path | None = None) -> dict[str, Any]:
+def run_pretrain(
+    run_dir: Path,
+    cfg: RunConfig,
+    *,
+    data_dir: Path | list[Path] | None = None,
+    corpus: list[str] | None = None,
+    resume: bool = False,
+    lowercase: bool = True,
+    given: dict[str, dict[str, Any]] | None = None,
+    show_progress: bool = True,
+    corpus_options: CorpusOptions | None = None,
+    sample_bytes: int | None = None,
+    tokenizer: Path | None = None,
+) -> dict[str, Any]:
     """Pretrain into `run_dir`; returns the final metrics.
 
     With `corpus`, the tokenizer is `tokenizer` (a tokenizer or model directory), or with
@@ -75,8 +83,11 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
     dist = init_from_env(cfg.train.strategy, device)
     # Rank 0 writes the run directory and holds its lock to the end: a second command on
     # the same run is refused, naming this one, instead of interleaving with it.
-    with (hold_lock(run_dir / rundir.LOCK, f"run directory {run_dir}") if dist.is_main
-          else contextlib.nullcontext()):
+    with (
+        hold_lock(run_dir / rundir.LOCK, f"run directory {run_dir}")
+        if dist.is_main
+        else contextlib.nullcontext()
+    ):
         # A start that fails before training removes what it made in RUN_DIR, only that
         # (the lock then removes the directories it made).
         undo = Undo(run_dir, RUN_FILES if dist.is_main else ())
@@ -85,29 +96,56 @@ def run_pretrain(run_dir: Path, cfg: RunConfig, *, data_dir: Path | list[Path] |
                 if resume:  # a kill mid-save left them (the lock says no one is writing one)
                     remove_partial(run_dir / rundir.CHECKPOINTS)
                 try:
-                    cfg = _prepare_run(run_dir, cfg, data_dir, corpus, resume, lowercase,
-                                       given or {}, show_progress, corpus_options,
-                                       sample_bytes, tokenizer)
+                    cfg = _prepare_run(
+                        run_dir,
+                        cfg,
+                        data_dir,
+                        corpus,
+                        resume,
+                        lowercase,
+                        given or {},
+                        show_progress,
+                        corpus_options,
+                        sample_bytes,
+                        tokenizer,
+                    )
                 finally:
                     # On an error too: the others then fail on the missing config.
                     dist.wait_for_main()
             else:
                 dist.wait_for_main()
                 if not (run_dir / rundir.CONFIG).is_file():
-                    raise BertforgeError(f"rank {dist.rank}: rank 0 could not prepare the run "
-                                         f"(its error says why)")
+                    raise BertforgeError(
+                        f"rank {dist.rank}: rank 0 could not prepare the run (its error says why)"
+                    )
                 cfg = RunConfig.load(run_dir / rundir.CONFIG)
             try:
-                return _train(run_dir, cfg, device, dist, resume,
-                              show_progress and dist.is_main, started=undo.done)
+                return _train(
+                    run_dir,
+                    cfg,
+                    device,
+                    dist,
+                    resume,
+                    show_progress and dist.is_main,
+                    started=undo.done,
+                )
             finally:
                 shutdown()
 
 
-def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | None,
-                 corpus: list[str] | None, resume: bool, lowercase: bool, given: Given,
-                 show_progress: bool, corpus_options: CorpusOptions | None = None,
-                 sample_bytes: int | None = None, tokenizer: Path | None = None) -> RunConfig:
+def _prepare_run(
+    run_dir: Path,
+    cfg: RunConfig,
+    data_dir: Path | list[Path] | None,
+    corpus: list[str] | None,
+    resume: bool,
+    lowercase: bool,
+    given: Given,
+    show_progress: bool,
+    corpus_options: CorpusOptions | None = None,
+    sample_bytes: int | None = None,
+    tokenizer: Path | None = None,
+) -> RunConfig:
     """The run's config, resolved (forced from config.yaml on resume), with its data built
     or checked and its tokenizer in RUN_DIR; saved as RUN_DIR/config.yaml."""
     cfg, source = resolve_start(run_dir, cfg, given, resume=resume, tokenizer=tokenizer)
@@ -128,23 +166,37 @@ def _prepare_run(run_dir: Path, cfg: RunConfig, data_dir: Path | list[Path] | No
     data: DataDirs
     if corpus:
         # A resume's cached tokenizer is a copy of --tokenizer's or of its --init model's.
-        cached_from = source or (Path(tokenizer) if tokenizer is not None else None) or (
-            init_source(Path(cfg.train.init))[1] if cfg.train.init else None)
-        data = build_data(run_dir, corpus, cfg.data,
-                              has_checkpoint=any_checkpoint(run_dir / rundir.CHECKPOINTS),
-                              vocab_size=given.get("model", {}).get("vocab_size",
-                                                                    cfg.model.vocab_size),
-                              lowercase=lowercase, tokenizer=cached_from,
-                              corpus_options=corpus_options, sample_bytes=sample_bytes,
-                              show_progress=show_progress)
+        cached_from = (
+            source
+            or (Path(tokenizer) if tokenizer is not None else None)
+            or (init_source(Path(cfg.train.init))[1] if cfg.train.init else None)
+        )
+        data = build_data(
+            run_dir,
+            corpus,
+            cfg.data,
+            has_checkpoint=any_checkpoint(run_dir / rundir.CHECKPOINTS),
+            vocab_size=given.get("model", {}).get("vocab_size", cfg.model.vocab_size),
+            lowercase=lowercase,
+            tokenizer=cached_from,
+            corpus_options=corpus_options,
+            sample_bytes=sample_bytes,
+            show_progress=show_progress,
+        )
     else:
         data = data_dir or cfg.data.path or run_dir / rundir.DATA  # one directory or a list
     # The tokenizer the data must have been made with: the run's own (on resume), or the
     # one it was given; a run that trained its own takes the data's.
-    known = (cfg.data.tokenizer_hash if resume
-             else tokenizer_hash(tok_dir) if source is not None else None)
-    cfg = resolve_data(cfg, data, given, tokenizer_hash=known,
-                       fixed_vocab=resume or bool(cfg.train.init))
+    known = (
+        cfg.data.tokenizer_hash
+        if resume
+        else tokenizer_hash(tok_dir)
+        if source is not None
+        else None
+    )
+    cfg = resolve_data(
+        cfg, data, given, tokenizer_hash=known, fixed_vocab=resume or bool(cfg.train.init)
+    )
     if not tok_dir.exists():  # copied whole or not at all
         copy_tokenizer(as_dirs(data)[0] / "tokenizer", tok_dir)  # the directories share it
     cfg.save(run_dir / rundir.CONFIG)
@@ -157,21 +209,34 @@ def load_init(model: torch.nn.Module, init: str, is_main: bool) -> None:
     weights, missing = load_init_weights(Path(init))
     _, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected:
-        raise BertforgeError(f"--init {init}: weights the model has no place for: "
-                             f"{', '.join(unexpected[:3])}")
+        raise BertforgeError(
+            f"--init {init}: weights the model has no place for: {', '.join(unexpected[:3])}"
+        )
     if is_main:
-        parts = {"mlm.": "the MLM head", "seq_relationship.": "the NSP head",
-                 "bert.pooler.": "the pooler"}
-        fresh = sorted({name for prefix, name in parts.items()
-                        if any(k.startswith(prefix) for k in missing)})
-        print(f"pretrain: weights from {init}"
-              + (f"; it has none for {' and '.join(fresh)}, initialised fresh" if fresh else ""),
-              file=sys.stderr)
+        parts = {
+            "mlm.": "the MLM head",
+            "seq_relationship.": "the NSP head",
+            "bert.pooler.": "the pooler",
+        }
+        fresh = sorted(
+            {name for prefix, name in parts.items() if any(k.startswith(prefix) for k in missing)}
+        )
+        print(
+            f"pretrain: weights from {init}"
+            + (f"; it has none for {' and '.join(fresh)}, initialised fresh" if fresh else ""),
+            file=sys.stderr,
+        )
 
 
-def _train(run_dir: Path, cfg: RunConfig, device: torch.device,
-           dist: Distributed, resume: bool, show_progress: bool,
-           started: Callable[[], None] = lambda: None) -> dict[str, Any]:
+def _train(
+    run_dir: Path,
+    cfg: RunConfig,
+    device: torch.device,
+    dist: Distributed,
+    resume: bool,
+    show_progress: bool,
+    started: Callable[[], None] = lambda: None,
+) -> dict[str, Any]:
     from bertforge.hf import export_model
 
     where = configure(device)
@@ -186,21 +251,33 @@ def _train(run_dir: Path, cfg: RunConfig, device: torch.device,
     model.to(device)
     if cfg.train.micro_batch_size is None:  # resolved per run: a resume may be elsewhere
         micro = micro_batch_for(cfg, model, device, dist.world_size)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
-                                                                 micro_batch_size=micro))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=micro))
     data_dirs = as_dirs(cfg.data.path or run_dir / rundir.DATA)
     task = MLMTask(cfg, data_dirs, device, dist.rank, dist.world_size, dtype)
     if dist.is_main:
-        procs = (f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else "")
-        print(f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
-              f"tokens, batch {cfg.train.batch_size} "
-              f"(micro {cfg.train.micro_batch_size}), "
-              f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
-              file=sys.stderr)
+        procs = f", {dist.world_size} processes ({dist.strategy})" if dist.enabled else ""
+        print(
+            f"pretrain: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"{len(task.batches.sequences):,} training sequences of {cfg.data.seq_len} "
+            f"tokens, batch {cfg.train.batch_size} "
+            f"(micro {cfg.train.micro_batch_size}), "
+            f"{where}, {'bf16' if dtype else 'fp32'}{procs}",
+            file=sys.stderr,
+        )
     started()  # from here the run directory holds a run, failed or not
-    result = fit(model, task, cfg.train, run_dir, device, dtype, resume=resume, name="pretrain",
-                 show_progress=show_progress, dist=dist, run_config=cfg.to_dict())
+    result = fit(
+        model,
+        task,
+        cfg.train,
+        run_dir,
+        device,
+        dtype,
+        resume=resume,
+        name="pretrain",
+        show_progress=show_progress,
+        dist=dist,
+        run_config=cfg.to_dict(),
+    )
     weights = gather_model_state(model, dist)  # gathered from the shards under FSDP
     if dist.is_main:
         final = BertForPreTraining(cfg.model)
@@ -211,15 +288,21 @@ def _train(run_dir: Path, cfg: RunConfig, device: torch.device,
     return result
 
 
-def micro_batch_for(cfg: RunConfig, model: torch.nn.Module, device: torch.device,
-                    world_size: int) -> int:
+def micro_batch_for(
+    cfg: RunConfig, model: torch.nn.Module, device: torch.device, world_size: int
+) -> int:
     """The default micro-batch: the whole per-rank batch on a GPU where it fits in
     memory (estimated), else DEFAULT_MICRO_BATCH (bertforge.train.runtime)."""
     m, per_rank = cfg.model, max(cfg.train.batch_size // world_size, 1)
     fixed, per_sequence = training_memory(
-        sum(p.numel() for p in model.parameters()), m.num_hidden_layers, m.hidden_size,
-        m.num_attention_heads, cfg.data.seq_len, m.vocab_size,
-        math.ceil(cfg.data.mask_rate * cfg.data.seq_len))
+        sum(p.numel() for p in model.parameters()),
+        m.num_hidden_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        cfg.data.seq_len,
+        m.vocab_size,
+        math.ceil(cfg.data.mask_rate * cfg.data.seq_len),
+    )
     return default_micro_batch(device, per_rank, fixed, per_sequence, DEFAULT_MICRO_BATCH)
 
 

@@ -31,14 +31,29 @@ from bertforge.paths import replace_owned, require_owned
 # What RUN_DIR's cached tokenizer and data were built from, and which of those inputs the
 # tokenizer depends on (the data depends on all of them).
 BUILT_FROM = "built_from.json"
-_TOKENIZER_INPUTS = ("corpus", "corpus_options", "tokenizer", "vocab_size", "lowercase",
-                     "sample_bytes")
+_TOKENIZER_INPUTS = (
+    "corpus",
+    "corpus_options",
+    "tokenizer",
+    "vocab_size",
+    "lowercase",
+    "sample_bytes",
+)
 
 
-def build_data(run_dir: Path, corpus: list[str], data: DataConfig, *, has_checkpoint: bool,
-               vocab_size: int, lowercase: bool = True, tokenizer: Path | None = None,
-               corpus_options: CorpusOptions | None = None, sample_bytes: int | None = None,
-               show_progress: bool = True) -> Path:
+def build_data(
+    run_dir: Path,
+    corpus: list[str],
+    data: DataConfig,
+    *,
+    has_checkpoint: bool,
+    vocab_size: int,
+    lowercase: bool = True,
+    tokenizer: Path | None = None,
+    corpus_options: CorpusOptions | None = None,
+    sample_bytes: int | None = None,
+    show_progress: bool = True,
+) -> Path:
     """RUN_DIR/tokenizer and RUN_DIR/data, each built only if not already there from the
     same input; returns the data directory.
 
@@ -64,8 +79,10 @@ def build_data(run_dir: Path, corpus: list[str], data: DataConfig, *, has_checkp
     if not tok_dir.exists():
         stale_tok = False
     elif tokenizer is not None:  # a copy: of this tokenizer, and whole?
-        stale_tok = (not (tok_dir / "tokenizer.json").is_file()
-                     or tokenizer_hash(tok_dir) != record["tokenizer"])
+        stale_tok = (
+            not (tok_dir / "tokenizer.json").is_file()
+            or tokenizer_hash(tok_dir) != record["tokenizer"]
+        )
     else:
         stale_tok = any(k in (*_TOKENIZER_INPUTS, "cache") for k in changed)
     stale_data = data_dir.exists() and bool(changed or stale_tok)
@@ -76,9 +93,11 @@ def build_data(run_dir: Path, corpus: list[str], data: DataConfig, *, has_checkp
             what = f"it has no readable {BUILT_FROM}"
         else:
             what = _describe(changed[0] if changed else "tokenizer", known, record)
-        raise BertforgeError(f"{run_dir} was built from other input ({what}) and its "
-                             f"checkpoints were trained on it; give the run's own corpus and "
-                             f"options, or another --out")
+        raise BertforgeError(
+            f"{run_dir} was built from other input ({what}) and its "
+            f"checkpoints were trained on it; give the run's own corpus and "
+            f"options, or another --out"
+        )
     for stale, path, kind in ((stale_tok, tok_dir, "tokenizer"), (stale_data, data_dir, "data")):
         if stale:  # only what bertforge wrote there: a folder of the user's is refused
             require_owned(path, kind)
@@ -95,19 +114,33 @@ def build_data(run_dir: Path, corpus: list[str], data: DataConfig, *, has_checkp
             finally:
                 shutil.rmtree(fresh, ignore_errors=True)
         else:
-            train_tokenizer(files, tok_dir, vocab_size=vocab_size, lowercase=lowercase,
-                            show_progress=show_progress, options=corpus_options,
-                            sample_bytes=sample_bytes)
+            train_tokenizer(
+                files,
+                tok_dir,
+                vocab_size=vocab_size,
+                lowercase=lowercase,
+                show_progress=show_progress,
+                options=corpus_options,
+                sample_bytes=sample_bytes,
+            )
     if stale_data or not (data_dir / "manifest.json").is_file():
-        prepare(files, tok_dir, data_dir, seq_len=data.seq_len,
-                valid_fraction=data.valid_fraction, show_progress=show_progress,
-                corpus_options=corpus_options, document_boundary=data.document_boundary)
+        prepare(
+            files,
+            tok_dir,
+            data_dir,
+            seq_len=data.seq_len,
+            valid_fraction=data.valid_fraction,
+            show_progress=show_progress,
+            corpus_options=corpus_options,
+            document_boundary=data.document_boundary,
+        )
     write_text_atomic(run_dir / BUILT_FROM, json.dumps(record, indent=1) + "\n")
     return data_dir
 
 
-def _build_record(files: list[str], corpus_options: CorpusOptions | None,
-                  data: DataConfig) -> dict[str, Any]:
+def _build_record(
+    files: list[str], corpus_options: CorpusOptions | None, data: DataConfig
+) -> dict[str, Any]:
     """The input of `build_data` but the tokenizer's: each corpus file's absolute path,
     size and mtime (an hf: dataset by its name), the corpus-reading options, and the
     data options."""
@@ -119,31 +152,45 @@ def _build_record(files: list[str], corpus_options: CorpusOptions | None,
             st = os.stat(f)
             corpus.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
     options = dataclasses.asdict(corpus_options or CorpusOptions())
-    return {"corpus": corpus, "corpus_options": options, "tokenizer": None,
-            "vocab_size": None, "lowercase": None, "sample_bytes": None,
-            "seq_len": data.seq_len, "valid_fraction": data.valid_fraction,
-            "document_boundary": data.document_boundary}
+    return {
+        "corpus": corpus,
+        "corpus_options": options,
+        "tokenizer": None,
+        "vocab_size": None,
+        "lowercase": None,
+        "sample_bytes": None,
+        "seq_len": data.seq_len,
+        "valid_fraction": data.valid_fraction,
+        "document_boundary": data.document_boundary,
+    }
 
 
-def _changes(path: Path, record: dict[str, Any], tok_dir: Path
-             ) -> tuple[list[str], dict[str, Any] | None]:
+def _changes(
+    path: Path, record: dict[str, Any], tok_dir: Path
+) -> tuple[list[str], dict[str, Any] | None]:
     """(the inputs in `record` that differ from those recorded at `path`, the recorded
     ones); with nothing recorded, everything differs."""
     try:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = None
-    if not (isinstance(known, dict) and isinstance(known.get("corpus_options"), dict)
-            and isinstance(known.get("corpus"), list)
-            and all(isinstance(f, list) and len(f) == 3 and isinstance(f[0], str)
-                    for f in known["corpus"])):
+    if not (
+        isinstance(known, dict)
+        and isinstance(known.get("corpus_options"), dict)
+        and isinstance(known.get("corpus"), list)
+        and all(
+            isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) for f in known["corpus"]
+        )
+    ):
         return list(record), None
     changed = [k for k, v in record.items() if known.get(k) != v]
     # A resume passes the run's vocab_size, the trained tokenizer's: it can be smaller
     # than the size asked for, on a corpus with fewer word pieces.
-    if ("vocab_size" in changed and (tok_dir / "tokenizer.json").is_file()
-            and load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True)
-            == record["vocab_size"]):
+    if (
+        "vocab_size" in changed
+        and (tok_dir / "tokenizer.json").is_file()
+        and load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True) == record["vocab_size"]
+    ):
         changed.remove("vocab_size")
     return changed, known
 
@@ -157,13 +204,15 @@ def _cache_mismatch(tok_dir: Path, data_dir: Path, files: list[str]) -> str | No
     except (OSError, ValueError):
         return None  # no complete data: it is (re)built
     made_from = manifest.get("corpus_files") if isinstance(manifest, dict) else None
-    if (not isinstance(made_from, list) or len(made_from) != len(files)
-            or not all(isinstance(m, str) and _same_file(m, f)
-                       for m, f in zip(made_from, files))):
-        return (f"{data_dir / 'manifest.json'} names other corpus files than "
-                f"{BUILT_FROM} records")
-    if (tok_dir / "tokenizer.json").is_file() and \
-            manifest.get("tokenizer_hash") != tokenizer_hash(tok_dir):
+    if (
+        not isinstance(made_from, list)
+        or len(made_from) != len(files)
+        or not all(isinstance(m, str) and _same_file(m, f) for m, f in zip(made_from, files))
+    ):
+        return f"{data_dir / 'manifest.json'} names other corpus files than {BUILT_FROM} records"
+    if (tok_dir / "tokenizer.json").is_file() and manifest.get("tokenizer_hash") != tokenizer_hash(
+        tok_dir
+    ):
         return f"{data_dir} was made with another tokenizer than {tok_dir}'s"
     return None
 
@@ -175,8 +224,10 @@ def _same_file(recorded: str, given: str) -> bool:
         return recorded == given
     if os.path.isabs(recorded):
         return os.path.abspath(recorded) == os.path.abspath(given)
-    return Path(os.path.abspath(given)).parts[-len(Path(recorded).parts):] == \
-        Path(os.path.normpath(recorded)).parts
+    return (
+        Path(os.path.abspath(given)).parts[-len(Path(recorded).parts) :]
+        == Path(os.path.normpath(recorded)).parts
+    )
 
 
 def _describe(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -190,8 +241,11 @@ def _describe(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
             if was[name] != now[name]:
                 return f"corpus file {quote(str(name))} changed (size or modification time)"
         gone = [name for name in was if name not in now]
-        return (f"corpus file {quote(str(gone[0]))} is no longer in it" if gone
-                else "the corpus files are in another order")
+        return (
+            f"corpus file {quote(str(gone[0]))} is no longer in it"
+            if gone
+            else "the corpus files are in another order"
+        )
     if key == "corpus_options":
         was, now = old[key], new[key]
         name = next((k for k in now if was.get(k) != now[k]), None)

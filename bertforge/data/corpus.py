@@ -90,8 +90,10 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None]:
     """'hf:NAME[:CONFIG]' -> (NAME, CONFIG or None)."""
     m = _HF_SPEC.fullmatch(spec)
     if not m:
-        raise BertforgeError(f"bad corpus spec {spec!r}: expected hf:NAME or hf:NAME:CONFIG "
-                             "(e.g. hf:wikitext:wikitext-103-raw-v1)")
+        raise BertforgeError(
+            f"bad corpus spec {spec!r}: expected hf:NAME or hf:NAME:CONFIG "
+            "(e.g. hf:wikitext:wikitext-103-raw-v1)"
+        )
     return m.group(1), m.group(2)
 
 
@@ -99,7 +101,7 @@ def file_format(path: Path) -> tuple[str, str]:
     """(format, compression suffix or ""): format is jsonl, csv, tsv, parquet or text."""
     name = path.name.lower()
     compression = next((c for c in COMPRESSIONS if name.endswith(c)), "")
-    name = name[:len(name) - len(compression)]
+    name = name[: len(name) - len(compression)]
     if name.endswith(JSON_SUFFIXES):
         return "jsonl", compression
     for fmt in ("csv", "tsv", "parquet"):
@@ -188,8 +190,9 @@ def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
         return not parts
     if pattern[0] == "**":
         return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
-    return bool(parts) and fnmatch.fnmatch(parts[0], pattern[0]) and _matches(parts[1:],
-                                                                             pattern[1:])
+    return (
+        bool(parts) and fnmatch.fnmatch(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
+    )
 
 
 def _walk(root: Path) -> Iterator[Path]:
@@ -212,13 +215,22 @@ def _walk_dirs(root: Path) -> Iterator[tuple[Path, list[str]]]:
                 visited.add(real)
                 keep.append(d)
         dirnames[:] = keep
-        yield Path(dirpath), [name for name in sorted(filenames) if not name.startswith(".")
-                              and os.path.isfile(os.path.join(dirpath, name))]
+        yield (
+            Path(dirpath),
+            [
+                name
+                for name in sorted(filenames)
+                if not name.startswith(".") and os.path.isfile(os.path.join(dirpath, name))
+            ],
+        )
 
 
-def iter_documents(sources: Iterable[str | os.PathLike], stats: CorpusStats | None = None,
-                   options: CorpusOptions | None = None,
-                   sample_bytes: int | None = None) -> Iterator[str]:
+def iter_documents(
+    sources: Iterable[str | os.PathLike],
+    stats: CorpusStats | None = None,
+    options: CorpusOptions | None = None,
+    sample_bytes: int | None = None,
+) -> Iterator[str]:
     """Yield the documents of `sources` (from `resolve_corpus`) as stripped, non-empty
     strings of at most `options.max_document_chars` characters.
 
@@ -253,8 +265,9 @@ def iter_documents(sources: Iterable[str | os.PathLike], stats: CorpusStats | No
                     pieces = (doc,)
                 for piece in pieces:
                     if seen is not None:
-                        key = int.from_bytes(hashlib.blake2b(piece.encode("utf-8"),
-                                                             digest_size=8).digest(), "little")
+                        key = int.from_bytes(
+                            hashlib.blake2b(piece.encode("utf-8"), digest_size=8).digest(), "little"
+                        )
                         if key in seen:
                             stats.duplicate_documents += 1
                             continue
@@ -274,8 +287,10 @@ def iter_documents(sources: Iterable[str | os.PathLike], stats: CorpusStats | No
         finally:
             docs.close()
     if stats.files and stats.unreadable_files == stats.files and not stats.documents:
-        raise BertforgeError(f"no corpus file could be read ({stats.unreadable_files:,} "
-                             f"unreadable; first: {stats.unreadable[0]})")
+        raise BertforgeError(
+            f"no corpus file could be read ({stats.unreadable_files:,} "
+            f"unreadable; first: {stats.unreadable[0]})"
+        )
 
 
 def _skip(stats: CorpusStats, source: str | os.PathLike, reason: str) -> None:
@@ -315,8 +330,9 @@ def _sample_targets(sources: list[str | os.PathLike], sample_bytes: int) -> list
     return targets
 
 
-def _source_documents(source: str | os.PathLike, stats: CorpusStats,
-                      options: CorpusOptions) -> Generator[str, None, None]:
+def _source_documents(
+    source: str | os.PathLike, stats: CorpusStats, options: CorpusOptions
+) -> Generator[str, None, None]:
     """The raw (unstripped) documents of one file or hf dataset."""
     if isinstance(source, str) and source.startswith(HF_PREFIX):
         _count_format(stats, "hf")

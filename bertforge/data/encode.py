@@ -51,11 +51,15 @@ def available_cores() -> int:
 def chunk_additive(tok: Tokenizer) -> bool:
     """Whether `tok`'s ids for a text are its space-separated chunks' ids, concatenated."""
     added = tok.get_added_tokens_decoder().values()
-    return (isinstance(tok.normalizer, (normalizers.BertNormalizer, type(None)))
-            and isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
-            and isinstance(tok.model, models.WordPiece)
-            and all(t.special for t in added) and tok.encode_special_tokens
-            and tok.truncation is None and tok.padding is None)
+    return (
+        isinstance(tok.normalizer, (normalizers.BertNormalizer, type(None)))
+        and isinstance(tok.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+        and isinstance(tok.model, models.WordPiece)
+        and all(t.special for t in added)
+        and tok.encode_special_tokens
+        and tok.truncation is None
+        and tok.padding is None
+    )
 
 
 class _Chunks(dict):
@@ -82,14 +86,14 @@ class _Growable:
         need = self.size + len(values)
         if need > len(self.data):
             grown = np.empty(max(need, 2 * len(self.data)), dtype=self.data.dtype)
-            grown[:self.size] = self.data[:self.size]
+            grown[: self.size] = self.data[: self.size]
             self.data = grown
-        self.data[self.size:need] = values
+        self.data[self.size : need] = values
         self.size = need
 
     @property
     def array(self) -> np.ndarray:
-        return self.data[:self.size]
+        return self.data[: self.size]
 
 
 class BatchEncoder:
@@ -108,8 +112,13 @@ class BatchEncoder:
     entries, so its memory is bounded whatever the corpus size.
     """
 
-    def __init__(self, tok: Tokenizer, dtype: np.dtype, valid_fraction: float,
-                 cache_chunks: int = CACHE_CHUNKS) -> None:
+    def __init__(
+        self,
+        tok: Tokenizer,
+        dtype: np.dtype,
+        valid_fraction: float,
+        cache_chunks: int = CACHE_CHUNKS,
+    ) -> None:
         self.tok, self.dtype, self.valid_fraction = tok, np.dtype(dtype), valid_fraction
         self.cached = chunk_additive(tok)
         self.cache_chunks = cache_chunks
@@ -122,13 +131,17 @@ class BatchEncoder:
         self.chunk_ids = _Growable(self.dtype)  # every cached chunk's ids, one after another
 
     def __call__(self, docs: list[str]) -> EncodedDocuments:
-        valid = np.fromiter((is_valid_document(d, self.valid_fraction) for d in docs),
-                            dtype=bool, count=len(docs))
+        valid = np.fromiter(
+            (is_valid_document(d, self.valid_fraction) for d in docs), dtype=bool, count=len(docs)
+        )
         if not self.cached:
             encodings = self.tok.encode_batch_fast(docs, add_special_tokens=False)
             lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(docs))
-            ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings),
-                              dtype=self.dtype, count=int(lengths.sum()))
+            ids = np.fromiter(
+                itertools.chain.from_iterable(e.ids for e in encodings),
+                dtype=self.dtype,
+                count=int(lengths.sum()),
+            )
             return EncodedDocuments(ids, lengths, valid)
 
         pieces = [d.replace("\n", " ").split(" ") for d in docs]
@@ -158,9 +171,8 @@ class BatchEncoder:
         the chunk its first character (its offset in the string) falls in.
         """
         step = max(1, _JOIN_CHARS // 8)
-        groups = [chunks[i:i + step] for i in range(0, len(chunks), step)]
-        encodings = self.tok.encode_batch([" ".join(g) for g in groups],
-                                          add_special_tokens=False)
+        groups = [chunks[i : i + step] for i in range(0, len(chunks), step)]
+        encodings = self.tok.encode_batch([" ".join(g) for g in groups], add_special_tokens=False)
         for group, enc in zip(groups, encodings):
             size = np.fromiter(map(len, group), np.int64, len(group)) + 1  # and the space
             start = np.cumsum(size) - size  # (C,) each chunk's first character
@@ -204,8 +216,13 @@ def _work(docs: list[str]) -> EncodedDocuments:
     return _worker(docs)
 
 
-def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype,
-                   valid_fraction: float, workers: int) -> Iterator[EncodedDocuments]:
+def encode_batches(
+    batches: Iterator[list[str]],
+    tok: Tokenizer,
+    dtype: np.dtype,
+    valid_fraction: float,
+    workers: int,
+) -> Iterator[EncodedDocuments]:
     """The batches, tokenized in order, by this process and `workers - 1` others.
 
     Processes, not the tokenizer's threads: the cache lookups are Python, which threads
@@ -235,8 +252,10 @@ def encode_batches(batches: Iterator[list[str]], tok: Tokenizer, dtype: np.dtype
         _worker = encoder if method == "fork" else None
         try:
             with multiprocessing.get_context(method).Pool(
-                    workers - 1, initializer=_init_worker,
-                    initargs=(tok.to_str(), np.dtype(dtype).str, valid_fraction)) as pool:
+                workers - 1,
+                initializer=_init_worker,
+                initargs=(tok.to_str(), np.dtype(dtype).str, valid_fraction),
+            ) as pool:
                 pending: deque = deque()  # AsyncResults and own results, in batch order
                 for k, batch in enumerate(rest):
                     if k % workers == workers - 1:

@@ -44,8 +44,13 @@ class Examples:
         """The first n examples (all when n is 0)."""
         if not n or n >= len(self):
             return self
-        return Examples(self.path, self.texts[:n], self.pairs[:n] if self.pairs else None,
-                        self.y[:n], self.lines[:n])
+        return Examples(
+            self.path,
+            self.texts[:n],
+            self.pairs[:n] if self.pairs else None,
+            self.y[:n],
+            self.lines[:n],
+        )
 
 
 @dataclass
@@ -72,8 +77,10 @@ def data_hashes(data: TaskData) -> dict[str, str]:
     """sha256 of each split's content (texts, second texts, targets), by split ("train",
     "validation", "validation matched", ...): what a fine-tuning run records, so that a
     resume on other data (a file of the same name, another task's) is refused."""
-    splits = {"train": data.train, **{" ".join(("validation", k)).strip(): v
-                                      for k, v in data.validation.items()}}
+    splits = {
+        "train": data.train,
+        **{" ".join(("validation", k)).strip(): v for k, v in data.validation.items()},
+    }
     out = {}
     for name, ex in splits.items():
         h = hashlib.sha256(json.dumps([data.labels, ex.texts, ex.pairs]).encode())
@@ -132,13 +139,16 @@ def read_records(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any
     header = [h.strip() for h in first[1]]
     missing = [c for c in columns if c not in header]
     if missing:
-        raise BertforgeError(f"{path}, line {first[0]}: no column {missing[0]!r} in the header "
-                             f"(columns: {quote(', '.join(header))})")
+        raise BertforgeError(
+            f"{path}, line {first[0]}: no column {missing[0]!r} in the header "
+            f"(columns: {quote(', '.join(header))})"
+        )
     index = [header.index(c) for c in columns]
     for number, row in rows:
         if len(row) != len(header):
-            raise BertforgeError(f"{path}, line {number}: {len(row)} fields, but the header "
-                                 f"has {len(header)}")
+            raise BertforgeError(
+                f"{path}, line {number}: {len(row)} fields, but the header has {len(header)}"
+            )
         yield number, [row[i] for i in index]
 
 
@@ -159,23 +169,27 @@ def _read_jsonl(path: Path, columns: list[str]) -> Iterator[tuple[int, list[Any]
                 raise BertforgeError(f"{path}, line {number}: expected a JSON object")
             missing = [c for c in columns if c not in record]
             if missing:
-                raise BertforgeError(f"{path}, line {number}: no field {missing[0]!r} "
-                                     f"(fields: {quote(', '.join(record))})")
+                raise BertforgeError(
+                    f"{path}, line {number}: no field {missing[0]!r} "
+                    f"(fields: {quote(', '.join(record))})"
+                )
             yield number, [record[c] for c in columns]
 
 
 def _text(value: Any, path: Path, number: int, column: str) -> str:
     if not isinstance(value, str):
-        raise BertforgeError(f"{path}, line {number}: {column!r} is {quote(repr(value))}, "
-                             f"not a text")
+        raise BertforgeError(
+            f"{path}, line {number}: {column!r} is {quote(repr(value))}, not a text"
+        )
     return value.strip()
 
 
 def _label_text(value: Any, path: Path, number: int) -> str:
     """A class label as a string: JSON numbers 0 and 0.0 both become '0'."""
     if isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
-        raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is not a "
-                             f"class name")
+        raise BertforgeError(
+            f"{path}, line {number}: label {quote(repr(value))} is not a class name"
+        )
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = str(value).strip()
@@ -193,9 +207,11 @@ def _refuse_fractions(labels: list[str], lines: list[int], path: Path) -> None:
         except ValueError:
             continue
         if fractional:
-            raise BertforgeError(f"{path}, line {number}: label {quote(value)} is a "
-                                 f"fractional number, not a class name; pass --regression "
-                                 f"for numeric targets")
+            raise BertforgeError(
+                f"{path}, line {number}: label {quote(value)} is a "
+                f"fractional number, not a class name; pass --regression "
+                f"for numeric targets"
+            )
 
 
 def _sort_labels(names: set[str]) -> list[str]:
@@ -206,8 +222,9 @@ def _sort_labels(names: set[str]) -> list[str]:
         return sorted(names)
 
 
-def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
-                  path: Path) -> np.ndarray:
+def encode_labels(
+    raw: list[str], lines: list[int], classes: list[str] | None, path: Path
+) -> np.ndarray:
     """Class ids (int64) for classification, float32 targets for regression (classes None)."""
     if classes is None:
         out = np.empty(len(raw), dtype=np.float32)
@@ -215,25 +232,31 @@ def encode_labels(raw: list[str], lines: list[int], classes: list[str] | None,
             try:
                 out[i] = float(value)
             except (TypeError, ValueError):
-                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
-                                     f"not a number (a regression task)") from None
+                raise BertforgeError(
+                    f"{path}, line {number}: label {quote(repr(value))} is "
+                    f"not a number (a regression task)"
+                ) from None
             if not np.isfinite(out[i]):
-                raise BertforgeError(f"{path}, line {number}: label {quote(repr(value))} is "
-                                     f"not finite")
+                raise BertforgeError(
+                    f"{path}, line {number}: label {quote(repr(value))} is not finite"
+                )
         return out
     ids = {name: i for i, name in enumerate(classes)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, (value, number) in enumerate(zip(raw, lines)):
         if value not in ids:
-            raise BertforgeError(f"{path}, line {number}: unknown label {quote(repr(value))} "
-                                 f"(expected one of {len(classes)}: "
-                                 f"{quote(', '.join(classes))})")
+            raise BertforgeError(
+                f"{path}, line {number}: unknown label {quote(repr(value))} "
+                f"(expected one of {len(classes)}: "
+                f"{quote(', '.join(classes))})"
+            )
         out[i] = ids[value]
     return out
 
 
-def _read_split(path: Path, text: str, pair: str | None, label: str, regression: bool
-                ) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
+def _read_split(
+    path: Path, text: str, pair: str | None, label: str, regression: bool
+) -> tuple[list[str], list[str] | None, list[Any], list[int]]:
     columns = [text, label] + ([pair] if pair else [])
     texts: list[str] = []
     pairs: list[str] | None = [] if pair else None
@@ -250,21 +273,33 @@ def _read_split(path: Path, text: str, pair: str | None, label: str, regression:
     return texts, pairs, labels, lines
 
 
-def load_own_task(train: Path, validation: Path, text_column: str, label_column: str,
-                  pair_column: str | None = None, regression: bool = False) -> TaskData:
+def load_own_task(
+    train: Path,
+    validation: Path,
+    text_column: str,
+    label_column: str,
+    pair_column: str | None = None,
+    regression: bool = False,
+) -> TaskData:
     """A task from the user's own files; class names are the training set's labels."""
     train, validation = Path(train), Path(validation)
-    parts = {p: _read_split(p, text_column, pair_column, label_column, regression)
-             for p in (train, validation)}
+    parts = {
+        p: _read_split(p, text_column, pair_column, label_column, regression)
+        for p in (train, validation)
+    }
     if not regression:
         for path, (_, _, labels, lines) in parts.items():
             _refuse_fractions(labels, lines, path)
     classes = None if regression else _sort_labels(set(parts[train][2]))
     if classes is not None and len(classes) < 2:
-        raise BertforgeError(f"{train}: every example has the label {classes[0]!r}; a "
-                             f"classifier needs at least two classes (or pass --regression)")
-    splits = {p: Examples(p, texts, pairs, encode_labels(labels, lines, classes, p), lines)
-              for p, (texts, pairs, labels, lines) in parts.items()}
+        raise BertforgeError(
+            f"{train}: every example has the label {classes[0]!r}; a "
+            f"classifier needs at least two classes (or pass --regression)"
+        )
+    splits = {
+        p: Examples(p, texts, pairs, encode_labels(labels, lines, classes, p), lines)
+        for p, (texts, pairs, labels, lines) in parts.items()
+    }
     metrics: tuple[str, ...]
     score: tuple[str, ...]
     if classes is None:  # regression
@@ -273,12 +308,19 @@ def load_own_task(train: Path, validation: Path, text_column: str, label_column:
         metrics, score = ("accuracy", "f1", "matthews"), ("accuracy",)
     else:
         metrics, score = ("accuracy", "matthews"), ("accuracy",)
-    return TaskData(name=train.stem, train=splits[train], validation={"": splits[validation]},
-                    labels=classes, metrics=metrics, score=score)
+    return TaskData(
+        name=train.stem,
+        train=splits[train],
+        validation={"": splits[validation]},
+        labels=classes,
+        metrics=metrics,
+        score=score,
+    )
 
 
-def iter_inputs(path: Path, text_column: str, pair_column: str | None = None
-                ) -> Iterator[tuple[int, str, str | None]]:
+def iter_inputs(
+    path: Path, text_column: str, pair_column: str | None = None
+) -> Iterator[tuple[int, str, str | None]]:
     """(line number, text, second text or None) of each input to predict on, in order,
     read as it streams (bounded memory). A .txt file or stdin ('-') gives one a line,
     blank lines too (their text empty): lines end at '\n' only (a lone CR stays inside its
@@ -286,14 +328,19 @@ def iter_inputs(path: Path, text_column: str, pair_column: str | None = None
     files give one a row (`read_records`)."""
     path = Path(path)
     if path.suffix.lower() != ".txt" and str(path) != "-":
-        for number, values in read_records(path, [text_column] + ([pair_column] if pair_column
-                                                                   else [])):
-            yield (number, _text(values[0], path, number, text_column),
-                   _text(values[1], path, number, pair_column) if pair_column else None)
+        for number, values in read_records(
+            path, [text_column] + ([pair_column] if pair_column else [])
+        ):
+            yield (
+                number,
+                _text(values[0], path, number, text_column),
+                _text(values[1], path, number, pair_column) if pair_column else None,
+            )
         return
     if pair_column:
-        raise BertforgeError(f"{path}: a .txt input has one text a line; use CSV, TSV or "
-                             f"JSONL for text pairs")
+        raise BertforgeError(
+            f"{path}: a .txt input has one text a line; use CSV, TSV or JSONL for text pairs"
+        )
     try:
         stream = sys.stdin.buffer if str(path) == "-" else open(path, "rb")
     except FileNotFoundError:

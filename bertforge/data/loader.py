@@ -58,9 +58,11 @@ def load_manifests(data_dirs: DataDirs) -> list[dict[str, Any]]:
     for d, m in zip(dirs[1:], manifests[1:]):
         for key in MUST_MATCH:
             if m.get(key) != manifests[0].get(key):
-                raise BertforgeError(f"{d} has {key} {m.get(key)!r} but {dirs[0]} has "
-                                     f"{manifests[0].get(key)!r}; data directories read "
-                                     f"together must share {', '.join(MUST_MATCH)}")
+                raise BertforgeError(
+                    f"{d} has {key} {m.get(key)!r} but {dirs[0]} has "
+                    f"{manifests[0].get(key)!r}; data directories read "
+                    f"together must share {', '.join(MUST_MATCH)}"
+                )
     return manifests
 
 
@@ -73,8 +75,10 @@ def verify_data(data_dirs: DataDirs) -> None:
         tok_dir = d / "tokenizer"
         found = tokenizer_hash(tok_dir)
         if manifest["tokenizer_hash"] != found:
-            raise BertforgeError(f"{tok_dir} is not the tokenizer the manifest names "
-                                 f"(tokenizer_hash); prepare the data again")
+            raise BertforgeError(
+                f"{tok_dir} is not the tokenizer the manifest names "
+                f"(tokenizer_hash); prepare the data again"
+            )
         vocab = int(manifest["vocab_size"])
         tokens = load_tokenizer(tok_dir).get_vocab_size(with_added_tokens=True)
         dtype = np.dtype(manifest["dtype"])
@@ -85,15 +89,21 @@ def verify_data(data_dirs: DataDirs) -> None:
             path = d / shard["file"]
             top, digest = _scan(path, dtype)
             if top >= min(vocab, tokens):
-                raise BertforgeError(f"{path} holds token id {top}, outside the vocabulary "
-                                     f"(vocab_size {vocab}, tokenizer {tokens} tokens); "
-                                     f"prepare the data again")
+                raise BertforgeError(
+                    f"{path} holds token id {top}, outside the vocabulary "
+                    f"(vocab_size {vocab}, tokenizer {tokens} tokens); "
+                    f"prepare the data again"
+                )
             if digest != shard[SHARD_HASH]:
-                raise BertforgeError(f"{path}: {SHARD_HASH} mismatch, the shard changed "
-                                     f"since it was prepared; prepare the data again")
+                raise BertforgeError(
+                    f"{path}: {SHARD_HASH} mismatch, the shard changed "
+                    f"since it was prepared; prepare the data again"
+                )
         if vocab != tokens:
-            raise BertforgeError(f"{d / MANIFEST}: vocab_size {vocab} is not its tokenizer's "
-                                 f"({tokens} tokens); prepare the data again")
+            raise BertforgeError(
+                f"{d / MANIFEST}: vocab_size {vocab} is not its tokenizer's "
+                f"({tokens} tokens); prepare the data again"
+            )
 
 
 def _scan(path: Path, dtype: np.dtype) -> tuple[int, str]:
@@ -137,8 +147,9 @@ class ShardedSequences:
         self.__dict__.update(state)
         self.shards = self._open()
         if [len(s) for s in self.shards] != np.diff(self.offsets).tolist():
-            raise BertforgeError(f"{self.data_dirs[0]}: the shards changed while the run "
-                                 f"was reading them")
+            raise BertforgeError(
+                f"{self.data_dirs[0]}: the shards changed while the run was reading them"
+            )
 
     def __len__(self) -> int:
         return self.offsets[-1]
@@ -161,14 +172,22 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
 class PretrainBatches:
     """Masked micro-batches of the global batch at each step, for one rank."""
 
-    def __init__(self, sequences: ShardedSequences, masker: Masker | PairedMasker,
-                 batch_size: int, micro_batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1):
+    def __init__(
+        self,
+        sequences: ShardedSequences,
+        masker: Masker | PairedMasker,
+        batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(sequences) == 0:
             raise BertforgeError("the training split has no sequences")
         if batch_size % world_size:
-            raise BertforgeError(f"batch size {batch_size} is not divisible by the "
-                                 f"number of processes {world_size}")
+            raise BertforgeError(
+                f"batch size {batch_size} is not divisible by the number of processes {world_size}"
+            )
         self.sequences, self.masker = sequences, masker
         self.batch_size, self.micro_batch_size = batch_size, micro_batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -194,16 +213,17 @@ class PretrainBatches:
         """This rank's share of the global batch, split into micro-batches."""
         index, epochs = self.global_indices(step)
         share = self.batch_size // self.world_size
-        index = index[self.rank * share:(self.rank + 1) * share]
-        epochs = epochs[self.rank * share:(self.rank + 1) * share]
+        index = index[self.rank * share : (self.rank + 1) * share]
+        epochs = epochs[self.rank * share : (self.rank + 1) * share]
         for start in range(0, share, self.micro_batch_size):
-            idx = index[start:start + self.micro_batch_size]
-            ep = epochs[start:start + self.micro_batch_size]
+            idx = index[start : start + self.micro_batch_size]
+            ep = epochs[start : start + self.micro_batch_size]
             yield self.masker(self.sequences.take(idx), idx, self.seed, ep)
 
 
-def eval_batches(sequences: ShardedSequences, masker: Masker, batch_size: int,
-                 max_sequences: int, seed: int) -> Iterator[MaskedBatch]:
+def eval_batches(
+    sequences: ShardedSequences, masker: Masker, batch_size: int, max_sequences: int, seed: int
+) -> Iterator[MaskedBatch]:
     """The first `max_sequences` held-out sequences (all if 0), masked with a fixed seed."""
     n = len(sequences) if max_sequences == 0 else min(max_sequences, len(sequences))
     for start in range(0, n, batch_size):

@@ -37,18 +37,22 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def hash_uniform(seed: int, epoch: np.ndarray | int, index: np.ndarray, seq_len: int,
-                 stream: int) -> np.ndarray:
+def hash_uniform(
+    seed: int, epoch: np.ndarray | int, index: np.ndarray, seq_len: int, stream: int
+) -> np.ndarray:
     """Uniform [0, 1) floats of shape (B, seq_len), one per (epoch, sequence index, position).
 
     epoch and index are (B,) arrays (epoch may be a scalar).
     """
     epoch = np.broadcast_to(np.asarray(epoch, dtype=np.uint64), index.shape)
-    key = splitmix64((np.uint64(seed) << np.uint64(20)) ^ (epoch << np.uint64(4))
-                     ^ np.uint64(stream))
+    key = splitmix64(
+        (np.uint64(seed) << np.uint64(20)) ^ (epoch << np.uint64(4)) ^ np.uint64(stream)
+    )
     pos = np.arange(seq_len, dtype=np.uint64)
-    x = (splitmix64(index.astype(np.uint64) * GOLDEN_GAMMA ^ key)[:, None]
-         + pos[None, :] * GOLDEN_GAMMA)
+    x = (
+        splitmix64(index.astype(np.uint64) * GOLDEN_GAMMA ^ key)[:, None]
+        + pos[None, :] * GOLDEN_GAMMA
+    )
     return (splitmix64(x) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -58,7 +62,7 @@ def span_lengths(u: np.ndarray, p: float, max_len: int) -> np.ndarray:
     if p >= 1.0:
         return np.ones(u.shape, dtype=np.int64)
     q = 1.0 - p
-    x = np.log1p(-u * (1.0 - q ** max_len)) / np.log(q)
+    x = np.log1p(-u * (1.0 - q**max_len)) / np.log(q)
     return np.clip(1 + np.floor(x).astype(np.int64), 1, max_len)
 
 
@@ -76,8 +80,7 @@ class MaskedBatch:
 
     # What changes from batch to batch, for torch.compile (bertforge.train.compiling): the
     # number of masked tokens. (B, T) stay; an epoch's padded last batch is a graph apart.
-    DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {"masked_positions": (0,),
-                                                          "targets": (0,)}
+    DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {"masked_positions": (0,), "targets": (0,)}
 
     @property
     def real_tokens(self) -> int:
@@ -95,10 +98,15 @@ class MaskedBatch:
         return int((self.next_sentence_label >= 0).sum())
 
     def _map(self, f: Any) -> MaskedBatch:
-        return MaskedBatch(f(self.input_ids), f(self.masked_positions), f(self.targets),
-                           *(None if t is None else f(t) for t in (
-                               self.attention_mask, self.token_type_ids,
-                               self.next_sentence_label)))
+        return MaskedBatch(
+            f(self.input_ids),
+            f(self.masked_positions),
+            f(self.targets),
+            *(
+                None if t is None else f(t)
+                for t in (self.attention_mask, self.token_type_ids, self.next_sentence_label)
+            ),
+        )
 
     def to(self, device: torch.device) -> MaskedBatch:
         """On `device`; the copy does not block when the batch is in pinned memory."""
@@ -151,11 +159,14 @@ class Masker:
         if self.masking not in ("token", "wwm", "span"):
             raise BertforgeError(f"masking {self.masking!r}: must be token, wwm or span")
         if self.masking != "token" and self.is_continuation is None:
-            raise BertforgeError(f"masking {self.masking!r} needs the tokenizer's "
-                                 f"continuation table (is_continuation)")
+            raise BertforgeError(
+                f"masking {self.masking!r} needs the tokenizer's "
+                f"continuation table (is_continuation)"
+            )
 
-    def __call__(self, tokens: np.ndarray, index: np.ndarray, seed: int,
-                 epoch: np.ndarray | int) -> MaskedBatch:
+    def __call__(
+        self, tokens: np.ndarray, index: np.ndarray, seed: int, epoch: np.ndarray | int
+    ) -> MaskedBatch:
         """tokens (B, T) ids; index and epoch (B,) (epoch may be a scalar): each row's mask
         depends only on (seed, its epoch, its index)."""
         tokens = tokens.astype(np.int64)
@@ -168,13 +179,16 @@ class Masker:
         to_random = ~to_mask & (action < self.mask_token_ratio + self.random_token_ratio)
         # Random replacements are drawn per piece from ordinary tokens only, never specials.
         low = max(self.special_ids.values()) + 1
-        random_ids = low + (hash_uniform(seed, epoch, index, t, _STREAM_TOKEN).reshape(-1)[flat]
-                            * (self.vocab_size - low)).astype(np.int64)
+        random_ids = low + (
+            hash_uniform(seed, epoch, index, t, _STREAM_TOKEN).reshape(-1)[flat]
+            * (self.vocab_size - low)
+        ).astype(np.int64)
 
         targets = tokens.reshape(-1)[flat]
         inputs = tokens.reshape(-1).copy()
-        inputs[flat] = np.where(to_mask, self.special_ids["mask"],
-                                np.where(to_random, random_ids, targets))
+        inputs[flat] = np.where(
+            to_mask, self.special_ids["mask"], np.where(to_random, random_ids, targets)
+        )
         pad = self.special_ids["pad"]
         padded = bool((tokens == pad).any())  # packed sequences have none: keep SDPA mask-free
         return MaskedBatch(
@@ -184,8 +198,9 @@ class Masker:
             attention_mask=torch.from_numpy((tokens != pad).astype(np.int64)) if padded else None,
         )
 
-    def select(self, tokens: np.ndarray, index: np.ndarray, seed: int,
-               epoch: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    def select(
+        self, tokens: np.ndarray, index: np.ndarray, seed: int, epoch: np.ndarray | int
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Which positions are predicted, and the unit each belongs to.
 
         Returns `selected` (B, T) bool and `unit` (B*T,) int64: for a selected position,
@@ -222,9 +237,17 @@ class Masker:
         unit = np.where(flat_maskable, word_unit[np.maximum(word_of, 0)], -1)
         return (unit >= 0).reshape(b, t), unit
 
-    def _spans(self, starts: np.ndarray, word_of: np.ndarray, flat_maskable: np.ndarray,
-               b: int, t: int, index: np.ndarray, seed: int,
-               epoch: np.ndarray | int) -> np.ndarray:
+    def _spans(
+        self,
+        starts: np.ndarray,
+        word_of: np.ndarray,
+        flat_maskable: np.ndarray,
+        b: int,
+        t: int,
+        index: np.ndarray,
+        seed: int,
+        epoch: np.ndarray | int,
+    ) -> np.ndarray:
         """SpanBERT's procedure per row; returns (W,) the first position of the span each
         word belongs to, -1 for words left unmasked."""
         lens = np.bincount(word_of[flat_maskable], minlength=len(starts))  # (W,) pieces
@@ -238,8 +261,9 @@ class Masker:
         budget = np.floor(self.mask_rate * n_maskable + u_budget).astype(np.int64).tolist()
         # At most one span per word, so T draws per row always suffice.
         u_start = hash_uniform(seed, epoch, index, t, _STREAM_SPAN_START).tolist()
-        length = span_lengths(hash_uniform(seed, epoch, index, t, _STREAM_SPAN_LENGTH),
-                              self.span_p, self.span_max).tolist()
+        length = span_lengths(
+            hash_uniform(seed, epoch, index, t, _STREAM_SPAN_LENGTH), self.span_p, self.span_max
+        ).tolist()
         lens_l, follows_l, starts_l = lens.tolist(), follows.tolist(), starts.tolist()
         span_of = [-1] * len(starts)
         for r in range(b):
@@ -254,8 +278,7 @@ class Masker:
                     span_of[w] = first
                     count += lens_l[w]
                     n += 1
-                    if (n == want or count >= budget[r] or not follows_l[w]
-                            or span_of[w + 1] >= 0):
+                    if n == want or count >= budget[r] or not follows_l[w] or span_of[w + 1] >= 0:
                         break
                     w += 1
         return np.asarray(span_of, dtype=np.int64)
@@ -267,15 +290,21 @@ def continuation_table(tokenizer_dir: str | os.PathLike, vocab_size: int) -> np.
 
     vocab = load_tokenizer(tokenizer_dir).get_vocab(with_added_tokens=True)
     if len(vocab) != vocab_size:
-        raise BertforgeError(f"{tokenizer_dir}: tokenizer has {len(vocab)} tokens, but the "
-                             f"data has a vocabulary of {vocab_size}")
+        raise BertforgeError(
+            f"{tokenizer_dir}: tokenizer has {len(vocab)} tokens, but the "
+            f"data has a vocabulary of {vocab_size}"
+        )
     table = np.zeros(vocab_size, dtype=bool)
     table[[i for token, i in vocab.items() if token.startswith("##")]] = True
     return table
 
 
-def build_masker(data_cfg: DataConfig, data_dir: str | os.PathLike,
-                 manifest: dict[str, Any] | None = None, for_eval: bool = False) -> Masker:
+def build_masker(
+    data_cfg: DataConfig,
+    data_dir: str | os.PathLike,
+    manifest: dict[str, Any] | None = None,
+    for_eval: bool = False,
+) -> Masker:
     """The Masker for data prepared in `data_dir`, as `data_cfg` asks (the one place
     where training and evaluation build theirs).
 
@@ -294,10 +323,19 @@ def build_masker(data_cfg: DataConfig, data_dir: str | os.PathLike,
     if masking != "token":
         tok_dir = Path(data_dir) / "tokenizer"
         if not tok_dir.is_dir():
-            raise BertforgeError(f"masking {masking!r} needs the tokenizer the data was "
-                                 f"prepared with, and {tok_dir} is missing")
+            raise BertforgeError(
+                f"masking {masking!r} needs the tokenizer the data was "
+                f"prepared with, and {tok_dir} is missing"
+            )
         table = continuation_table(tok_dir, vocab_size)
-    return Masker(vocab_size=vocab_size, special_ids=manifest["special_token_ids"],
-                  mask_rate=data_cfg.mask_rate, mask_token_ratio=data_cfg.mask_token_ratio,
-                  random_token_ratio=data_cfg.random_token_ratio, masking=masking,
-                  span_p=data_cfg.span_p, span_max=data_cfg.span_max, is_continuation=table)
+    return Masker(
+        vocab_size=vocab_size,
+        special_ids=manifest["special_token_ids"],
+        mask_rate=data_cfg.mask_rate,
+        mask_token_ratio=data_cfg.mask_token_ratio,
+        random_token_ratio=data_cfg.random_token_ratio,
+        masking=masking,
+        span_p=data_cfg.span_p,
+        span_max=data_cfg.span_max,
+        is_continuation=table,
+    )

@@ -30,8 +30,9 @@ def pair_kind(objective: str) -> str | None:
 
 def pair_uniforms(seed: int, epoch: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """(B, n) uniform [0, 1) floats: row b depends only on (seed, epoch[b], index[b])."""
-    key = splitmix64(np.array([_STREAM], dtype=np.uint64)
-                     ^ splitmix64(np.array([seed], dtype=np.uint64)))
+    key = splitmix64(
+        np.array([_STREAM], dtype=np.uint64) ^ splitmix64(np.array([seed], dtype=np.uint64))
+    )
     x = splitmix64(key + epoch.astype(np.uint64) * GOLDEN_GAMMA)  # (B,)
     x = splitmix64(x ^ splitmix64(index.astype(np.uint64) + GOLDEN_GAMMA))  # (B,)
     steps = np.arange(1, n + 1, dtype=np.uint64)[None, :] * GOLDEN_GAMMA  # (1, n)
@@ -112,8 +113,9 @@ class PairBuilder:
         skip = 1 if n > 3 else 0  # neighbours on each side
         return (index + skip + 1 + (u * (n - 2 * skip - 1)).astype(np.int64)) % n
 
-    def __call__(self, tokens: np.ndarray, index: np.ndarray, seed: int,
-                 epoch: np.ndarray | int) -> Pairs:
+    def __call__(
+        self, tokens: np.ndarray, index: np.ndarray, seed: int, epoch: np.ndarray | int
+    ) -> Pairs:
         """tokens (B, T) rows of the sequences `index` (B,); epoch (B,) or a scalar."""
         tokens = np.asarray(tokens, dtype=np.int64)
         index = np.asarray(index, dtype=np.int64)
@@ -134,18 +136,26 @@ class PairBuilder:
         a_start, a_len = start, cut
         b_start, b_len = start + cut, length - cut
         if self.kind == "sop":
-            a_start, a_len, b_start, b_len = (np.where(flip, b_start, a_start),
-                                              np.where(flip, b_len, a_len),
-                                              np.where(flip, a_start, b_start),
-                                              np.where(flip, a_len, b_len))
+            a_start, a_len, b_start, b_len = (
+                np.where(flip, b_start, a_start),
+                np.where(flip, b_len, a_len),
+                np.where(flip, a_start, b_start),
+                np.where(flip, a_len, b_len),
+            )
         elif flip.any():
             self._replace(np.flatnonzero(flip), index, u, b_start, b_len, source)
             labels[flip & (b_len == 0)] = IGNORE  # no candidate had any text: no pair
-        return self._assemble(np.concatenate(source), t, a_start, a_len, b_start, b_len,
-                              labels)
+        return self._assemble(np.concatenate(source), t, a_start, a_len, b_start, b_len, labels)
 
-    def _replace(self, rows: np.ndarray, index: np.ndarray, u: np.ndarray,
-                 b_start: np.ndarray, b_len: np.ndarray, source: list[np.ndarray]) -> None:
+    def _replace(
+        self,
+        rows: np.ndarray,
+        index: np.ndarray,
+        u: np.ndarray,
+        b_start: np.ndarray,
+        b_len: np.ndarray,
+        source: list[np.ndarray],
+    ) -> None:
         """NSP: point B of `rows` at another sequence's text, appended to `source`
         (b_start and b_len are updated in place). A row's candidate k is read only if
         candidates 0..k-1 had no piece as long as its B."""
@@ -171,8 +181,16 @@ class PairBuilder:
             todo = todo[~ok]
         b_start[rows[todo]], b_len[rows[todo]] = best_start[todo], best_len[todo]
 
-    def _assemble(self, source: np.ndarray, t: int, a_start: np.ndarray, a_len: np.ndarray,
-                  b_start: np.ndarray, b_len: np.ndarray, labels: np.ndarray) -> Pairs:
+    def _assemble(
+        self,
+        source: np.ndarray,
+        t: int,
+        a_start: np.ndarray,
+        a_len: np.ndarray,
+        b_start: np.ndarray,
+        b_len: np.ndarray,
+        labels: np.ndarray,
+    ) -> Pairs:
         """[CLS] A [SEP] B [SEP] [PAD]... from spans of `source`; a row without a pair
         (label -100) is [CLS] A [SEP], B dropped."""
         n = len(labels)
@@ -181,8 +199,9 @@ class PairBuilder:
         la, lb = a_len[:, None], b_len[:, None]  # (B, 1)
         in_a = (p >= 1) & (p <= la)  # (B, T)
         in_b = (p >= la + 2) & (p < la + 2 + lb)
-        src = np.where(in_a, a_start[:, None] + p - 1,
-                       np.where(in_b, b_start[:, None] + p - la - 2, 0))
+        src = np.where(
+            in_a, a_start[:, None] + p - 1, np.where(in_b, b_start[:, None] + p - la - 2, 0)
+        )
         out = np.where(in_a | in_b, source[src], self.pad)
         r = np.arange(n)
         has_b = b_len > 0
@@ -202,8 +221,9 @@ class PairedMasker:
     def __init__(self, masker, pairs: PairBuilder):
         self.masker, self.pairs = masker, pairs
 
-    def __call__(self, tokens: np.ndarray, index: np.ndarray, seed: int,
-                 epoch: np.ndarray | int) -> MaskedBatch:
+    def __call__(
+        self, tokens: np.ndarray, index: np.ndarray, seed: int, epoch: np.ndarray | int
+    ) -> MaskedBatch:
         p = self.pairs(tokens, index, seed, epoch)
         batch = self.masker(p.tokens, index, seed, epoch)
         batch.token_type_ids = torch.from_numpy(p.token_type_ids)

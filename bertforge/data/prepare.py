@@ -68,12 +68,20 @@ _BATCH_CHARS = 250_000
 _BATCH_DOCUMENTS = 8192
 
 
-def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike,
-            seq_len: int = 128, valid_fraction: float = 0.01, shard_sequences: int = 65536,
-            show_progress: bool = True,
-            corpus_options: CorpusOptions | None = None, document_boundary: str = "cross",
-            workers: int | None = None, num_shards: int = 1,
-            shard_index: int = 0) -> dict[str, Any]:
+def prepare(
+    corpus: list[str],
+    tokenizer_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seq_len: int = 128,
+    valid_fraction: float = 0.01,
+    shard_sequences: int = 65536,
+    show_progress: bool = True,
+    corpus_options: CorpusOptions | None = None,
+    document_boundary: str = "cross",
+    workers: int | None = None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> dict[str, Any]:
     """Tokenize `corpus` (files, directories, globs, hf: specs; read with
     `corpus_options`) into shards in `out_dir`.
 
@@ -115,14 +123,18 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     if shard_sequences < 1:
         raise BertforgeError(f"shard_sequences {shard_sequences} must be >= 1")
     if document_boundary not in DOCUMENT_BOUNDARIES:
-        raise BertforgeError(f"document_boundary {document_boundary!r} must be one of "
-                             f"{', '.join(DOCUMENT_BOUNDARIES)}")
+        raise BertforgeError(
+            f"document_boundary {document_boundary!r} must be one of "
+            f"{', '.join(DOCUMENT_BOUNDARIES)}"
+        )
     workers = available_cores() if workers is None else workers
     if workers < 1:
         raise BertforgeError(f"workers {workers} must be >= 1")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise BertforgeError(f"shard index {shard_index} of {num_shards} shards: need "
-                             f"num_shards >= 1 and 0 <= shard_index < num_shards")
+        raise BertforgeError(
+            f"shard index {shard_index} of {num_shards} shards: need "
+            f"num_shards >= 1 and 0 <= shard_index < num_shards"
+        )
     start = time.perf_counter()
     tok = load_tokenizer(tokenizer_dir)
     tok.encode_special_tokens = True  # "[MASK]" in the text is text, not a mask
@@ -142,18 +154,31 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
         try:
             tmp.mkdir()  # not mkdtemp: that makes it private (0700), and it becomes `out`
             stats = CorpusStats()
-            packers = {s: _Packer(_ShardWriter(tmp, s, seq_len, dtype, shard_sequences), specials,
-                                  document_boundary) for s in SPLITS}
+            packers = {
+                s: _Packer(
+                    _ShardWriter(tmp, s, seq_len, dtype, shard_sequences),
+                    specials,
+                    document_boundary,
+                )
+                for s in SPLITS
+            }
             # A bar on a terminal only: its carriage returns would fill a log file.
-            bar = tqdm(total=_total_bytes(files), unit="B", unit_scale=True, desc="prepare",
-                       disable=not (show_progress and sys.stderr.isatty()), file=sys.stderr)
+            bar = tqdm(
+                total=_total_bytes(files),
+                unit="B",
+                unit_scale=True,
+                desc="prepare",
+                disable=not (show_progress and sys.stderr.isatty()),
+                file=sys.stderr,
+            )
             # Each split's latest document (its ids) is held back until the end (see _settle).
             pending: dict[str, np.ndarray | None] = {s: None for s in SPLITS}
             seen = 0
             docs = iter_documents(files, stats, corpus_options)
             if num_shards > 1:  # this part's documents: ordinal mod num_shards == shard_index
-                docs = itertools.compress(docs, itertools.cycle(
-                    [k == shard_index for k in range(num_shards)]))
+                docs = itertools.compress(
+                    docs, itertools.cycle([k == shard_index for k in range(num_shards)])
+                )
             batches = batched(docs, _BATCH_CHARS, _BATCH_DOCUMENTS)
             for enc in encode_batches(batches, tok, dtype, valid_fraction, workers):
                 for split, chosen in (("train", ~enc.valid), ("valid", enc.valid)):
@@ -174,11 +199,14 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
 
             if stats.documents == 0:
                 found = f" ({stats.problems()})" if stats.problems() else ""
-                raise BertforgeError(f"corpus has no documents: "
-                                     f"{' '.join(map(str, corpus))}{found}")
+                raise BertforgeError(
+                    f"corpus has no documents: {' '.join(map(str, corpus))}{found}"
+                )
             if all(p is None for p in pending.values()):
-                raise BertforgeError(f"part {shard_index} of {num_shards} has no documents (the "
-                                     f"corpus has {stats.documents:,})")
+                raise BertforgeError(
+                    f"part {shard_index} of {num_shards} has no documents (the "
+                    f"corpus has {stats.documents:,})"
+                )
             _settle(pending, packers, valid_fraction)
             if valid_fraction > 0 and packers["valid"].documents == 0:
                 log.warning("corpus has a single document: the validation split is empty")
@@ -209,8 +237,9 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
                 packer.writer.abandon()
             shutil.rmtree(tmp, ignore_errors=True)  # (the lock removes the empty parents)
             if isinstance(e, OSError):  # a full disk, a file size limit, a quota
-                raise BertforgeError(f"cannot write {out}: {e.strerror or e} (the partial "
-                                     f"output was removed)") from None
+                raise BertforgeError(
+                    f"cannot write {out}: {e.strerror or e} (the partial output was removed)"
+                ) from None
             raise
 
     if show_progress:
@@ -218,8 +247,9 @@ def prepare(corpus: list[str], tokenizer_dir: str | os.PathLike, out_dir: str | 
     return manifest
 
 
-def _settle(pending: dict[str, np.ndarray | None], packers: dict[str, _Packer],
-            valid_fraction: float) -> None:
+def _settle(
+    pending: dict[str, np.ndarray | None], packers: dict[str, _Packer], valid_fraction: float
+) -> None:
     """Place each split's held-back last document, fixing up what hashing alone gets wrong
     on tiny corpora: train must never be empty, and valid should not be when asked for."""
     count = {s: packers[s].documents + (pending[s] is not None) for s in SPLITS}
@@ -272,8 +302,9 @@ class _Packer:
     document cut on its own, its last sequence padded.
     """
 
-    def __init__(self, writer: _ShardWriter, specials: dict[str, int],
-                 document_boundary: str = "cross") -> None:
+    def __init__(
+        self, writer: _ShardWriter, specials: dict[str, int], document_boundary: str = "cross"
+    ) -> None:
         self.writer = writer
         self.cls, self.sep, self.pad = specials["cls"], specials["sep"], specials["pad"]
         self.body = writer.seq_len - 2
@@ -331,7 +362,7 @@ class _Packer:
                 pos += 1  # never open a body with the joining [SEP]
             if len(buf) - pos < body:
                 break
-            rows[n, 1:-1] = buf[pos:pos + body]
+            rows[n, 1:-1] = buf[pos : pos + body]
             pos += body
             n += 1
         rows[:n, 0], rows[:n, -1] = self.cls, self.sep
@@ -343,21 +374,26 @@ class _Packer:
         if len(self.buf):
             row = np.full((1, self.writer.seq_len), self.pad, dtype=self.buf.dtype)
             row[0, 0] = self.cls
-            row[0, 1:1 + len(self.buf)] = self.buf
+            row[0, 1 : 1 + len(self.buf)] = self.buf
             row[0, 1 + len(self.buf)] = self.sep
             self.writer.write(row)
             self.buf = self.buf[:0]
         shards = self.writer.close()
-        return {"documents": self.documents, "tokens": self.tokens,
-                "sequences": sum(s["sequences"] for s in shards), "shards": shards}
+        return {
+            "documents": self.documents,
+            "tokens": self.tokens,
+            "sequences": sum(s["sequences"] for s in shards),
+            "shards": shards,
+        }
 
 
 class _ShardWriter:
     """Appends sequences to split-00000.bin, split-00001.bin, ... of at most `limit` rows,
     hashing each shard's bytes as they are written (its SHARD_HASH goes in the manifest)."""
 
-    def __init__(self, directory: Path, split: str, seq_len: int, dtype: np.dtype,
-                 limit: int) -> None:
+    def __init__(
+        self, directory: Path, split: str, seq_len: int, dtype: np.dtype, limit: int
+    ) -> None:
         self.directory, self.split, self.seq_len, self.dtype = directory, split, seq_len, dtype
         self.limit = limit
         self.shards: list[dict[str, Any]] = []
@@ -404,10 +440,13 @@ class _ShardWriter:
 def _summary(manifest: dict[str, Any], stats: CorpusStats, elapsed: float, out: Path) -> None:
     train, valid = manifest["splits"]["train"], manifest["splits"]["valid"]
     mb = stats.bytes / 1e6
-    print(f"prepare: {stats.documents:,} documents ({train['documents']:,} train, "
-          f"{valid['documents']:,} valid), {train['tokens'] + valid['tokens']:,} tokens, "
-          f"{train['sequences']:,} + {valid['sequences']:,} sequences of {manifest['seq_len']} "
-          f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
+    print(
+        f"prepare: {stats.documents:,} documents ({train['documents']:,} train, "
+        f"{valid['documents']:,} valid), {train['tokens'] + valid['tokens']:,} tokens, "
+        f"{train['sequences']:,} + {valid['sequences']:,} sequences of {manifest['seq_len']} "
+        f"in {elapsed:.1f}s ({mb / max(elapsed, 1e-9):.1f} MB/s) -> {out}",
+        file=sys.stderr,
+    )
     for line in stats.summary_lines():  # files per format, every repair, unreadable files
         print(line, file=sys.stderr)
     for line in split_warnings(manifest, stats.documents):
@@ -428,18 +467,22 @@ def split_warnings(manifest: dict[str, Any], documents: int) -> list[str]:
     fraction = manifest.get("valid_fraction") or 0.0
     sequences = train["sequences"] + valid["sequences"]
     tokens = train["tokens"] + valid["tokens"]
-    hint = ("if each line of your text is a document (one sentence per line), pass "
-            "--one-doc-per-line")
+    hint = (
+        "if each line of your text is a document (one sentence per line), pass --one-doc-per-line"
+    )
     out = []
     if fraction > 0 and 0 < documents < FEW_DOCUMENTS:
-        out.append(f"only {documents:,} documents: the held-out split takes whole documents; "
-                   f"{hint}")
+        out.append(
+            f"only {documents:,} documents: the held-out split takes whole documents; {hint}"
+        )
     elif documents and tokens / documents > HUGE_DOCUMENT_TOKENS:
         out.append(f"documents average {tokens // documents:,} tokens; {hint}")
     share = valid["sequences"] / sequences if sequences else 0.0
     if fraction > 0 and share > max(2 * fraction, fraction + 0.02):
-        out.append(f"{share:.0%} of the sequences are held out ({valid['sequences']:,} of "
-                   f"{sequences:,}), not the {fraction:.0%} asked: whole documents are held out")
+        out.append(
+            f"{share:.0%} of the sequences are held out ({valid['sequences']:,} of "
+            f"{sequences:,}), not the {fraction:.0%} asked: whole documents are held out"
+        )
     return out
 
 
@@ -451,18 +494,32 @@ def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise BertforgeError(f"not a bertforge data directory (no {MANIFEST}): "
-                             f"{data_dir}") from None
+        raise BertforgeError(
+            f"not a bertforge data directory (no {MANIFEST}): {data_dir}"
+        ) from None
     except ValueError as e:
         raise BertforgeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BertforgeError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise BertforgeError(f"{path}: manifest version {_shown(manifest.get('version'))} is "
-                             f"not supported (this bertforge reads version {VERSION})")
-    missing = [k for k in ("seq_len", "dtype", "vocab_size", "tokenizer_hash",
-                           "special_token_ids", "valid_fraction", "document_boundary", "splits")
-               if k not in manifest]
+        raise BertforgeError(
+            f"{path}: manifest version {_shown(manifest.get('version'))} is "
+            f"not supported (this bertforge reads version {VERSION})"
+        )
+    missing = [
+        k
+        for k in (
+            "seq_len",
+            "dtype",
+            "vocab_size",
+            "tokenizer_hash",
+            "special_token_ids",
+            "valid_fraction",
+            "document_boundary",
+            "splits",
+        )
+        if k not in manifest
+    ]
     if missing:
         raise BertforgeError(f"{path}: manifest lacks {', '.join(missing)}")
     _check_fields(path, manifest)
@@ -481,55 +538,88 @@ def _is_int(value: Any, low: int = 0) -> bool:
 def _check_fields(path: Path, m: dict[str, Any]) -> None:
     """Refuse a manifest field of the wrong type or range, naming it: what reads the data
     trusts them (a seq_len of "32" would repeat a string instead of multiplying)."""
+
     def need(ok: bool, field: str, what: str, value: Any) -> None:
         if not ok:
-            raise BertforgeError(f"{path}: manifest field {field} must be {what}, not "
-                                 f"{_shown(value)}")
+            raise BertforgeError(
+                f"{path}: manifest field {field} must be {what}, not {_shown(value)}"
+            )
 
-    need(_is_int(m["seq_len"], MIN_SEQ_LEN), "seq_len", f"an integer >= {MIN_SEQ_LEN}",
-         m["seq_len"])
+    need(
+        _is_int(m["seq_len"], MIN_SEQ_LEN), "seq_len", f"an integer >= {MIN_SEQ_LEN}", m["seq_len"]
+    )
     need(m["dtype"] in ("uint16", "uint32"), "dtype", "uint16 or uint32", m["dtype"])
     need(_is_int(m["vocab_size"], 1), "vocab_size", "an integer >= 1", m["vocab_size"])
     specials = m["special_token_ids"]
     need(isinstance(specials, dict), "special_token_ids", "an object", specials)
     for name in ("pad", "unk", "cls", "sep", "mask"):
         value = specials.get(name)
-        need(_is_int(value) and value < m["vocab_size"], f"special_token_ids.{name}",
-             "a token id below vocab_size", value)
+        need(
+            _is_int(value) and value < m["vocab_size"],
+            f"special_token_ids.{name}",
+            "a token id below vocab_size",
+            value,
+        )
     value = m["tokenizer_hash"]
-    need(isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
-         "tokenizer_hash", "hex digits", value)
-    need(m["document_boundary"] in DOCUMENT_BOUNDARIES, "document_boundary",
-         f"one of {', '.join(DOCUMENT_BOUNDARIES)}", m["document_boundary"])
+    need(
+        isinstance(value, str) and re.fullmatch(r"[0-9a-f]{1,64}", value) is not None,
+        "tokenizer_hash",
+        "hex digits",
+        value,
+    )
+    need(
+        m["document_boundary"] in DOCUMENT_BOUNDARIES,
+        "document_boundary",
+        f"one of {', '.join(DOCUMENT_BOUNDARIES)}",
+        m["document_boundary"],
+    )
     value = m["valid_fraction"]
-    need(isinstance(value, (int, float)) and not isinstance(value, bool)
-         and 0 <= value < 1, "valid_fraction", "a number in [0, 1)", value)
+    need(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1,
+        "valid_fraction",
+        "a number in [0, 1)",
+        value,
+    )
     need(isinstance(m["splits"], dict), "splits", "an object", m["splits"])
     for split, entry in m["splits"].items():
         where = f"splits.{quote(split)}"
         need(isinstance(entry, dict), where, "an object", entry)
-        need(isinstance(entry.get("shards"), list), f"{where}.shards", "a list",
-             entry.get("shards"))
+        need(
+            isinstance(entry.get("shards"), list), f"{where}.shards", "a list", entry.get("shards")
+        )
         for i, shard in enumerate(entry["shards"]):
             need(isinstance(shard, dict), f"{where}.shards[{i}]", "an object", shard)
             name = shard.get("file")
             # A plain file name: a path would read (or hash) any file on the machine.
-            need(isinstance(name, str) and re.fullmatch(r"\w[\w.-]*", name) is not None,
-                 f"{where}.shards[{i}].file", "a file name in the data directory", name)
+            need(
+                isinstance(name, str) and re.fullmatch(r"\w[\w.-]*", name) is not None,
+                f"{where}.shards[{i}].file",
+                "a file name in the data directory",
+                name,
+            )
             # prepare writes no empty shard, and an empty file cannot be memory-mapped
-            need(_is_int(shard.get("sequences"), 1), f"{where}.shards[{i}].sequences",
-                 "an integer >= 1", shard.get("sequences"))
+            need(
+                _is_int(shard.get("sequences"), 1),
+                f"{where}.shards[{i}].sequences",
+                "an integer >= 1",
+                shard.get("sequences"),
+            )
             digest = shard.get(SHARD_HASH)
-            need(isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)
-                 is not None, f"{where}.shards[{i}].{SHARD_HASH}", "64 hex digits", digest)
+            need(
+                isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) is not None,
+                f"{where}.shards[{i}].{SHARD_HASH}",
+                "64 hex digits",
+                digest,
+            )
 
 
 def open_split(data_dir: str | os.PathLike, split: str) -> list[np.memmap]:
     """Read-only memmaps, one per shard, each of shape (sequences, seq_len)."""
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
-        raise BertforgeError(f"{data_dir}: no split {split!r} "
-                             f"(has {', '.join(manifest['splits'])})")
+        raise BertforgeError(
+            f"{data_dir}: no split {split!r} (has {', '.join(manifest['splits'])})"
+        )
     seq_len, dtype = manifest["seq_len"], np.dtype(manifest["dtype"])
     maps = []
     for shard in manifest["splits"][split]["shards"]:

@@ -47,8 +47,9 @@ QUOTE_CHARS = 60  # file content quoted in a message or warning is cut to this l
 # Vertical tab and form feed separate words, so they become spaces; the rest go.
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _CONTROL_TABLE: dict[int, str | None] = {
-    c: None for c in [*range(0x00, 0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0)]}
-_CONTROL_TABLE.update({0x0b: " ", 0x0c: " "})
+    c: None for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]
+}
+_CONTROL_TABLE.update({0x0B: " ", 0x0C: " "})
 # Lone surrogates come only from JSON "\ud800" escapes; they cannot be encoded as UTF-8.
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
@@ -90,32 +91,38 @@ class CorpusStats:
 
     def problems(self) -> str:
         """What was repaired or skipped, for the user ("" when nothing was)."""
-        counts = [(self.decode_errors, "undecodable character{s} replaced"),
-                  (self.control_chars, "control character{s} removed"),
-                  (self.bad_lines, "bad record{s} skipped"),
-                  (self.oversized_records, "oversized record{s} skipped"),
-                  (self.empty_documents, "empty document{s} skipped"),
-                  (self.duplicate_documents, "duplicate document{s} dropped"),
-                  (self.long_lines, "long line{s} cut into pieces"),
-                  (self.split_documents, "long document{s} split"),
-                  (self.unreadable_files, "unreadable file{s} skipped")]
-        return ", ".join(f"{n:,} " + what.format(s="" if n == 1 else "s")
-                         for n, what in counts if n)
+        counts = [
+            (self.decode_errors, "undecodable character{s} replaced"),
+            (self.control_chars, "control character{s} removed"),
+            (self.bad_lines, "bad record{s} skipped"),
+            (self.oversized_records, "oversized record{s} skipped"),
+            (self.empty_documents, "empty document{s} skipped"),
+            (self.duplicate_documents, "duplicate document{s} dropped"),
+            (self.long_lines, "long line{s} cut into pieces"),
+            (self.split_documents, "long document{s} split"),
+            (self.unreadable_files, "unreadable file{s} skipped"),
+        ]
+        return ", ".join(
+            f"{n:,} " + what.format(s="" if n == 1 else "s") for n, what in counts if n
+        )
 
     def summary_lines(self, max_named: int = 10) -> list[str]:
         """A few lines for the end of a command: files per format, documents, what was
         repaired or skipped, and the unreadable files by name."""
         formats = ", ".join(f"{n:,} {fmt}" for fmt, n in sorted(self.formats.items()))
-        lines = [f"corpus: {self.files:,} file{'' if self.files == 1 else 's'} "
-                 f"({formats or 'none'}), {self.documents:,} "
-                 f"documents, {self.bytes / 1e6:,.1f} MB"]
+        lines = [
+            f"corpus: {self.files:,} file{'' if self.files == 1 else 's'} "
+            f"({formats or 'none'}), {self.documents:,} "
+            f"documents, {self.bytes / 1e6:,.1f} MB"
+        ]
         if self.problems():
             lines.append(f"corpus: {self.problems()}")
         for entry in self.unreadable[:max_named]:
             lines.append(f"corpus: unreadable, skipped: {entry}")
         if self.unreadable_files > max_named:
-            lines.append(f"corpus: ... and {self.unreadable_files - max_named:,} more "
-                         "unreadable files")
+            lines.append(
+                f"corpus: ... and {self.unreadable_files - max_named:,} more unreadable files"
+            )
         return lines
 
 
@@ -124,8 +131,9 @@ def _require(module: str, extra: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError:
         package = module.split(".")[0]
-        raise BertforgeError(f"reading {what} needs the {package} package: "
-                             f"pip install 'bertforge[{extra}]'") from None
+        raise BertforgeError(
+            f"reading {what} needs the {package} package: pip install 'bertforge[{extra}]'"
+        ) from None
 
 
 class _Unreadable(Exception):
@@ -143,8 +151,9 @@ def quote(text: str, limit: int = QUOTE_CHARS) -> str:
     `limit` characters, and every character that is not printable (ESC, which drives the
     terminal, newlines, bidi overrides) written as its escape, so that hostile bytes can
     neither flood nor forge what the user reads."""
-    cut = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
-                  for c in text[:limit])
+    cut = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text[:limit]
+    )
     return cut + "..." if len(text) > limit else cut
 
 
@@ -159,7 +168,8 @@ def _open(path: Path, compression: str) -> BinaryIO:
         zstd = _require("zstandard", "formats", path.name)
         # A large window for files made with `zstd --long`; frames may be concatenated.
         return zstd.ZstdDecompressor(max_window_size=2**31).stream_reader(
-            open(path, "rb"), read_across_frames=True, closefd=True)
+            open(path, "rb"), read_across_frames=True, closefd=True
+        )
     return open(path, "rb")
 
 
@@ -198,7 +208,7 @@ def _lines(f: BinaryIO, stats: CorpusStats, limit: int, skip_long: bool) -> Iter
                 if final:
                     return
                 continue
-            raw, skipping = raw[end + 1:], False
+            raw, skipping = raw[end + 1 :], False
         dirty = carry_dirty or _has_control(raw)
         parts = raw.split(b"\n")
         if carry:
@@ -252,16 +262,17 @@ def _has_control(data: bytes) -> bool:
     below 0x20 other than tab and newline, DEL, or C1 (0xC2 then 0x80-0x9F). numpy
     compares take a twentieth of the time of a character-class regex over the block."""
     a = np.frombuffer(data, dtype=np.uint8)
-    if ((a < 0x20) & (a != 0x09) & (a != 0x0a)).any() or (a == 0x7f).any():
+    if ((a < 0x20) & (a != 0x09) & (a != 0x0A)).any() or (a == 0x7F).any():
         return True
     if b"\xc2" not in data:
         return False
-    lead = np.flatnonzero(a[:-1] == 0xc2)
-    return bool((a[lead + 1] < 0xa0).any())
+    lead = np.flatnonzero(a[:-1] == 0xC2)
+    return bool((a[lead + 1] < 0xA0).any())
 
 
-def _fit(parts: list[bytes], stats: CorpusStats, limit: int, skip_long: bool,
-         continued: bool) -> Iterator[bytes]:
+def _fit(
+    parts: list[bytes], stats: CorpusStats, limit: int, skip_long: bool, continued: bool
+) -> Iterator[bytes]:
     """`parts`, each one over `limit` bytes skipped or cut into pieces (`continued`: the
     first is the end of a long line already counted)."""
     for i, part in enumerate(parts):
@@ -369,8 +380,9 @@ def _json_documents(lines: Iterator[str], text_field: str, stats: CorpusStats) -
             stats.bad_lines += 1
 
 
-def _csv_documents(lines: Iterator[str], fmt: str, stats: CorpusStats,
-                   options: CorpusOptions) -> Iterator[str]:
+def _csv_documents(
+    lines: Iterator[str], fmt: str, stats: CorpusStats, options: CorpusOptions
+) -> Iterator[str]:
     """The text column of each row; rows that do not parse or lack it are counted."""
     if fmt == "tsv":
         dialect: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
@@ -389,8 +401,10 @@ def _csv_documents(lines: Iterator[str], fmt: str, stats: CorpusStats,
             return
         header = [h.strip() for h in header]
         if options.text_column not in header:
-            raise _Unreadable(f"no column {options.text_column!r} (columns: "
-                              f"{quote(', '.join(header[:20]))}); choose one with --text-column")
+            raise _Unreadable(
+                f"no column {options.text_column!r} (columns: "
+                f"{quote(', '.join(header[:20]))}); choose one with --text-column"
+            )
         index = header.index(options.text_column)
         while True:
             try:
@@ -410,8 +424,9 @@ def _csv_documents(lines: Iterator[str], fmt: str, stats: CorpusStats,
         csv.field_size_limit(old_limit)
 
 
-def _parquet_documents(path: Path, compression: str, stats: CorpusStats,
-                       options: CorpusOptions) -> Iterator[str]:
+def _parquet_documents(
+    path: Path, compression: str, stats: CorpusStats, options: CorpusOptions
+) -> Iterator[str]:
     """The text column, a record batch at a time (memory: one row group's column)."""
     pq = _require("pyarrow.parquet", "formats", path.name)
     import pyarrow as pa
@@ -422,12 +437,18 @@ def _parquet_documents(path: Path, compression: str, stats: CorpusStats,
         schema = pf.schema_arrow
         column = options.text_column
         if column not in schema.names:
-            raise _Unreadable(f"no column {column!r} (columns: "
-                              f"{quote(', '.join(schema.names[:20]))}); choose one with "
-                              f"--text-column")
+            raise _Unreadable(
+                f"no column {column!r} (columns: "
+                f"{quote(', '.join(schema.names[:20]))}); choose one with "
+                f"--text-column"
+            )
         typ = schema.field(column).type
-        text_types = (pa.types.is_string(typ) or pa.types.is_large_string(typ)
-                      or pa.types.is_binary(typ) or pa.types.is_large_binary(typ))
+        text_types = (
+            pa.types.is_string(typ)
+            or pa.types.is_large_string(typ)
+            or pa.types.is_binary(typ)
+            or pa.types.is_large_binary(typ)
+        )
         if not text_types:
             raise _Unreadable(f"column {column!r} holds {typ}, not text")
         for batch in pf.iter_batches(batch_size=1024, columns=[column]):
@@ -457,8 +478,9 @@ def _seekable(path: Path, compression: str) -> BinaryIO:
     return tmp
 
 
-def _hf_documents(spec: str, name: str, config: str | None, stats: CorpusStats,
-                  options: CorpusOptions) -> Iterator[str]:
+def _hf_documents(
+    spec: str, name: str, config: str | None, stats: CorpusStats, options: CorpusOptions
+) -> Iterator[str]:
     """The train split of Hub dataset `name` (`config`; `spec` names it in messages),
     streamed. Any failure of the datasets library (network, missing dataset, bad config)
     makes the source unreadable, not the run."""

@@ -41,11 +41,14 @@ from bertforge.fileio import make_dir, write_text_atomic
 from bertforge.paths import mark, replace_owned, require_owned, sibling
 
 # Order fixes the ids: the trainer assigns special tokens ids 0.. in list order.
-SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
-                  "mask": "[MASK]"}
+SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 MODEL_MAX_LENGTH = 512
 # Characters kept in the initial alphabet (transformers' BertWordPieceTokenizer default):
 # a Unicode-rich corpus would otherwise spend thousands of ids on one-off symbols.
@@ -58,11 +61,17 @@ _BATCH_CHARS = 200_000
 
 def build_tokenizer(lowercase: bool = True) -> Tokenizer:
     """An untrained BERT WordPiece pipeline (empty vocabulary)."""
-    tok = Tokenizer(WordPiece(unk_token=SPECIAL_TOKENS["unk"], continuing_subword_prefix="##",
-                              max_input_chars_per_word=100))
+    tok = Tokenizer(
+        WordPiece(
+            unk_token=SPECIAL_TOKENS["unk"],
+            continuing_subword_prefix="##",
+            max_input_chars_per_word=100,
+        )
+    )
     # strip_accents=None follows `lowercase`, as in the original BERT.
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase
+    )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     return tok
@@ -77,11 +86,17 @@ def _set_template(tok: Tokenizer) -> None:
     )
 
 
-def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: int = 30522,
-                    lowercase: bool = True, min_frequency: int = 2,
-                    show_progress: bool = True, options: CorpusOptions | None = None,
-                    sample_bytes: int | None = None,
-                    stats: CorpusStats | None = None) -> Path:
+def train_tokenizer(
+    corpus: list[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 30522,
+    lowercase: bool = True,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+    options: CorpusOptions | None = None,
+    sample_bytes: int | None = None,
+    stats: CorpusStats | None = None,
+) -> Path:
     """Train a WordPiece tokenizer on the documents of `corpus`; write it to `out_dir`.
 
     `corpus` holds files, directories, globs or hf: specs, read with `options`. The
@@ -113,13 +128,22 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     total = estimate_bytes(files)
     if sample_bytes is not None and total is not None:
         total = min(total, sample_bytes)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizer",  # a terminal's only
-               disable=not (show_progress and sys.stderr.isatty()), file=sys.stderr)
+    bar = tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="tokenizer",  # a terminal's only
+        disable=not (show_progress and sys.stderr.isatty()),
+        file=sys.stderr,
+    )
     trainer = WordPieceTrainer(
         # Progress is bertforge's own bar, in bytes read (the Rust one writes blank lines
         # off a terminal).
-        vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-        special_tokens=list(SPECIAL_TOKENS.values()), limit_alphabet=LIMIT_ALPHABET,
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        limit_alphabet=LIMIT_ALPHABET,
         continuing_subword_prefix="##",
     )
     batches = batched(itertools.chain([first], docs), _BATCH_CHARS, _BATCH_DOCUMENTS)
@@ -132,11 +156,15 @@ def train_tokenizer(corpus: list[str], out_dir: str | os.PathLike, vocab_size: i
     out = save_tokenizer(tok, out_dir, lowercase)
     if show_progress:
         elapsed = time.perf_counter() - start
-        sample = (f", a sample of about {sample_bytes / 1e6:,.1f} MB"
-                  if sample_bytes is not None else "")
-        print(f"tokenizer: vocab {tok.get_vocab_size()} from {stats.documents:,} documents "
-              f"({stats.bytes / 1e6:.1f} MB read{sample}) in {elapsed:.1f}s "
-              f"({stats.bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {out}", file=sys.stderr)
+        sample = (
+            f", a sample of about {sample_bytes / 1e6:,.1f} MB" if sample_bytes is not None else ""
+        )
+        print(
+            f"tokenizer: vocab {tok.get_vocab_size()} from {stats.documents:,} documents "
+            f"({stats.bytes / 1e6:.1f} MB read{sample}) in {elapsed:.1f}s "
+            f"({stats.bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s) -> {out}",
+            file=sys.stderr,
+        )
         for line in stats.summary_lines():
             print(line, file=sys.stderr)
     return out
@@ -165,8 +193,9 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | os.PathLike, lowercase: bool) 
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
     except OSError as e:
-        raise BertforgeError(f"cannot create tokenizer directory {final}: "
-                             f"{e.strerror or e}") from None
+        raise BertforgeError(
+            f"cannot create tokenizer directory {final}: {e.strerror or e}"
+        ) from None
     try:
         _write_tokenizer(tok, out, lowercase)
         replace_owned(out, final, "tokenizer")
@@ -180,15 +209,16 @@ def _write_tokenizer(tok: Tokenizer, out: Path, lowercase: bool) -> None:
     if [i for _, i in vocab] != list(range(len(vocab))):
         raise AssertionError("vocabulary ids are not contiguous")
     write_text_atomic(out / "vocab.txt", "".join(f"{t}\n" for t, _ in vocab))
-    write_text_atomic(out / "tokenizer_config.json",
-                      json.dumps(_tokenizer_config(lowercase), indent=2) + "\n")
-    write_text_atomic(out / "special_tokens_map.json",
-                      json.dumps(_special_map(), indent=2) + "\n")
+    write_text_atomic(
+        out / "tokenizer_config.json", json.dumps(_tokenizer_config(lowercase), indent=2) + "\n"
+    )
+    write_text_atomic(out / "special_tokens_map.json", json.dumps(_special_map(), indent=2) + "\n")
     write_text_atomic(out / TOKENIZER_FILE, tok.to_str(pretty=True))
 
 
-def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
-                   model_max_length: int | None = None) -> Path:
+def copy_tokenizer(
+    src: str | os.PathLike, dst: str | os.PathLike, model_max_length: int | None = None
+) -> Path:
     """Copy the tokenizer of directory `src` (bertforge's, or a Hugging Face model's), or of
     the directory of a tokenizer.json, into directory `dst`: its TOKENIZER_FILES, with
     tokenizer.json built from vocab.txt when `src` has only that (the same bytes every
@@ -213,10 +243,12 @@ def copy_tokenizer(src: str | os.PathLike, dst: str | os.PathLike,
             (tmp / TOKENIZER_FILE).write_text(tok.to_str(pretty=True), encoding="utf-8")
         if not (tmp / "tokenizer_config.json").is_file():
             (tmp / "tokenizer_config.json").write_text(
-                json.dumps(_tokenizer_config(lowercases(tok)), indent=2) + "\n")
+                json.dumps(_tokenizer_config(lowercases(tok)), indent=2) + "\n"
+            )
         if not (tmp / "special_tokens_map.json").is_file():
             (tmp / "special_tokens_map.json").write_text(
-                json.dumps(_special_map(), indent=2) + "\n")
+                json.dumps(_special_map(), indent=2) + "\n"
+            )
         settings = tmp / "tokenizer_config.json"
         if model_max_length is not None:
             config = json.loads(settings.read_text())
@@ -239,10 +271,15 @@ def _special_map() -> dict[str, str]:
 
 def _tokenizer_config(lowercase: bool) -> dict[str, object]:
     """What transformers rebuilds a BertTokenizer from: it must say what our normalizer does."""
-    return {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
-            "strip_accents": None, "tokenize_chinese_chars": True,
-            "model_max_length": MODEL_MAX_LENGTH, "clean_up_tokenization_spaces": True,
-            **_special_map()}
+    return {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": lowercase,
+        "strip_accents": None,
+        "tokenize_chinese_chars": True,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "clean_up_tokenization_spaces": True,
+        **_special_map(),
+    }
 
 
 def load_tokenizer(tokenizer_dir: str | os.PathLike) -> Tokenizer:
@@ -285,12 +322,16 @@ def tokenizer_from_vocab(tokenizer_dir: Path) -> Tokenizer:
     tok = build_tokenizer(lowercase=bool(lowercase))
     check_vocab_file(tokenizer_dir / "vocab.txt")
     try:
-        tok.model = WordPiece.from_file(str(tokenizer_dir / "vocab.txt"),
-                                        unk_token=SPECIAL_TOKENS["unk"],
-                                        max_input_chars_per_word=100)
+        tok.model = WordPiece.from_file(
+            str(tokenizer_dir / "vocab.txt"),
+            unk_token=SPECIAL_TOKENS["unk"],
+            max_input_chars_per_word=100,
+        )
     except Exception as e:
-        raise BertforgeError(f"{tokenizer_dir / 'vocab.txt'}: not a WordPiece vocabulary "
-                             f"({(str(e).splitlines() or ['unreadable'])[0]})") from None
+        raise BertforgeError(
+            f"{tokenizer_dir / 'vocab.txt'}: not a WordPiece vocabulary "
+            f"({(str(e).splitlines() or ['unreadable'])[0]})"
+        ) from None
     special_token_ids(tok)
     # As a trained tokenizer has them: "[MASK]" in a text is the mask token, not the
     # pieces "[", "mask", "]" (fill-mask found no mask in a vocab.txt-only directory).
@@ -313,7 +354,8 @@ def check_vocab_file(path: Path) -> None:
                     f"{path}, line {number}: token {quote(token)} is also on line "
                     f"{seen[token]}; a token's id is its line number, so each must be on "
                     f"one line: replace line {seen[token]} by a placeholder no other line "
-                    f"holds (e.g. [unused{seen[token]}]), which keeps every id as it is")
+                    f"holds (e.g. [unused{seen[token]}]), which keeps every id as it is"
+                )
             seen[token] = number
 
 

@@ -39,19 +39,20 @@ class BertEmbeddings(nn.Module):
         super().__init__()
         self.vocab_size = config.vocab_size  # the rows past it are padding
         self.word_embeddings = nn.Embedding(config.padded_vocab_size, config.hidden_size)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings,
-                                                config.hidden_size)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         T = input_ids.shape[1]
         max_len = self.position_embeddings.num_embeddings
         if T > max_len:
-            raise BertforgeError(f"sequence of {T} tokens is longer than "
-                                 f"max_position_embeddings={max_len}")
+            raise BertforgeError(
+                f"sequence of {T} tokens is longer than max_position_embeddings={max_len}"
+            )
         x = self.word_embeddings(input_ids)  # (B, T, H)
         # Positions are the same for every sequence: a (T, H) slice broadcasts over B.
         x = x + self.position_embeddings.weight[:T]
@@ -139,9 +140,14 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config)
         init_weights(self, config)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, *, pool: bool = True,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pool: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(sequence_output (B, T, H), pooled_output (B, H), or None when pool=False).
 
         attention_mask: (B, T), 1 for real tokens and 0 for padding, or None when
@@ -170,8 +176,9 @@ class MaskedLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
         self.vocab_size = config.vocab_size
 
-    def forward(self, hidden: torch.Tensor, decoder_weight: torch.Tensor,
-                padded: bool = False) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, decoder_weight: torch.Tensor, padded: bool = False
+    ) -> torch.Tensor:
         """Logits (..., vocab_size); with `padded`, (..., padded_vocab_size) where the
         kernels want the padded width (`ops.pad_decoder`), which the loss then masks."""
         h = self.LayerNorm(F.gelu(self.dense(hidden)))  # (..., H)
@@ -201,8 +208,8 @@ class _LeadingRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         full = grad.new_empty(ctx.full_shape)
-        full[:grad.shape[0]] = grad
-        full[grad.shape[0]:] = 0
+        full[: grad.shape[0]] = grad
+        full[grad.shape[0] :] = 0
         return full, None
 
 
@@ -223,10 +230,15 @@ class BertForPreTraining(nn.Module):
         """The MLM decoder's weight: the word embedding matrix itself (tied)."""
         return self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                masked_positions: torch.Tensor | None = None, padded_vocab: bool = False,
-                next_sentence: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        masked_positions: torch.Tensor | None = None,
+        padded_vocab: bool = False,
+        next_sentence: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mlm_logits, nsp_logits (B, 2), or None with next_sentence=False).
 
         masked_positions: None for logits at every position, (B, T, vocab_size); or a
@@ -236,8 +248,9 @@ class BertForPreTraining(nn.Module):
         choice: the loss leaves the padding columns out, `ops.cross_entropy_and_hits`).
         next_sentence: False skips the pooler and the next-sentence head (plain MLM).
         """
-        sequence_output, pooled = self.bert(input_ids, token_type_ids, attention_mask,
-                                            pool=next_sentence)
+        sequence_output, pooled = self.bert(
+            input_ids, token_type_ids, attention_mask, pool=next_sentence
+        )
         hidden = sequence_output  # (B, T, H)
         if masked_positions is not None:
             hidden = hidden.flatten(0, 1).index_select(0, masked_positions)  # (N, H)
@@ -257,8 +270,12 @@ class BertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         init_weights(self.classifier, config)  # self.bert initialised itself
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         _, pooled = self.bert(input_ids, token_type_ids, attention_mask)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
 
@@ -287,8 +304,11 @@ def num_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
     total = sum(p.numel() for p in model.parameters())  # parameters() yields each once
     for module in model.modules():
         if isinstance(module, BertEmbeddings):
-            tables = (module.word_embeddings, module.position_embeddings,
-                      module.token_type_embeddings)
+            tables = (
+                module.word_embeddings,
+                module.position_embeddings,
+                module.token_type_embeddings,
+            )
             if exclude_embeddings:
                 total -= sum(e.weight.numel() for e in tables)
             else:

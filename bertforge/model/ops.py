@@ -67,8 +67,14 @@ def pad_decoder(t: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- attention
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v (B, nh, T, hd); attn_mask (B, 1, 1, T) bool,
     True = attend, or None (every token real: the flash kernel's case)."""
     if kernel_path(q) == "gpu":  # compiled on the CPU, the two matmuls below fuse better
@@ -81,6 +87,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------- dropout
+
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """Inverted dropout; on the CPU with a faster mask.
@@ -124,8 +131,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     zero gradient."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx, logits: torch.Tensor, targets: torch.Tensor, vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         v = vocab_size
         lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         top = torch.empty_like(lse)  # (N,) row maxima
@@ -156,14 +164,16 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return probs.mul_(grad), None, None
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
-                      vocab_size: int | None = None) -> torch.Tensor:
+def cross_entropy_sum(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None
+) -> torch.Tensor:
     """sum_i -log softmax(logits_i)[targets_i], in fp32, for (N, V) logits of any dtype."""
     return cross_entropy_and_hits(logits, targets, vocab_size)[0]
 
 
-def cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor,
-                           vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def cross_entropy_and_hits(
+    logits: torch.Tensor, targets: torch.Tensor, vocab_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(the summed fp32 cross-entropy of (N, W) logits, the rows whose target has the
     largest logit): loss and accuracy in one pass. A tie with another token counts as a
     hit, on every path (an argmax would pick the first).
@@ -187,6 +197,7 @@ def cross_entropy_and_hits(logits: torch.Tensor, targets: torch.Tensor,
 
 
 # ------------------------------------------------------------------------- gradient norm
+
 
 def grad_norm_squared(grads: list[torch.Tensor]) -> torch.Tensor:
     """sum over `grads` of sum(g**2), a float64 0-dim tensor on their device (no host sync).

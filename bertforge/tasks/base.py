@@ -27,8 +27,9 @@ class StepBatch:
     metric_counts: dict[str, str] = field(default_factory=dict)
 
     def pin_memory(self) -> StepBatch:
-        return StepBatch([m.pin_memory() for m in self.micro], self.counts, self.tokens,
-                         self.metric_counts)
+        return StepBatch(
+            [m.pin_memory() for m in self.micro], self.counts, self.tokens, self.metric_counts
+        )
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
@@ -40,8 +41,9 @@ class Task(Protocol):
     def batch(self, step: int) -> StepBatch:
         """This process's share of the global batch at `step`: a pure function of it."""
 
-    def loss_sum(self, model: torch.nn.Module, micro: Any
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def loss_sum(
+        self, model: torch.nn.Module, micro: Any
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The summed (not averaged) loss of each term of a micro-batch on the device,
         keyed like `StepBatch.counts` (each term is normalised by its count), and extra
         summed metrics as device tensors, each normalised by the count
@@ -50,5 +52,4 @@ class Task(Protocol):
     def evaluate(self, model: torch.nn.Module, step: int) -> dict[str, Any]:
         """Held-out metrics of the model after `step` steps."""
 
-    def epoch_at(self, step: int) -> float:
-        ...
+    def epoch_at(self, step: int) -> float: ...

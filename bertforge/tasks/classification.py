@@ -43,12 +43,20 @@ class Batch:
     # Batches are grouped by length and the epoch's last one is smaller: for
     # torch.compile (bertforge.train.compiling), B and T change from batch to batch.
     DYNAMIC_DIMS: ClassVar[dict[str, tuple[int, ...]]] = {
-        "input_ids": (0, 1), "token_type_ids": (0, 1), "attention_mask": (0, 1), "y": (0,)}
+        "input_ids": (0, 1),
+        "token_type_ids": (0, 1),
+        "attention_mask": (0, 1),
+        "y": (0,),
+    }
 
     def _map(self, f: Any) -> Batch:
         mask = self.attention_mask
-        return Batch(f(self.input_ids), f(self.token_type_ids),
-                     f(mask) if mask is not None else None, f(self.y))
+        return Batch(
+            f(self.input_ids),
+            f(self.token_type_ids),
+            f(mask) if mask is not None else None,
+            f(self.y),
+        )
 
     def to(self, device: torch.device) -> Batch:
         """On `device`; the copy does not block when the batch is in pinned memory."""
@@ -62,8 +70,9 @@ class TokenizedSplit:
     """A split's examples as token ids, unpadded; `batch` pads a selection to its longest
     row."""
 
-    def __init__(self, tok: Any, texts: list[str], pairs: list[str] | None,
-                 y: np.ndarray | None, pad_id: int):
+    def __init__(
+        self, tok: Any, texts: list[str], pairs: list[str] | None, y: np.ndarray | None, pad_id: int
+    ):
         encodings = tok.encode_batch(list(zip(texts, pairs)) if pairs is not None else texts)
         self.ids = [np.asarray(e.ids, dtype=np.int64) for e in encodings]
         self.types = [np.asarray(e.type_ids, dtype=np.int64) for e in encodings]
@@ -83,18 +92,26 @@ class TokenizedSplit:
             n = self.lengths[i]
             ids[row, :n], types[row, :n], mask[row, :n] = self.ids[i], self.types[i], 1
         padded = bool((self.lengths[index] < T).any())
-        return Batch(torch.from_numpy(ids), torch.from_numpy(types),
-                     torch.from_numpy(mask) if padded else None, torch.from_numpy(self.y[index]))
+        return Batch(
+            torch.from_numpy(ids),
+            torch.from_numpy(types),
+            torch.from_numpy(mask) if padded else None,
+            torch.from_numpy(self.y[index]),
+        )
 
 
 @torch.no_grad()
-def predict_logits(model: BertForSequenceClassification, data: TokenizedSplit, batch_size: int,
-                   device: torch.device) -> np.ndarray:
+def predict_logits(
+    model: BertForSequenceClassification,
+    data: TokenizedSplit,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """(N, num_labels) fp32 logits, in the data's order (batched by length: less padding)."""
     order = np.argsort(data.lengths, kind="stable")
     out = np.empty((len(data), model.num_labels), dtype=np.float32)
     for start in range(0, len(data), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         b = data.batch(index).to(device)
         out[index] = model(b.input_ids, b.token_type_ids, b.attention_mask).float().cpu().numpy()
     return out
@@ -117,13 +134,21 @@ def split_metrics(data: TaskData, logits: np.ndarray, y: np.ndarray) -> dict[str
 class ClassificationTask:
     """Sequence classification (cross-entropy) or regression (squared error) for `fit`."""
 
-    def __init__(self, data: TaskData, train: TokenizedSplit, valid: dict[str, TokenizedSplit],
-                 cfg: FinetuneConfig, device: torch.device, best_dir: Path):
+    def __init__(
+        self,
+        data: TaskData,
+        train: TokenizedSplit,
+        valid: dict[str, TokenizedSplit],
+        cfg: FinetuneConfig,
+        device: torch.device,
+        best_dir: Path,
+    ):
         self.data, self.train, self.valid = data, train, valid
         self.cfg, self.device, self.best_dir = cfg, device, best_dir
         self.batch_size = cfg.train.batch_size
-        self.micro_batch_size = min(cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH,
-                                    self.batch_size)
+        self.micro_batch_size = min(
+            cfg.train.micro_batch_size or DEFAULT_MICRO_BATCH, self.batch_size
+        )
         self.steps_per_epoch = math.ceil(len(train) / self.batch_size)
         state = best_dir / "state.json"
         self.best = json.loads(state.read_text()) if state.is_file() else None
@@ -143,11 +168,12 @@ class ClassificationTask:
         G, B = self.cfg.length_grouping, self.batch_size
         if G:
             runs = np.split(order, range(G * B, len(order), G * B))
-            order = np.concatenate([r[np.argsort(-self.train.lengths[r], kind="stable")]
-                                    for r in runs])
+            order = np.concatenate(
+                [r[np.argsort(-self.train.lengths[r], kind="stable")] for r in runs]
+            )
             full = len(order) // B
-            batches = order[:full * B].reshape(full, B)[rng.permutation(full)]  # (full, B)
-            order = np.concatenate([batches.reshape(-1), order[full * B:]])
+            batches = order[: full * B].reshape(full, B)[rng.permutation(full)]  # (full, B)
+            order = np.concatenate([batches.reshape(-1), order[full * B :]])
         return order
 
     def batch(self, step: int) -> StepBatch:
@@ -155,13 +181,18 @@ class ClassificationTask:
         micro-batches each padded to its longest example."""
         epoch, j = divmod(step, self.steps_per_epoch)
         B, mb = self.batch_size, self.micro_batch_size
-        index = self._order(epoch)[j * B:(j + 1) * B]
-        micro = [self.train.batch(index[s:s + mb]) for s in range(0, len(index), mb)]
-        return StepBatch(micro, {"examples": len(index)}, int(self.train.lengths[index].sum()),
-                         {"accuracy": "examples"})
+        index = self._order(epoch)[j * B : (j + 1) * B]
+        micro = [self.train.batch(index[s : s + mb]) for s in range(0, len(index), mb)]
+        return StepBatch(
+            micro,
+            {"examples": len(index)},
+            int(self.train.lengths[index].sum()),
+            {"accuracy": "examples"},
+        )
 
-    def loss_sum(self, model: torch.nn.Module, micro: Batch
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def loss_sum(
+        self, model: torch.nn.Module, micro: Batch
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         logits = model(micro.input_ids, micro.token_type_ids, micro.attention_mask)  # (B, C)
         if self.data.regression:
             return {"examples": F.mse_loss(logits[:, 0].float(), micro.y, reduction="sum")}, {}
@@ -175,15 +206,18 @@ class ClassificationTask:
         result: dict[str, Any] = {"epoch": round(self.epoch_at(step), 4)}
         scores = []
         for name, split in self.valid.items():
-            logits = predict_logits(cast("BertForSequenceClassification", model), split,
-                                    self.cfg.eval_batch_size, self.device)
+            logits = predict_logits(
+                cast("BertForSequenceClassification", model),
+                split,
+                self.cfg.eval_batch_size,
+                self.device,
+            )
             values = split_metrics(self.data, logits, split.y)
             result.update({(f"{k}_{name}" if name else k): v for k, v in values.items()})
             scores += [values[k] for k in self.data.score]
         result["score"] = float(np.mean(scores))
         # A best from a later step belongs to an attempt abandoned by a resume: replace it.
-        if self.best is None or step <= self.best["step"] or \
-                result["score"] > self.best["score"]:
+        if self.best is None or step <= self.best["step"] or result["score"] > self.best["score"]:
             self._save_best(model, step, result)
         return result
 

@@ -35,14 +35,19 @@ def matthews(predictions: np.ndarray, labels: np.ndarray) -> float:
     # confusion[i, j]: examples of true class i predicted as class j.
     index = {c: i for i, c in enumerate(classes.tolist())}
     confusion = np.zeros((len(classes), len(classes)), dtype=np.float64)
-    np.add.at(confusion, ([index[c] for c in labels.tolist()],
-                          [index[c] for c in predictions.tolist()]), 1)
+    np.add.at(
+        confusion,
+        ([index[c] for c in labels.tolist()], [index[c] for c in predictions.tolist()]),
+        1,
+    )
     n = confusion.sum()
     correct = np.trace(confusion)
     true_per_class, predicted_per_class = confusion.sum(1), confusion.sum(0)
     numerator = correct * n - true_per_class @ predicted_per_class
-    denominator = np.sqrt((n * n - predicted_per_class @ predicted_per_class)
-                          * (n * n - true_per_class @ true_per_class))
+    denominator = np.sqrt(
+        (n * n - predicted_per_class @ predicted_per_class)
+        * (n * n - true_per_class @ true_per_class)
+    )
     return float(numerator / denominator) if denominator else 0.0
 
 
@@ -77,10 +82,17 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 
 
 # name -> function(predictions, targets); classification metrics take class ids.
-METRICS = {"accuracy": accuracy, "f1": f1, "matthews": matthews, "pearson": pearson,
-           "spearman": spearman, "mse": mse}
+METRICS = {
+    "accuracy": accuracy,
+    "f1": f1,
+    "matthews": matthews,
+    "pearson": pearson,
+    "spearman": spearman,
+    "mse": mse,
+}
 
 
-def compute(names: tuple[str, ...] | list[str], predictions: np.ndarray,
-            targets: np.ndarray) -> dict[str, float]:
+def compute(
+    names: tuple[str, ...] | list[str], predictions: np.ndarray, targets: np.ndarray
+) -> dict[str, float]:
     return {name: METRICS[name](predictions, targets) for name in names}

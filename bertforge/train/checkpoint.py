@@ -59,8 +59,7 @@ class Checkpointer:
     RNG: rank 0's as "rng", and under torchrun every rank's as "rng_ranks".
     """
 
-    def __init__(self, ckpt_dir: Path, dist: Distributed, device: torch.device,
-                 keep_last: int = 3):
+    def __init__(self, ckpt_dir: Path, dist: Distributed, device: torch.device, keep_last: int = 3):
         self.dir, self.dist, self.device, self.keep_last = Path(ckpt_dir), dist, device, keep_last
         self.found: Path | None = None  # the checkpoint `choose` found to resume from
         self.found_state: dict[str, Any] = {}  # its state.json
@@ -79,9 +78,11 @@ class Checkpointer:
                 found = find_latest(self.dir)
                 if found is None and any_checkpoint(self.dir):
                     # all damaged: starting over would overwrite them
-                    raise BertforgeError(f"--resume: no checkpoint in {self.dir} verifies "
-                                         f"(see the warnings above); move them away to "
-                                         f"start over")
+                    raise BertforgeError(
+                        f"--resume: no checkpoint in {self.dir} verifies "
+                        f"(see the warnings above); move them away to "
+                        f"start over"
+                    )
                 if found is not None:
                     choice = ("found", str(found[0]), found[1])
             except BertforgeError as e:
@@ -91,8 +92,10 @@ class Checkpointer:
             raise BertforgeError(value)
         if kind == "none":
             if self.dist.is_main:
-                print(f"--resume: no checkpoint in {self.dir} yet; starting from step 0",
-                      file=sys.stderr)
+                print(
+                    f"--resume: no checkpoint in {self.dir} yet; starting from step 0",
+                    file=sys.stderr,
+                )
             return None
         self.found, self.found_state = Path(value), saved
         return self.found
@@ -103,8 +106,14 @@ class Checkpointer:
         if self.found is not None:
             load_model_weights(model, load_weights(self.found))
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                state: TrainState, seed: int, max_steps: int | None = None) -> None:
+    def restore(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        seed: int,
+        max_steps: int | None = None,
+    ) -> None:
         """The chosen checkpoint's optimizer state, loop state and RNG; for a fresh run,
         each rank past the first seeds its own dropout (the weights are the same)."""
         if self.found is None:
@@ -120,8 +129,10 @@ class Checkpointer:
         self._restore_rng(saved, seed, where)
         self.saved_at = state.step
         if self.dist.is_main:
-            print(f"resuming from {path.name} (step {state.step}, {state.tokens:,} tokens)",
-                  file=sys.stderr)
+            print(
+                f"resuming from {path.name} (step {state.step}, {state.tokens:,} tokens)",
+                file=sys.stderr,
+            )
 
     def _restore_rng(self, saved: dict[str, Any], seed: int, where: str) -> None:
         """This rank's saved RNG when the world size is the one that saved. Otherwise data
@@ -136,12 +147,19 @@ class Checkpointer:
             return
         torch.manual_seed(seed + _RANK_SEED * dist.rank + saved["step"])
         if dist.is_main:
-            print(f"resuming a run saved by {len(rngs)} process(es) with {dist.world_size}: "
-                  f"data order and masks continue exactly; dropout's random stream restarts",
-                  file=sys.stderr)
+            print(
+                f"resuming a run saved by {len(rngs)} process(es) with {dist.world_size}: "
+                f"data order and masks continue exactly; dropout's random stream restarts",
+                file=sys.stderr,
+            )
 
-    def save(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             state: TrainState, epoch: float) -> None:
+    def save(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        epoch: float,
+    ) -> None:
         """A checkpoint of the full state at `state.step`; a collective (FSDP gathers its
         shards), written by rank 0."""
         dist = self.dist
@@ -149,12 +167,16 @@ class Checkpointer:
         optimizer_state = gather_optimizer_state(model, optimizer, dist)
         rngs = dist.gather_objects(rng_state(self.device))
         if dist.is_main:
-            record = {**state.state_dict(), "rng": rngs[0], "epoch": epoch,
-                      "world_size": dist.world_size, "strategy": dist.strategy}
+            record = {
+                **state.state_dict(),
+                "rng": rngs[0],
+                "epoch": epoch,
+                "world_size": dist.world_size,
+                "strategy": dist.strategy,
+            }
             if dist.enabled:
                 record["rng_ranks"] = rngs
-            save_checkpoint(self.dir, state.step, weights, optimizer_state, record,
-                            self.keep_last)
+            save_checkpoint(self.dir, state.step, weights, optimizer_state, record, self.keep_last)
         dist.barrier()
         self.saved_at = state.step
 
@@ -176,11 +198,16 @@ class TrainState:
         self.elapsed_s = result.elapsed_s or 0.0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed_s,
-                "skipped_steps": self.skipped_steps}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed_s,
+            "skipped_steps": self.skipped_steps,
+        }
 
-    def load_state_dict(self, state: dict[str, Any], where: str = "state",
-                        max_steps: int | None = None) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], where: str = "state", max_steps: int | None = None
+    ) -> None:
         """Restore from `state_dict()`'s output (other keys are ignored).
 
         A value that cannot be restored is refused (BertforgeError naming `where` and the
@@ -189,12 +216,18 @@ class TrainState:
         """
         self.step, self.tokens = _count(state, "step", where), _count(state, "tokens", where)
         if max_steps and self.step > max_steps:
-            raise BertforgeError(f"{where}: step {self.step} is past the run's max_steps "
-                                 f"{max_steps} (a state from another run, or --max-steps "
-                                 f"lowered below it)")
+            raise BertforgeError(
+                f"{where}: step {self.step} is past the run's max_steps "
+                f"{max_steps} (a state from another run, or --max-steps "
+                f"lowered below it)"
+            )
         elapsed = state.get("elapsed_s")
-        if (isinstance(elapsed, bool) or not isinstance(elapsed, (int, float))
-                or not math.isfinite(elapsed) or elapsed < 0):
+        if (
+            isinstance(elapsed, bool)
+            or not isinstance(elapsed, (int, float))
+            or not math.isfinite(elapsed)
+            or elapsed < 0
+        ):
             raise BertforgeError(f"{where}: elapsed_s {elapsed!r:.40} is not a time in seconds")
         self.elapsed_s = float(elapsed)
         self.skipped_steps = _count(state, "skipped_steps", where)
@@ -203,18 +236,21 @@ class TrainState:
 def _count(state: dict[str, Any], name: str, where: str) -> int:
     """state[name], which must be an integer that int64 holds, >= 0."""
     value = state.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
         raise BertforgeError(f"{where}: {name} {value!r:.40} is not a count (an integer >= 0)")
     return value
 
 
 # ------------------------------------------------------------------------- the RNG
 
+
 def rng_state(device: torch.device) -> dict[str, str]:
     """torch's CPU generator, and the device's when it is a GPU (a CPU run never touches
     CUDA), as base64 text for state.json."""
+
     def enc(t: torch.Tensor) -> str:
         return base64.b64encode(t.numpy().tobytes()).decode()
+
     state = {"torch": enc(torch.get_rng_state())}
     if device.type == "cuda":
         state["cuda"] = enc(torch.cuda.get_rng_state(device))
@@ -223,18 +259,22 @@ def rng_state(device: torch.device) -> dict[str, str]:
 
 def set_rng_state(state: dict[str, str], device: torch.device, where: str = "state") -> None:
     """Restore `rng_state`'s output; BertforgeError naming `where` if torch refuses it."""
+
     def dec(s: str) -> torch.Tensor:
         return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
     try:
         torch.set_rng_state(dec(state["torch"]))
         if device.type == "cuda" and "cuda" in state:
             torch.cuda.set_rng_state(dec(state["cuda"]), device)
     except (KeyError, TypeError, ValueError, RuntimeError):  # base64's errors are ValueErrors
-        raise BertforgeError(f"{where}: rng is not a random generator state torch can "
-                             f"restore") from None
+        raise BertforgeError(
+            f"{where}: rng is not a random generator state torch can restore"
+        ) from None
 
 
 # ------------------------------------------------------- gathering from the ranks
+
 
 def gather_model_state(model: torch.nn.Module, dist: Distributed) -> dict[str, torch.Tensor]:
     """Full (unsharded) weights on the CPU, as `model_state` gives them; a collective
@@ -243,13 +283,15 @@ def gather_model_state(model: torch.nn.Module, dist: Distributed) -> dict[str, t
         return model_state(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return cast(dict[str, torch.Tensor], full)
 
 
-def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                           dist: Distributed) -> dict[str, Any]:
+def gather_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, dist: Distributed
+) -> dict[str, Any]:
     """The optimizer's state_dict in plain single-process form (parameters numbered in
     optimizer order), on rank 0; a collective under FSDP."""
     if dist.strategy != "fsdp":
@@ -259,13 +301,18 @@ def gather_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
         get_optimizer_state_dict,
     )
 
-    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
+    full = get_optimizer_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     return _numbered(full) if dist.is_main else {}
 
 
-def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                              state: dict[str, Any], dist: Distributed) -> None:
+def load_full_optimizer_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    dist: Distributed,
+) -> None:
     """Load `gather_optimizer_state`'s output; under FSDP every rank takes its shards."""
     if dist.strategy != "fsdp":
         optimizer.load_state_dict(state)
@@ -275,8 +322,12 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
         set_optimizer_state_dict,
     )
 
-    set_optimizer_state_dict(model, optimizer, _named(state, model, optimizer),
-                             options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model,
+        optimizer,
+        _named(state, model, optimizer),
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
@@ -295,13 +346,16 @@ def _numbered(named: dict[str, Any]) -> dict[str, Any]:
     return {"state": {ids[n]: s for n, s in named["state"].items()}, "param_groups": groups}
 
 
-def _named(numbered: dict[str, Any], model: torch.nn.Module,
-           optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def _named(
+    numbered: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """The reverse of `_numbered`, for this model and optimizer."""
     names = _param_names(model, optimizer)
     groups = [dict(g, params=[names[i] for i in g["params"]]) for g in numbered["param_groups"]]
-    return {"state": {names[int(i)]: s for i, s in numbered["state"].items()},
-            "param_groups": groups}
+    return {
+        "state": {names[int(i)]: s for i, s in numbered["state"].items()},
+        "param_groups": groups,
+    }
 
 
 # ------------------------------------------------------------------------- the files
@@ -313,7 +367,7 @@ def _name(step: int) -> str:
 
 def step_of(path: Path) -> int | None:
     """The step of a checkpoint directory named step-NNNNNN; None for anything else."""
-    digits = path.name[len(_PREFIX):]
+    digits = path.name[len(_PREFIX) :]
     return int(digits) if path.name.startswith(_PREFIX) and digits.isdigit() else None
 
 
@@ -346,9 +400,14 @@ def write_state(path: Path, state: dict[str, Any]) -> None:
     write_text_atomic(path / STATE_FILE, json.dumps(state, indent=1))
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any] | None, state: dict[str, Any],
-                    keep_last: int = 3) -> Path:
+def save_checkpoint(
+    ckpt_dir: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any] | None,
+    state: dict[str, Any],
+    keep_last: int = 3,
+) -> Path:
     """Write checkpoints/step-NNNNNN atomically, point `latest` at it, prune old ones.
 
     `weights` is `model_state(model)` (or the same gathered from shards); `optimizer_state`
@@ -374,8 +433,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
             files.append(OPTIMIZER_FILE)
         for f in files:
             fsync(tmp / f)
-        write_state(tmp, dict(state, step=step,
-                              checksums={f: _sha256(tmp / f) for f in files}))
+        write_state(tmp, dict(state, step=step, checksums={f: _sha256(tmp / f) for f in files}))
         if final.exists():  # this step from an abandoned attempt (newer than the resume)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -384,8 +442,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, weights: dict[str, torch.Tensor],
     # safetensors and torch.save report a failed write as errors of their own
     except (OSError, SafetensorError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise BertforgeError(f"could not write checkpoint {final}: {_write_error(e)}; "
-                             f"the previous checkpoint is untouched") from None
+        raise BertforgeError(
+            f"could not write checkpoint {final}: {_write_error(e)}; "
+            f"the previous checkpoint is untouched"
+        ) from None
     _prune(ckpt_dir, keep_last, step)
     return final
 
@@ -425,18 +485,27 @@ def verify(path: Path) -> dict[str, Any]:
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, ValueError):
-        raise BertforgeError(f"{path / STATE_FILE}: missing or unreadable "
-                             f"(truncated or corrupted)") from None
+        raise BertforgeError(
+            f"{path / STATE_FILE}: missing or unreadable (truncated or corrupted)"
+        ) from None
     checksums = state.get("checksums") if isinstance(state, dict) else None
     sealed = state.get("state_sha256") if isinstance(state, dict) else None
-    if (not isinstance(checksums, dict) or MODEL_FILE not in checksums
-            or sealed != _state_digest(state)):
+    if (
+        not isinstance(checksums, dict)
+        or MODEL_FILE not in checksums
+        or sealed != _state_digest(state)
+    ):
         raise BertforgeError(f"{path / STATE_FILE}: checksum mismatch (corrupted)")
     step, named = state.get("step"), step_of(path)
-    if (not isinstance(step, int) or isinstance(step, bool) or step < 0
-            or (named is not None and step != named)):
-        raise BertforgeError(f"{path / STATE_FILE}: step {short(repr(step))} is not the "
-                             f"checkpoint's ({path.name})")
+    if (
+        not isinstance(step, int)
+        or isinstance(step, bool)
+        or step < 0
+        or (named is not None and step != named)
+    ):
+        raise BertforgeError(
+            f"{path / STATE_FILE}: step {short(repr(step))} is not the checkpoint's ({path.name})"
+        )
     for f, digest in checksums.items():
         if not (path / f).is_file():
             raise BertforgeError(f"{path / f}: missing")
@@ -474,5 +543,3 @@ def load_optimizer_state(path: Path) -> dict[str, Any]:
     """The optimizer state; refused if unpickling needs anything but tensors and plain
     containers (`load_pickled`)."""
     return load_pickled(path / OPTIMIZER_FILE)
-
-

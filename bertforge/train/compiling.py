@@ -32,6 +32,7 @@ import torch
 
 LossFn = Callable[[torch.nn.Module, Any], Any]
 
+
 def mark_dynamic(micro: Any) -> None:
     """Mark the dimensions of `micro` that vary between micro-batches as dynamic, so that
     a new size does not recompile: its class's `DYNAMIC_DIMS`, {field: dimensions}."""
@@ -64,8 +65,9 @@ def should_compile(cfg: Any, device: torch.device) -> bool:
     for compiling to pay, with the compiler at hand (see the module docstring)."""
     if cfg.compile is not None:
         return bool(cfg.compile)
-    long_enough = ((cfg.max_steps or 0) >= AUTO_MIN_STEPS
-                   or (cfg.time_budget or 0.0) >= AUTO_MIN_BUDGET_S)
+    long_enough = (cfg.max_steps or 0) >= AUTO_MIN_STEPS or (
+        cfg.time_budget or 0.0
+    ) >= AUTO_MIN_BUDGET_S
     return device.type == "cuda" and long_enough and compiler_available(device)
 
 
@@ -75,8 +77,9 @@ def compiler_available(device: torch.device) -> bool:
     if device.type == "cpu":
         cxx = os.environ.get("CXX", "g++")
         headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-        return (shutil.which(cxx) is not None or shutil.which("c++") is not None) \
-            and headers.is_file()
+        return (
+            shutil.which(cxx) is not None or shutil.which("c++") is not None
+        ) and headers.is_file()
     if device.type == "cuda":
         return importlib.util.find_spec("triton") is not None
     return False
@@ -92,8 +95,10 @@ def ordered_scatter(device: torch.device) -> Iterator[None]:
     if device.type != "cpu":
         yield
         return
-    before = (torch.are_deterministic_algorithms_enabled(),
-              torch.is_deterministic_algorithms_warn_only_enabled())
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield

@@ -26,27 +26,37 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, where: s
     """Refuse an optimizer state_dict that does not fit `optimizer`: its structure, its
     groups and their settings, its parameter count, and each tensor's shape and dtype
     against its parameter's."""
-    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
-            and isinstance(state.get("param_groups"), list)):
-        raise BertforgeError(f"{where}: not an optimizer state (a mapping with 'state' and "
-                             f"'param_groups'), but {type(state).__name__}")
+    if not (
+        isinstance(state, dict)
+        and isinstance(state.get("state"), dict)
+        and isinstance(state.get("param_groups"), list)
+    ):
+        raise BertforgeError(
+            f"{where}: not an optimizer state (a mapping with 'state' and "
+            f"'param_groups'), but {type(state).__name__}"
+        )
     groups, own = state["param_groups"], optimizer.param_groups
     if len(groups) != len(own):
-        raise BertforgeError(f"{where}: param_groups has {len(groups)} groups, the "
-                             f"optimizer {len(own)}")
+        raise BertforgeError(
+            f"{where}: param_groups has {len(groups)} groups, the optimizer {len(own)}"
+        )
     params: dict[Any, torch.Tensor] = {}
     for i, (group, mine) in enumerate(zip(groups, own)):
         ids = group.get("params") if isinstance(group, dict) else None
         if not isinstance(ids, list):
             raise BertforgeError(f"{where}: param_groups[{i}] has no list of params")
         if len(ids) != len(mine["params"]):
-            raise BertforgeError(f"{where}: param_groups[{i}] holds {len(ids)} parameters, "
-                                 f"the model's {len(mine['params'])}")
+            raise BertforgeError(
+                f"{where}: param_groups[{i}] holds {len(ids)} parameters, "
+                f"the model's {len(mine['params'])}"
+            )
         for key in _SETTINGS:
             if key in group and key in mine and _plain(group[key]) != _plain(mine[key]):
-                raise BertforgeError(f"{where}: param_groups[{i}].{key} is "
-                                     f"{_plain(group[key])!r:.40}, the run's config says "
-                                     f"{_plain(mine[key])!r}")
+                raise BertforgeError(
+                    f"{where}: param_groups[{i}].{key} is "
+                    f"{_plain(group[key])!r:.40}, the run's config says "
+                    f"{_plain(mine[key])!r}"
+                )
         params.update(zip(ids, mine["params"]))
     for pid, values in state["state"].items():
         if pid not in params:
@@ -63,9 +73,11 @@ def check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, where: s
                     raise BertforgeError(f"{where}: state[{pid}].step is not a step count")
                 continue
             if tuple(t.shape) != tuple(p.shape) or t.dtype != p.dtype:
-                raise BertforgeError(f"{where}: state[{pid}].{key} has shape "
-                                     f"{tuple(t.shape)} and dtype {t.dtype}, its parameter "
-                                     f"{tuple(p.shape)} and {p.dtype}")
+                raise BertforgeError(
+                    f"{where}: state[{pid}].{key} has shape "
+                    f"{tuple(t.shape)} and dtype {t.dtype}, its parameter "
+                    f"{tuple(p.shape)} and {p.dtype}"
+                )
 
 
 def _plain(value: Any) -> Any:
@@ -86,13 +98,17 @@ def check_tokenizer_fits(config: ModelConfig, tok_dir: Path) -> None:
     size = tok.get_vocab_size(with_added_tokens=True)
     for name, i in special_token_ids(tok).items():
         if i >= config.vocab_size:
-            raise BertforgeError(f"{tok_dir}: the tokenizer's [{name.upper()}] has id {i}, "
-                                 f"past the model's vocab_size {config.vocab_size}; the "
-                                 f"tokenizer is not this model's")
+            raise BertforgeError(
+                f"{tok_dir}: the tokenizer's [{name.upper()}] has id {i}, "
+                f"past the model's vocab_size {config.vocab_size}; the "
+                f"tokenizer is not this model's"
+            )
     if size > config.vocab_size:
-        raise BertforgeError(f"{tok_dir}: the tokenizer has {size:,} tokens, the model's "
-                             f"vocab_size is {config.vocab_size:,}; the tokenizer is not "
-                             f"this model's")
+        raise BertforgeError(
+            f"{tok_dir}: the tokenizer has {size:,} tokens, the model's "
+            f"vocab_size is {config.vocab_size:,}; the tokenizer is not "
+            f"this model's"
+        )
 
 
 def training_bytes(config: ModelConfig, micro_batch: int, seq_len: int) -> int:
@@ -101,13 +117,15 @@ def training_bytes(config: ModelConfig, micro_batch: int, seq_len: int) -> int:
     the backward pass at `micro_batch` sequences of `seq_len` tokens (per layer at least
     the attention probabilities and ~8 hidden-sized tensors a token)."""
     tokens = micro_batch * seq_len
-    per_layer = tokens * (8 * config.hidden_size + 2 * config.intermediate_size
-                          + config.num_attention_heads * seq_len)
+    per_layer = tokens * (
+        8 * config.hidden_size + 2 * config.intermediate_size + config.num_attention_heads * seq_len
+    )
     return 16 * config.num_parameters + 4 * config.num_hidden_layers * per_layer
 
 
-def check_training_fits(config: ModelConfig, micro_batch: int, seq_len: int,
-                        device: torch.device) -> None:
+def check_training_fits(
+    config: ModelConfig, micro_batch: int, seq_len: int, device: torch.device
+) -> None:
     """Refuse, before any weight is allocated, a training run whose `training_bytes`
     exceed the memory available: MemAvailable on the CPU, the free memory of a GPU.
     A size check of the fp32 weights alone (ModelConfig's) passes a model that needs four
@@ -125,4 +143,5 @@ def check_training_fits(config: ModelConfig, micro_batch: int, seq_len: int,
             f"{config.num_hidden_layers} layers) at {micro_batch} sequences of {seq_len} "
             f"tokens needs at least {need / 1e9:,.1f} GB (weights, gradients, AdamW state, "
             f"activations); {where} {have / 1e9:,.1f} GB available; lower "
-            f"--micro-batch-size, or use a smaller model or vocabulary")
+            f"--micro-batch-size, or use a smaller model or vocabulary"
+        )

@@ -56,8 +56,7 @@ class Distributed:
 
     # --- wrapping ------------------------------------------------------------------------
 
-    def wrap(self, model: nn.Module, device: torch.device,
-             dtype: torch.dtype | None) -> nn.Module:
+    def wrap(self, model: nn.Module, device: torch.device, dtype: torch.dtype | None) -> nn.Module:
         """The module to run forward/backward through. FSDP shards `model` in place (its
         parameters become DTensors); DDP returns a wrapper around it."""
         if self.strategy == "ddp":
@@ -72,8 +71,11 @@ class Distributed:
             mesh = init_device_mesh(device.type, (self.world_size,))
             # bf16 compute with fp32 gradient reduction: each gather casts the weights
             # once for all their uses; master weights and optimizer state stay fp32.
-            mp = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-                  if dtype is not None else MixedPrecisionPolicy())
+            mp = (
+                MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+                if dtype is not None
+                else MixedPrecisionPolicy()
+            )
             for layer in _encoder_layers(model):
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -164,8 +166,11 @@ class Distributed:
         DTensor) and the shards' squares are summed over ranks; DDP's gradients are
         whole on every rank.
         """
-        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-                 for p in parameters if p.grad is not None]
+        grads = [
+            p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            for p in parameters
+            if p.grad is not None
+        ]
         total = ops.grad_norm_squared(grads)
         if self.strategy == "fsdp":
             total = self.reduce_sum(total.to(self.collective_device()))
@@ -205,14 +210,19 @@ def init_from_env(strategy: str = "auto", device: torch.device | None = None) ->
     if not dist.is_initialized():
         # The backend's default timeout for the training collectives; with device_id the
         # NCCL communicator is bound to this rank's GPU at once.
-        dist.init_process_group("nccl" if cuda else "gloo",
-                                device_id=torch.device("cuda", local_rank) if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", device_id=torch.device("cuda", local_rank) if cuda else None
+        )
     # Rank 0 may build the tokenizer and shards while the others wait: they wait on a
     # gloo group of their own, whose long timeout no training collective shares.
     waiting = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
-    return Distributed(rank=rank, world_size=world, local_rank=local_rank,
-                       strategy="ddp" if strategy == "auto" else strategy,
-                       _waiting=waiting)
+    return Distributed(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        strategy="ddp" if strategy == "auto" else strategy,
+        _waiting=waiting,
+    )
 
 
 def shutdown() -> None:

@@ -53,9 +53,16 @@ class Progress:
         self.last_print = 0.0
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+
             total = cfg.max_steps if cfg.max_steps else None
-            self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
-                            desc=name, file=sys.stderr)
+            self.bar = tqdm(
+                total=total,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                desc=name,
+                file=sys.stderr,
+            )
 
     def update(self, step: int, elapsed: float, loss: float, tokens_per_s: float) -> None:
         if not self.enabled:
@@ -68,8 +75,9 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=False)
         elif time.monotonic() - self.last_print > 30 or step == 1:
             self.last_print = time.monotonic()
-            print(f"{self.name}: step {step} | {100 * p:.0f}% | {text}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"{self.name}: step {step} | {100 * p:.0f}% | {text}", file=sys.stderr, flush=True
+            )
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -97,48 +105,88 @@ class RunLog:
     and checkpoints off it) since the previous train line.
     """
 
-    def __init__(self, run_dir: Path, cfg: TrainConfig, start_step: int, resumed: bool,
-                 enabled: bool, show_progress: bool, name: str, elapsed: float,
-                 run_config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: TrainConfig,
+        start_step: int,
+        resumed: bool,
+        enabled: bool,
+        show_progress: bool,
+        name: str,
+        elapsed: float,
+        run_config: dict[str, Any] | None = None,
+    ):
         from bertforge.train.tracking import open_trackers
 
         self.cfg = cfg
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl", start_step if resumed else None,
-                                  enabled=enabled)
+        self.metrics = MetricsLog(
+            run_dir / "metrics.jsonl", start_step if resumed else None, enabled=enabled
+        )
         # TensorBoard / W&B, when asked for: they get every record metrics.jsonl gets.
         self.trackers = open_trackers(run_dir, cfg, run_config, name) if enabled else None
         self.bar = Progress(cfg, start_step, enabled and show_progress, name)
         self.enabled = enabled
         self.window_tokens, self.window_start = 0, elapsed
 
-    def train(self, step: int, tokens: int, skipped: int, elapsed: float, epoch: float,
-              lr: float, result: StepResult) -> None:
+    def train(
+        self,
+        step: int,
+        tokens: int,
+        skipped: int,
+        elapsed: float,
+        epoch: float,
+        lr: float,
+        result: StepResult,
+    ) -> None:
         self.window_tokens += result.tokens
         tps = self.window_tokens / max(elapsed - self.window_start, 1e-9)
         if step % self.cfg.log_every == 0 or step == 1 or not result.applied:
             finite = result.applied
-            self._write({
-                "kind": "train", "step": step, "loss": result.loss if finite else None,
-                "lr": lr,
-                **({f"{k}_loss": v for k, v in result.terms.items()}
-                   if len(result.terms) > 1 and finite else {}),
-                "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
-                **({} if finite else {"skipped": True}),
-                "skipped_steps": skipped, "tokens": tokens, "tokens_per_s": round(tps, 1),
-                "elapsed_s": round(elapsed, 3), "epoch": round(epoch, 4), **result.metrics})
+            self._write(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "loss": result.loss if finite else None,
+                    "lr": lr,
+                    **(
+                        {f"{k}_loss": v for k, v in result.terms.items()}
+                        if len(result.terms) > 1 and finite
+                        else {}
+                    ),
+                    "grad_norm": result.grad_norm if math.isfinite(result.grad_norm) else None,
+                    **({} if finite else {"skipped": True}),
+                    "skipped_steps": skipped,
+                    "tokens": tokens,
+                    "tokens_per_s": round(tps, 1),
+                    "elapsed_s": round(elapsed, 3),
+                    "epoch": round(epoch, 4),
+                    **result.metrics,
+                }
+            )
             self.window_tokens, self.window_start = 0, elapsed
         if not result.applied and self.cfg.on_nan == "skip":
-            self.note(f"step {step}: non-finite {result.problem}; update skipped "
-                      f"({skipped} so far)")
+            self.note(
+                f"step {step}: non-finite {result.problem}; update skipped ({skipped} so far)"
+            )
         self.bar.update(step, elapsed, result.loss, tps)
 
     def eval(self, step: int, tokens: int, elapsed: float, result: dict[str, Any]) -> None:
         if not result:
             return
-        self._write({"kind": "eval", "step": step, "tokens": tokens,
-                     "elapsed_s": round(elapsed, 3), **result})
-        self.bar.write(f"eval step {step}: " + ", ".join(
-            f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float)))
+        self._write(
+            {
+                "kind": "eval",
+                "step": step,
+                "tokens": tokens,
+                "elapsed_s": round(elapsed, 3),
+                **result,
+            }
+        )
+        self.bar.write(
+            f"eval step {step}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)

@@ -52,8 +52,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "fp32":
         return None
     # On CUDA, only native bf16 (Ampere and newer): emulated bf16 is slower than fp32.
-    supported = (torch.cuda.is_bf16_supported(including_emulation=False)
-                 if device.type == "cuda" else cpu_has_bf16())
+    supported = (
+        torch.cuda.is_bf16_supported(including_emulation=False)
+        if device.type == "cuda"
+        else cpu_has_bf16()
+    )
     if precision == "bf16":
         if not supported:
             raise BertforgeError(f"precision 'bf16' is not supported on this {device.type}")
@@ -67,8 +70,9 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def autocast_off(device: torch.device, dtype: torch.dtype | None
-                 ) -> contextlib.AbstractContextManager:
+def autocast_off(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
     """Autocast disabled within an `autocast` block, which keeps the block's cast cache
     (autocast clears it only when its outermost block ends)."""
     if dtype is None:
@@ -100,8 +104,9 @@ def defer_host_reads(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def training_memory(params: int, layers: int, hidden: int, heads: int, seq_len: int,
-                    vocab: int, predictions: int) -> tuple[int, int]:
+def training_memory(
+    params: int, layers: int, hidden: int, heads: int, seq_len: int, vocab: int, predictions: int
+) -> tuple[int, int]:
     """Estimated bytes of a mixed-precision training step: (fixed, per sequence).
 
     Fixed: fp32 weights, gradients and AdamW's two moments, and a bf16 copy of the
@@ -116,8 +121,13 @@ def training_memory(params: int, layers: int, hidden: int, heads: int, seq_len: 
     return 18 * params, int(1.5 * per_sequence)
 
 
-def default_micro_batch(device: torch.device, per_rank_batch: int, fixed_bytes: int,
-                        bytes_per_sequence: int, fallback: int) -> int:
+def default_micro_batch(
+    device: torch.device,
+    per_rank_batch: int,
+    fixed_bytes: int,
+    bytes_per_sequence: int,
+    fallback: int,
+) -> int:
     """The micro-batch when none is given: on a GPU the whole per-rank batch when its
     estimated memory fits in 90% of what is free, else the fewest equal micro-batches
     that fit; `fallback` on the CPU, whose steps gain nothing from a larger one."""

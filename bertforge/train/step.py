@@ -69,13 +69,15 @@ class Packed:
 
     @staticmethod
     def of(scalars: dict[str, torch.Tensor]) -> Packed:
-        return Packed(list(scalars), torch.stack([v.double().reshape(()) for v in
-                                                  scalars.values()]))
+        return Packed(
+            list(scalars), torch.stack([v.double().reshape(()) for v in scalars.values()])
+        )
 
     def __add__(self, other: Packed) -> Packed:
         """Both, on this one's device."""
-        return Packed(self.names + other.names,
-                      torch.cat([self.values, other.values.to(self.values.device)]))
+        return Packed(
+            self.names + other.names, torch.cat([self.values, other.values.to(self.values.device)])
+        )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.values[self.names.index(name)]
@@ -85,12 +87,22 @@ class Packed:
         return dict(zip(self.names, read, strict=True))
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: LossFn,
-               batch: StepBatch, *, lr: float, cfg: TrainConfig, device: torch.device,
-               dtype: torch.dtype | None, dist: Distributed | None = None, step: int = 0,
-               stop_requested: Callable[[], bool] | None = None,
-               clock: Callable[[], float] | None = None, defer: bool = False
-               ) -> StepResult | PendingStep:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: LossFn,
+    batch: StepBatch,
+    *,
+    lr: float,
+    cfg: TrainConfig,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dist: Distributed | None = None,
+    step: int = 0,
+    stop_requested: Callable[[], bool] | None = None,
+    clock: Callable[[], float] | None = None,
+    defer: bool = False,
+) -> StepResult | PendingStep:
     """One optimizer step on `batch` at learning rate `lr` (see the module docstring):
     `accumulate_gradients` over the micro-batches, then `finish_step`.
 
@@ -111,23 +123,42 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn
     counts = None
     divisors: dict[str, float | torch.Tensor]
     if dist.enabled:  # the global counts, queued on the device: no host sync
-        counts = Packed([*(f"count/{k}" for k in batch.counts), "tokens"], dist.reduce_sum(
-            dist.host_values([*batch.counts.values(), batch.tokens])))
-        divisors = {k: counts[f"count/{k}"].float().clamp(min=1).to(device)
-                    for k in batch.counts}
+        counts = Packed(
+            [*(f"count/{k}" for k in batch.counts), "tokens"],
+            dist.reduce_sum(dist.host_values([*batch.counts.values(), batch.tokens])),
+        )
+        divisors = {k: counts[f"count/{k}"].float().clamp(min=1).to(device) for k in batch.counts}
     else:
         divisors = {k: float(max(v, 1)) for k, v in batch.counts.items()}
-    losses, metrics = accumulate_gradients(model, loss_fn, batch, divisors, device=device,
-                                           dtype=dtype, dist=dist)
-    return finish_step(optimizer, losses, metrics, batch, counts, lr=lr, cfg=cfg, dist=dist,
-                       step=step, signalled=stop_requested is not None and stop_requested(),
-                       elapsed=clock() if clock is not None else None, defer=defer)
+    losses, metrics = accumulate_gradients(
+        model, loss_fn, batch, divisors, device=device, dtype=dtype, dist=dist
+    )
+    return finish_step(
+        optimizer,
+        losses,
+        metrics,
+        batch,
+        counts,
+        lr=lr,
+        cfg=cfg,
+        dist=dist,
+        step=step,
+        signalled=stop_requested is not None and stop_requested(),
+        elapsed=clock() if clock is not None else None,
+        defer=defer,
+    )
 
 
-def accumulate_gradients(model: torch.nn.Module, loss_fn: LossFn, batch: StepBatch,
-                         divisors: Mapping[str, float | torch.Tensor], *, device: torch.device,
-                         dtype: torch.dtype | None, dist: Distributed
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def accumulate_gradients(
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    batch: StepBatch,
+    divisors: Mapping[str, float | torch.Tensor],
+    *,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    dist: Distributed,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Forward and backward over the micro-batches of `batch`, each loss term divided by
     its global count (`divisors`), so that the gradients add up to those of the global
     batch; under torchrun they are reduced over ranks with the last micro-batch. Returns
@@ -155,10 +186,21 @@ def accumulate_gradients(model: torch.nn.Module, loss_fn: LossFn, batch: StepBat
     return sums, extra
 
 
-def finish_step(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor],
-                metrics: dict[str, torch.Tensor], batch: StepBatch, counts: Packed | None, *,
-                lr: float, cfg: TrainConfig, dist: Distributed, step: int, signalled: bool,
-                elapsed: float | None, defer: bool) -> StepResult | PendingStep:
+def finish_step(
+    optimizer: torch.optim.Optimizer,
+    losses: dict[str, torch.Tensor],
+    metrics: dict[str, torch.Tensor],
+    batch: StepBatch,
+    counts: Packed | None,
+    *,
+    lr: float,
+    cfg: TrainConfig,
+    dist: Distributed,
+    step: int,
+    signalled: bool,
+    elapsed: float | None,
+    defer: bool,
+) -> StepResult | PendingStep:
     """Clip the accumulated gradients, pack the step's figures (`losses` and `metrics`
     summed over the step, the gradient norm; under torchrun the global `counts` and the
     stop flag and clock of `signalled` and `elapsed`, shared) into one device tensor, and
@@ -166,24 +208,46 @@ def finish_step(optimizer: torch.optim.Optimizer, losses: dict[str, torch.Tensor
     returned), else on the host after reading the figures (a `StepResult`)."""
     undeclared = [k for k in metrics if batch.metric_counts.get(k) not in batch.counts]
     if undeclared:
-        raise ValueError(f"metric {undeclared[0]!r}: StepBatch.metric_counts names none of "
-                         f"the batch's counts {list(batch.counts)} for it")
+        raise ValueError(
+            f"metric {undeclared[0]!r}: StepBatch.metric_counts names none of "
+            f"the batch's counts {list(batch.counts)} for it"
+        )
     params = [p for group in optimizer.param_groups for p in group["params"]]
     norm = dist.clip_grad_norm(params, cfg.grad_clip)
-    figures = Packed.of({**{f"loss/{k}": v for k, v in losses.items()},
-                         **{f"metric/{k}": v for k, v in metrics.items()}})
+    figures = Packed.of(
+        {
+            **{f"loss/{k}": v for k, v in losses.items()},
+            **{f"metric/{k}": v for k, v in metrics.items()},
+        }
+    )
     # What this process knows without a read; under torchrun the shared figures replace it.
-    host = {**{f"count/{k}": float(v) for k, v in batch.counts.items()},
-            "tokens": batch.tokens, "stop": float(signalled), "clock": elapsed}
+    host = {
+        **{f"count/{k}": float(v) for k, v in batch.counts.items()},
+        "tokens": batch.tokens,
+        "stop": float(signalled),
+        "clock": elapsed,
+    }
     if dist.enabled and counts is not None:  # the sums and the stop flag over ranks
-        control = Packed(["stop", "clock"], dist.host_values(
-            [float(signalled), elapsed if (elapsed is not None and dist.is_main) else 0.0]))
+        control = Packed(
+            ["stop", "clock"],
+            dist.host_values(
+                [float(signalled), elapsed if (elapsed is not None and dist.is_main) else 0.0]
+            ),
+        )
         summed = control + figures
         figures = Packed(summed.names, dist.reduce_sum(summed.values)) + counts
     figures = figures + Packed.of({"grad_norm": norm})
-    pending = PendingStep(figures, host, list(losses), list(batch.counts),
-                          {k: batch.metric_counts[k] for k in metrics}, step + 1, lr,
-                          signalled, elapsed)
+    pending = PendingStep(
+        figures,
+        host,
+        list(losses),
+        list(batch.counts),
+        {k: batch.metric_counts[k] for k in metrics},
+        step + 1,
+        lr,
+        signalled,
+        elapsed,
+    )
     for group in optimizer.param_groups:
         group["lr"] = lr
     if defer and skips_on_device(optimizer):
@@ -211,7 +275,8 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer` can drop a non-finite update on the device (fused Adam/AdamW
     read GradScaler's `found_inf`); others need the host to decide."""
     return bool(optimizer.defaults.get("fused")) and getattr(
-        optimizer, "_step_supports_amp_scaling", False)
+        optimizer, "_step_supports_amp_scaling", False
+    )
 
 
 @dataclass
@@ -236,8 +301,10 @@ def read_steps(pending: list[PendingStep]) -> list[StepResult]:
     device = pending[0].figures.values.device
     flat = torch.cat([p.figures.values.to(device) for p in pending]).tolist()
     ends = list(itertools.accumulate(len(p.figures.names) for p in pending))
-    return [_result(p, p.figures.unpack(flat[end - len(p.figures.names):end]))
-            for p, end in zip(pending, ends, strict=True)]
+    return [
+        _result(p, p.figures.unpack(flat[end - len(p.figures.names) : end]))
+        for p, end in zip(pending, ends, strict=True)
+    ]
 
 
 def _result(p: PendingStep, read: dict[str, float]) -> StepResult:
@@ -246,13 +313,23 @@ def _result(p: PendingStep, read: dict[str, float]) -> StepResult:
     terms = {k: got[f"loss/{k}"] / max(counts[k], 1.0) for k in p.terms}
     metrics = {k: got[f"metric/{k}"] / max(counts[c], 1.0) for k, c in p.metric_counts.items()}
     grad_norm = got["grad_norm"]
-    result = StepResult(terms, metrics, grad_norm, applied=False, tokens=int(got["tokens"]),
-                        stop=got["stop"] > 0, elapsed_s=got["clock"], counts=counts, lr=p.lr)
+    result = StepResult(
+        terms,
+        metrics,
+        grad_norm,
+        applied=False,
+        tokens=int(got["tokens"]),
+        stop=got["stop"] > 0,
+        elapsed_s=got["clock"],
+        counts=counts,
+        lr=p.lr,
+    )
     result.applied = math.isfinite(result.loss) and math.isfinite(grad_norm)
     return result
 
 
 # --------------------------------------------------------------------------- prefetching
+
 
 class _Steps(Dataset):
     """A task seen by a DataLoader: item `step` is that step's StepBatch."""
@@ -269,8 +346,9 @@ def _as_is(batch: StepBatch) -> StepBatch:  # collate: a StepBatch is a batch al
 
 
 @contextlib.contextmanager
-def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device,
-             start_method: str | None = None) -> Iterator[Iterator[StepBatch]]:
+def prefetch(
+    task: Task, start: int, cfg: TrainConfig, device: torch.device, start_method: str | None = None
+) -> Iterator[Iterator[StepBatch]]:
     """The StepBatches of steps start, start + 1, ... (up to max_steps when set), built
     ahead by cfg.num_workers background processes (default: `default_workers(device)`)
     and pinned when `device` is a GPU. Batches depend on the step alone, so the workers
@@ -283,13 +361,18 @@ def prefetch(task: Task, start: int, cfg: TrainConfig, device: torch.device,
     steps = range(start, cfg.max_steps) if cfg.max_steps else itertools.count(start)
     # A generator of its own: the loader draws its workers' base seed from it, which must
     # not consume the global RNG that dropout (and so exact resume) depends on.
-    loader = DataLoader(_Steps(task), sampler=steps, batch_size=None,
-                        # torch's stub wants a list: with batch_size=None it gets one item
-                        collate_fn=_as_is,  # type: ignore[arg-type]
-                        num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None,
-                        multiprocessing_context=start_method if workers else None,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        _Steps(task),
+        sampler=steps,
+        batch_size=None,
+        # torch's stub wants a list: with batch_size=None it gets one item
+        collate_fn=_as_is,  # type: ignore[arg-type]
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+        multiprocessing_context=start_method if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
     batches = iter(loader)
     try:
         yield batches

@@ -32,6 +32,7 @@ WANDB_STATE = "wandb-run.json"
 WANDB_SERVER = "https://api.wandb.ai"
 NETWORK_TIMEOUT_S = 2.0
 
+
 def check_available(cfg: TrainConfig) -> None:
     """Fail at once, in one line naming the extra, where a requested package is missing,
     rather than after the data is prepared; imports nothing the run does not ask for."""
@@ -50,22 +51,31 @@ def check_project(name: str) -> None:
     """Refuse a W&B project name W&B would refuse, before the run directory is made."""
     bad = sorted({c for c in name if c in _PROJECT_BAD})
     if not name.strip() or len(name) > _PROJECT_MAX or bad:
-        why = (f"it has {' '.join(bad)}" if bad else "it is empty" if not name.strip()
-               else f"it is longer than {_PROJECT_MAX} characters")
-        raise BertforgeError(f"--wandb {name[:40]!r}: W&B refuses this project name ({why}; "
-                             f"none of {' '.join(_PROJECT_BAD)} may appear)")
+        why = (
+            f"it has {' '.join(bad)}"
+            if bad
+            else "it is empty"
+            if not name.strip()
+            else f"it is longer than {_PROJECT_MAX} characters"
+        )
+        raise BertforgeError(
+            f"--wandb {name[:40]!r}: W&B refuses this project name ({why}; "
+            f"none of {' '.join(_PROJECT_BAD)} may appear)"
+        )
 
 
 def _require(module: str, flag: str, extra: str) -> None:
     try:
         importlib.import_module(module)
     except ImportError:
-        raise BertforgeError(f"{flag} needs the {extra} package: "
-                             f"pip install 'bertforge[{extra}]'") from None
+        raise BertforgeError(
+            f"{flag} needs the {extra} package: pip install 'bertforge[{extra}]'"
+        ) from None
 
 
-def open_trackers(run_dir: Path, cfg: TrainConfig, run_config: dict[str, Any] | None,
-                  name: str) -> Trackers | None:
+def open_trackers(
+    run_dir: Path, cfg: TrainConfig, run_config: dict[str, Any] | None, name: str
+) -> Trackers | None:
     """The trackers `cfg` asks for, as one object with log(record) and close(); None when
     it asks for none.
 
@@ -94,9 +104,11 @@ def open_trackers(run_dir: Path, cfg: TrainConfig, run_config: dict[str, Any] | 
 def scalars(record: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl record as tracker scalars: {"train/loss": 2.3, ...}."""
     kind = record.get("kind", "train")
-    return {f"{kind}/{k}": float(v) for k, v in record.items()
-            if k not in ("kind", "step") and isinstance(v, (int, float))
-            and not isinstance(v, bool)}
+    return {
+        f"{kind}/{k}": float(v)
+        for k, v in record.items()
+        if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class Trackers:
@@ -168,16 +180,22 @@ class _WandB:
         self.run.finish(exit_code=1 if failed else 0)
 
 
-def _open_wandb(run_dir: Path, project: str, run_config: dict[str, Any] | None, name: str,
-                resumed_after: int | None) -> _WandB | None:
+def _open_wandb(
+    run_dir: Path,
+    project: str,
+    run_config: dict[str, Any] | None,
+    name: str,
+    resumed_after: int | None,
+) -> _WandB | None:
     """Start (or on resume continue) the run's W&B run; None where WANDB_MODE=disabled."""
     import wandb
 
     # wandb.init would hand an active run back instead of starting this one (and login does
     # nothing while one is active). bertforge closes its own runs, errors included.
     if wandb.run is not None:
-        raise BertforgeError("--wandb: a W&B run is already active in this process; "
-                             "finish it (run.finish()) first")
+        raise BertforgeError(
+            "--wandb: a W&B run is already active in this process; finish it (run.finish()) first"
+        )
     mode, why = _wandb_mode(wandb)
     if mode == "disabled":
         return None
@@ -187,18 +205,28 @@ def _open_wandb(run_dir: Path, project: str, run_config: dict[str, Any] | None, 
         state = {"id": _new_run_id(), "step": 0}
         _write_state(state_path, state)
     try:
-        run = wandb.init(project=project, dir=str(run_dir), config=run_config,
-                         name=run_dir.resolve().name, job_type=name, id=state["id"],
-                         resume="allow", mode=mode,
-                         settings=wandb.Settings(silent=True, console="off"))
+        run = wandb.init(
+            project=project,
+            dir=str(run_dir),
+            config=run_config,
+            name=run_dir.resolve().name,
+            job_type=name,
+            id=state["id"],
+            resume="allow",
+            mode=mode,
+            settings=wandb.Settings(silent=True, console="off"),
+        )
     except Exception as e:  # wandb's errors have no common base across versions
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = "" if mode == "offline" else "; WANDB_MODE=offline logs it offline"
         raise BertforgeError(f"--wandb: W&B could not start the run: {first_line}{hint}") from e
     if mode == "offline":
         sync_dir = Path(run.dir).parent
-        print(f"W&B: logging offline ({why}); upload the run later with: wandb sync "
-              f"{sync_dir}", file=sys.stderr, flush=True)
+        print(
+            f"W&B: logging offline ({why}); upload the run later with: wandb sync {sync_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
     return _WandB(run, state_path, state)
 
 

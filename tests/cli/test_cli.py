@@ -7,31 +7,49 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error, run_cli
 
 from bertforge import __version__
 from bertforge.cli.options import parse_duration
-from conftest import one_line_error, run_cli
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["pretrain", "--corpus", "no/such/file.txt", "--out", "{tmp}/r"], "no/such/file.txt"),
-    (["pretrain", "--corpus", "{empty}", "--out", "{tmp}/r"], "no documents"),
-    (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--preset", "huge"],
-     "unknown preset 'huge'"),
-    (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--hidden-size", "100",
-      "--num-attention-heads", "3"], "divisible by num_attention_heads"),
-    (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--lr", "-1"], "lr"),
-    (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--time-budget", "soon"],
-     "invalid duration"),
-    (["evaluate", "{tmp}/nope"], "run directory not found"),
-    (["export", "{tmp}/nope", "--out", "{tmp}/hf"], "run directory not found"),
-    (["tokenizer", "{tmp}/missing.txt", "--out", "{tmp}/tok"], "missing.txt"),
-    (["fill-mask", "{tmp}/nope", "a [MASK] b"], "not found"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["pretrain", "--corpus", "no/such/file.txt", "--out", "{tmp}/r"], "no/such/file.txt"),
+        (["pretrain", "--corpus", "{empty}", "--out", "{tmp}/r"], "no documents"),
+        (
+            ["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--preset", "huge"],
+            "unknown preset 'huge'",
+        ),
+        (
+            [
+                "pretrain",
+                "--corpus",
+                "{corpus}",
+                "--out",
+                "{tmp}/r",
+                "--hidden-size",
+                "100",
+                "--num-attention-heads",
+                "3",
+            ],
+            "divisible by num_attention_heads",
+        ),
+        (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--lr", "-1"], "lr"),
+        (
+            ["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--time-budget", "soon"],
+            "invalid duration",
+        ),
+        (["evaluate", "{tmp}/nope"], "run directory not found"),
+        (["export", "{tmp}/nope", "--out", "{tmp}/hf"], "run directory not found"),
+        (["tokenizer", "{tmp}/missing.txt", "--out", "{tmp}/tok"], "missing.txt"),
+        (["fill-mask", "{tmp}/nope", "a [MASK] b"], "not found"),
+    ],
+)
 def test_errors_are_one_line_exit_2(capsys, tmp_path, corpus_file, argv, match):
     (tmp_path / "empty.txt").write_text("\n\n  \n")
-    subs = {"tmp": str(tmp_path), "corpus": str(corpus_file),
-            "empty": str(tmp_path / "empty.txt")}
+    subs = {"tmp": str(tmp_path), "corpus": str(corpus_file), "empty": str(tmp_path / "empty.txt")}
     code, _, err = run_cli(capsys, *(a.format(**subs) for a in argv))
     assert code == 2
     assert match in one_line_error(err)
@@ -46,13 +64,48 @@ def test_durations():
 
 def test_stages_chain(capsys, tmp_path, corpus_file):
     tok, data, run, hf = (str(tmp_path / x) for x in ("tok", "data", "run", "hf"))
-    assert run_cli(capsys, "tokenizer", str(corpus_file), "--out", tok, "--vocab-size", "200",
-                   "--quiet")[0] == 0
-    assert run_cli(capsys, "prepare", str(corpus_file), "--tokenizer", tok, "--out", data,
-                   "--seq-len", "32", "--valid-fraction", "0.05", "--quiet")[0] == 0
-    code, out, err = run_cli(capsys, "pretrain", "--data", data, "--out", run, "--preset", "tiny",
-                             "--seq-len", "32", "--max-steps", "5", "--batch-size", "8",
-                             "--micro-batch-size", "4", "--quiet")
+    assert (
+        run_cli(
+            capsys, "tokenizer", str(corpus_file), "--out", tok, "--vocab-size", "200", "--quiet"
+        )[0]
+        == 0
+    )
+    assert (
+        run_cli(
+            capsys,
+            "prepare",
+            str(corpus_file),
+            "--tokenizer",
+            tok,
+            "--out",
+            data,
+            "--seq-len",
+            "32",
+            "--valid-fraction",
+            "0.05",
+            "--quiet",
+        )[0]
+        == 0
+    )
+    code, out, err = run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["step"] == 5
     code, out, _ = run_cli(capsys, "evaluate", run)
@@ -60,22 +113,38 @@ def test_stages_chain(capsys, tmp_path, corpus_file):
     assert {"mlm_loss", "mlm_accuracy", "perplexity", "unigram_baseline_loss"} <= set(first)
     assert json.loads(run_cli(capsys, "evaluate", run)[1]) == first  # fixed masking seed
     assert run_cli(capsys, "export", run, "--out", hf)[0] == 0
-    code, out, _ = run_cli(capsys, "fill-mask", hf, "the small [MASK] sees the dog.",
-                           "--json", "--top-k", "3")
+    code, out, _ = run_cli(
+        capsys, "fill-mask", hf, "the small [MASK] sees the dog.", "--json", "--top-k", "3"
+    )
     preds = json.loads(out)[0]["predictions"]
     assert len(preds) == 3 and all(0 <= p["score"] <= 1 for p in preds)
     # a second pretrain into the same directory without --resume is refused
-    code, _, err = run_cli(capsys, "pretrain", "--data", data, "--out", run, "--preset", "tiny",
-                           "--seq-len", "32", "--max-steps", "5", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "5",
+        "--quiet",
+    )
     assert code == 2 and "--resume" in one_line_error(err)
 
 
 def test_console_entry_point_has_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bertforge", "evaluate", str(tmp_path / "x")],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bertforge", "evaluate", str(tmp_path / "x")],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert one_line_error(proc.stderr).startswith("bertforge: error:")
-
 
 
 # Every flag of every command: the README's examples and users' scripts rely on them.
@@ -132,8 +201,20 @@ def test_every_flag_is_still_there(command):
 
 
 def test_log_every_zero_is_refused_before_any_work(tmp_path, data_dir, capsys):
-    code, _, err = run_cli(capsys, "pretrain", "--data", data_dir, "--out", tmp_path / "run",
-                           "--preset", "tiny", "--max-steps", "2", "--log-every", "0")
+    code, _, err = run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data_dir,
+        "--out",
+        tmp_path / "run",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--log-every",
+        "0",
+    )
     assert code == 2
     assert err.strip() == "bertforge pretrain: error: argument --log-every: '0': must be >= 1"
     assert not (tmp_path / "run").exists()
@@ -144,21 +225,54 @@ def test_bench_json_rows(capsys):
 
     from bertforge.train.runtime import resolve_precision
 
-    code, out, err = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2",
-                             "--seq-len", "16", "--vocab-size", "500", "--steps", "1",
-                             "--warmup", "0", "--vs-hf", "--json")
+    code, out, err = run_cli(
+        capsys,
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--vocab-size",
+        "500",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--vs-hf",
+        "--json",
+    )
     assert code == 0, err
     result = json.loads(out)
     bf16 = resolve_precision("auto", __import__("torch").device("cpu")) is not None
     names = [r["name"] for r in result["bertforge"] + result["transformers"]]
-    expected = (["bertforge (bf16)", "bertforge (fp32)"] if bf16 else ["bertforge (fp32)"])
-    expected += [f"transformers ({a}, {p})" for a in ("eager", "sdpa")
-                 for p in (["bf16", "fp32"] if bf16 else ["fp32"])]
+    expected = ["bertforge (bf16)", "bertforge (fp32)"] if bf16 else ["bertforge (fp32)"]
+    expected += [
+        f"transformers ({a}, {p})"
+        for a in ("eager", "sdpa")
+        for p in (["bf16", "fp32"] if bf16 else ["fp32"])
+    ]
     assert names == expected
     assert result["speedup"] > 0 and all(0 < r["mfu"] for r in result["bertforge"])
-    code, out, _ = run_cli(capsys, "bench", "--preset", "tiny", "--batch-size", "2",
-                           "--seq-len", "16", "--vocab-size", "500", "--steps", "1",
-                           "--warmup", "0", "--no-fp32", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "bench",
+        "--preset",
+        "tiny",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--vocab-size",
+        "500",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--no-fp32",
+        "--json",
+    )
     assert [r["name"] for r in json.loads(out)["bertforge"]] == [expected[0]]
 
 
@@ -169,6 +283,7 @@ def test_warmup_is_spelled_one_way(command):
 
 
 # ------------------------------------------------------------------------ the bare command
+
 
 def test_version(capsys):
     code, out, err = run_cli(capsys, "--version")
@@ -192,38 +307,103 @@ def test_help_shows_an_example_and_finetune_help_reads(capsys):
 
 # ------------------------------------------------------------- failures leave no --out dir
 
-@pytest.mark.parametrize("argv, match", [
-    (["pretrain", "--corpus", "{tmp}/missing.txt", "--out", "{out}", "--max-steps", "1"],
-     "corpus path not found"),
-    (["pretrain", "--corpus", "{tmp}/*.nothing", "--out", "{out}", "--max-steps", "1"],
-     "no corpus files match"),
-    (["pretrain", "--corpus", "{corpus}", "--out", "{out}", "--preset", "tiny",
-      "--vocab-size", "200", "--seq-len", "32", "--max-position-embeddings", "64"],
-     "give --max-steps or --time-budget"),
-    (["pretrain", "--data", "{data}", "--out", "{out}", "--preset", "tiny",
-      "--seq-len", "32", "--max-position-embeddings", "64"],
-     "give --max-steps or --time-budget"),
-    (["pretrain", "--corpus", "{empty}", "--out", "{out}", "--max-steps", "1"], "no documents"),
-    (["pretrain", "--data", "{tmp}/no-data", "--out", "{out}", "--max-steps", "1"],
-     "data directory not found"),
-    (["pretrain", "--data", "{data}", "--out", "{out}", "--preset", "tiny", "--seq-len", "64",
-      "--max-steps", "1"], "seq_len"),
-    (["tokenizer", "{tmp}/missing.txt", "--out", "{out}"], "corpus path not found"),
-    (["tokenizer", "{tmp}/*.nothing", "--out", "{out}"], "no corpus files match"),
-    (["tokenizer", "{empty}", "--out", "{out}", "--quiet"], "no documents"),
-    (["prepare", "{tmp}/missing.txt", "--tokenizer", "{tok}", "--out", "{out}"],
-     "corpus path not found"),
-    (["prepare", "{empty}", "--tokenizer", "{tok}", "--out", "{out}", "--quiet"],
-     "no documents"),
-    (["prepare", "{corpus}", "--tokenizer", "{tmp}/no-tok", "--out", "{out}"],
-     "tokenizer directory not found"),
-])
-def test_a_failed_command_leaves_no_out_directory(capsys, tmp_path, corpus_file, tokenizer_dir,
-                                                  data_dir, argv, match):
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (
+            ["pretrain", "--corpus", "{tmp}/missing.txt", "--out", "{out}", "--max-steps", "1"],
+            "corpus path not found",
+        ),
+        (
+            ["pretrain", "--corpus", "{tmp}/*.nothing", "--out", "{out}", "--max-steps", "1"],
+            "no corpus files match",
+        ),
+        (
+            [
+                "pretrain",
+                "--corpus",
+                "{corpus}",
+                "--out",
+                "{out}",
+                "--preset",
+                "tiny",
+                "--vocab-size",
+                "200",
+                "--seq-len",
+                "32",
+                "--max-position-embeddings",
+                "64",
+            ],
+            "give --max-steps or --time-budget",
+        ),
+        (
+            [
+                "pretrain",
+                "--data",
+                "{data}",
+                "--out",
+                "{out}",
+                "--preset",
+                "tiny",
+                "--seq-len",
+                "32",
+                "--max-position-embeddings",
+                "64",
+            ],
+            "give --max-steps or --time-budget",
+        ),
+        (["pretrain", "--corpus", "{empty}", "--out", "{out}", "--max-steps", "1"], "no documents"),
+        (
+            ["pretrain", "--data", "{tmp}/no-data", "--out", "{out}", "--max-steps", "1"],
+            "data directory not found",
+        ),
+        (
+            [
+                "pretrain",
+                "--data",
+                "{data}",
+                "--out",
+                "{out}",
+                "--preset",
+                "tiny",
+                "--seq-len",
+                "64",
+                "--max-steps",
+                "1",
+            ],
+            "seq_len",
+        ),
+        (["tokenizer", "{tmp}/missing.txt", "--out", "{out}"], "corpus path not found"),
+        (["tokenizer", "{tmp}/*.nothing", "--out", "{out}"], "no corpus files match"),
+        (["tokenizer", "{empty}", "--out", "{out}", "--quiet"], "no documents"),
+        (
+            ["prepare", "{tmp}/missing.txt", "--tokenizer", "{tok}", "--out", "{out}"],
+            "corpus path not found",
+        ),
+        (
+            ["prepare", "{empty}", "--tokenizer", "{tok}", "--out", "{out}", "--quiet"],
+            "no documents",
+        ),
+        (
+            ["prepare", "{corpus}", "--tokenizer", "{tmp}/no-tok", "--out", "{out}"],
+            "tokenizer directory not found",
+        ),
+    ],
+)
+def test_a_failed_command_leaves_no_out_directory(
+    capsys, tmp_path, corpus_file, tokenizer_dir, data_dir, argv, match
+):
     (tmp_path / "empty.txt").write_text("\n\n")
     out = tmp_path / "new" / "out"  # its parent is new too: neither may be left behind
-    subs = {"tmp": tmp_path, "out": out, "corpus": corpus_file, "tok": tokenizer_dir,
-            "data": data_dir, "empty": tmp_path / "empty.txt"}
+    subs = {
+        "tmp": tmp_path,
+        "out": out,
+        "corpus": corpus_file,
+        "tok": tokenizer_dir,
+        "data": data_dir,
+        "empty": tmp_path / "empty.txt",
+    }
     code, _, err = run_cli(capsys, *(a.format(**subs) for a in argv))
     assert code == 2
     assert match in one_line_error(err)

@@ -25,15 +25,21 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 
 def _value_flags() -> list[tuple[str, str, argparse.Action]]:
     """(command, flag, action) of every flag that takes a value."""
-    return [(name, action.option_strings[-1], action)
-            for name, parser in _commands().items() for action in parser._actions
-            if action.option_strings and action.nargs != 0]
+    return [
+        (name, action.option_strings[-1], action)
+        for name, parser in _commands().items()
+        for action in parser._actions
+        if action.option_strings and action.nargs != 0
+    ]
 
 
 def _numeric_flags() -> list[tuple[str, str, str]]:
     """(command, flag, rule) of every flag whose value is a number."""
-    return [(cmd, flag, action.type.rule) for cmd, flag, action in _value_flags()
-            if hasattr(action.type, "rule")]
+    return [
+        (cmd, flag, action.type.rule)
+        for cmd, flag, action in _value_flags()
+        if hasattr(action.type, "rule")
+    ]
 
 
 def test_every_numeric_flag_has_a_rule():
@@ -45,12 +51,15 @@ def test_every_numeric_flag_has_a_rule():
     assert len(_numeric_flags()) > 60  # all commands' flags, not a handful
 
 
-CASES = [(cmd, flag, rule, value) for cmd, flag, rule in _numeric_flags() for value in BAD
-         if not satisfies(float(value), rule)]
+CASES = [
+    (cmd, flag, rule, value)
+    for cmd, flag, rule in _numeric_flags()
+    for value in BAD
+    if not satisfies(float(value), rule)
+]
 
 
-@pytest.mark.parametrize("cmd,flag,rule,value", CASES,
-                         ids=[f"{c}{f}={v}" for c, f, _, v in CASES])
+@pytest.mark.parametrize("cmd,flag,rule,value", CASES, ids=[f"{c}{f}={v}" for c, f, _, v in CASES])
 def test_bad_number_refused_in_one_line(capsys, cmd, flag, rule, value):
     with pytest.raises(SystemExit) as e:
         PARSER.parse_args([cmd, flag, value])

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import one_line_error, run_cli, tiny_model
 
 
@@ -16,13 +15,17 @@ from conftest import one_line_error, run_cli, tiny_model
 def hf_dir(tmp_path_factory, tokenizer_dir) -> Path:
     from bertforge.hf import export_model
 
-    return export_model(tiny_model(tokenizer_dir), tmp_path_factory.mktemp("fill") / "hf",
-                        tokenizer_dir=tokenizer_dir)
+    return export_model(
+        tiny_model(tokenizer_dir),
+        tmp_path_factory.mktemp("fill") / "hf",
+        tokenizer_dir=tokenizer_dir,
+    )
 
 
 def test_fill_mask_echoes_the_text_and_numbers_its_masks(capsys, hf_dir):
-    code, out, err = run_cli(capsys, "fill-mask", hf_dir, "the small [MASK] sees the [MASK].",
-                             "--top-k", "2")
+    code, out, err = run_cli(
+        capsys, "fill-mask", hf_dir, "the small [MASK] sees the [MASK].", "--top-k", "2"
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0] == "the small [MASK 1] sees the [MASK 2]."
@@ -41,8 +44,9 @@ def test_fill_mask_with_one_mask(capsys, hf_dir):
 
 
 def test_fill_mask_json_names_each_mask(capsys, hf_dir):
-    code, out, _ = run_cli(capsys, "fill-mask", hf_dir, "the [MASK] sees the [MASK].", "--json",
-                           "--top-k", "1")
+    code, out, _ = run_cli(
+        capsys, "fill-mask", hf_dir, "the [MASK] sees the [MASK].", "--json", "--top-k", "1"
+    )
     results = json.loads(out)
     assert code == 0 and [r["mask_index"] for r in results] == [0, 1]
     assert [r["position"] for r in results] == [2, 5]  # tokens from [CLS] at 0

@@ -10,15 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli, sentence, tiny_finetune, write_sst2
 
+from bertforge.commands.finetune import predict, run_finetune
+from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
 from bertforge.config import DataConfig, ModelConfig, RunConfig, TrainConfig, preset
 from bertforge.data.labelled import TaskData, load_own_task
 from bertforge.errors import BertforgeError
-from bertforge.commands.finetune import predict, run_finetune
 from bertforge.tasks.classification import ClassificationTask, TokenizedSplit
-from bertforge.commands.glue import load_glue_task, markdown_table, present_tasks
 from bertforge.testing import NOUNS
-from conftest import run_cli, sentence, tiny_finetune, write_sst2
 
 SHARED_GLUE = Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"
 
@@ -27,8 +27,23 @@ def write_stsb(folder: Path, n: int = 24) -> Path:
     """STS-B's layout: 10 columns, sentence1/sentence2 at 7 and 8, the score last."""
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(1)
-    header = "\t".join(["index", "genre", "filename", "year", "old_index", "source1",
-                        "source2", "sentence1", "sentence2", "score"]) + "\n"
+    header = (
+        "\t".join(
+            [
+                "index",
+                "genre",
+                "filename",
+                "year",
+                "old_index",
+                "source1",
+                "source2",
+                "sentence1",
+                "sentence2",
+                "score",
+            ]
+        )
+        + "\n"
+    )
     for split in ("train", "dev"):
         rows = []
         for i in range(n):
@@ -43,11 +58,26 @@ def tiny_run(tmp_path_factory, data_dir) -> Path:
     """A tiny pretrained run (a few MLM steps): a bertforge run directory to fine-tune."""
     from bertforge.commands.pretrain import run_pretrain
 
-    model = preset("tiny", hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                   max_position_embeddings=64)
-    cfg = RunConfig(model=model, data=DataConfig(seq_len=32),
-                    train=TrainConfig(batch_size=16, micro_batch_size=16, lr=2e-3, max_steps=3,
-                                      eval_every=0, eval_sequences=16, precision="fp32"))
+    model = preset(
+        "tiny",
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
+    cfg = RunConfig(
+        model=model,
+        data=DataConfig(seq_len=32),
+        train=TrainConfig(
+            batch_size=16,
+            micro_batch_size=16,
+            lr=2e-3,
+            max_steps=3,
+            eval_every=0,
+            eval_sequences=16,
+            precision="fp32",
+        ),
+    )
     run = tmp_path_factory.mktemp("pretrained") / "run"
     run_pretrain(run, cfg, data_dir=data_dir, show_progress=False)
     return run
@@ -58,12 +88,14 @@ def sst2_run(tmp_path_factory, tiny_run) -> tuple[Path, Path]:
     """(OUT, the task's directory) of a fine-tuned synthetic SST-2."""
     task_dir = write_sst2(tmp_path_factory.mktemp("glue") / "SST-2")
     out = tmp_path_factory.mktemp("finetuned") / "sst2"
-    run_finetune(tiny_run, load_glue_task("sst2", task_dir), out, tiny_finetune(),
-                 show_progress=False)
+    run_finetune(
+        tiny_run, load_glue_task("sst2", task_dir), out, tiny_finetune(), show_progress=False
+    )
     return out, task_dir
 
 
 # ---------------------------------------------------------------------------- task files
+
 
 def test_glue_single_sentence_with_and_without_header(tmp_path):
     with_header = load_glue_task("sst2", write_sst2(tmp_path / "a" / "SST-2"))
@@ -75,8 +107,9 @@ def test_glue_single_sentence_with_and_without_header(tmp_path):
     cola = tmp_path / "glue" / "CoLA"
     cola.mkdir(parents=True)
     for split in ("train", "dev"):
-        (cola / f"{split}.tsv").write_text("gj04\t1\t\tThe cat sees the dog.\n"
-                                           "gj04\t0\t*\tCat the dog sees.\n")
+        (cola / f"{split}.tsv").write_text(
+            "gj04\t1\t\tThe cat sees the dog.\ngj04\t0\t*\tCat the dog sees.\n"
+        )
     data = load_glue_task("cola", tmp_path / "glue")
     assert data.train.texts == ["The cat sees the dog.", "Cat the dog sees."]
     assert data.train.y.tolist() == [1, 0] and data.metrics == ("matthews",)
@@ -87,8 +120,9 @@ def test_glue_columns_read_by_header_name(tmp_path):
     folder = tmp_path / "SST-2"
     folder.mkdir()
     for split in ("train", "dev"):  # columns in another order than GLUE's
-        (folder / f"{split}.tsv").write_text("label\tsentence\n1\tthe happy cat .\n"
-                                             "0\tthe dark dog .\n")
+        (folder / f"{split}.tsv").write_text(
+            "label\tsentence\n1\tthe happy cat .\n0\tthe dark dog .\n"
+        )
     data = load_glue_task("sst2", folder)
     assert data.train.texts == ["the happy cat .", "the dark dog ."]
     assert data.train.y.tolist() == [1, 0]
@@ -100,8 +134,9 @@ def test_glue_pair_tasks_and_regression(tmp_path):
     for split in ("train", "dev"):  # MRPC ships with a byte-order mark
         (mrpc / f"{split}.tsv").write_text(
             "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
-            "1\t1\t2\tThe cat sat.\tA cat sat.\n0\t3\t4\tA \"quoted\" dog.\tThe river.\n",
-            encoding="utf-8")
+            '1\t1\t2\tThe cat sat.\tA cat sat.\n0\t3\t4\tA "quoted" dog.\tThe river.\n',
+            encoding="utf-8",
+        )
     data = load_glue_task("mrpc", tmp_path)
     assert data.train.pairs == ["A cat sat.", "The river."]
     assert data.train.texts[1] == 'A "quoted" dog.' and data.metrics == ("accuracy", "f1")
@@ -109,8 +144,10 @@ def test_glue_pair_tasks_and_regression(tmp_path):
     assert stsb.regression and stsb.train.y.dtype == np.float32 and len(stsb.train.pairs) == 24
     mnli = tmp_path / "MNLI"
     mnli.mkdir()
-    head = ("index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\t"
-            "label1\tgold_label\n")
+    head = (
+        "index\tpromptID\tpairID\tgenre\ts1b\ts2b\ts1p\ts2p\tsentence1\tsentence2\t"
+        "label1\tgold_label\n"
+    )
     row = "0\t1\t1\tfiction\t-\t-\t-\t-\tA cat.\tA dog.\tneutral\t{}\n"
     (mnli / "train.tsv").write_text(head + row.format("neutral") + row.format("entailment"))
     (mnli / "dev_matched.tsv").write_text(head + row.format("contradiction"))
@@ -121,12 +158,18 @@ def test_glue_pair_tasks_and_regression(tmp_path):
     assert data.train.y.tolist() == [2, 1] and data.validation["matched"].y.tolist() == [0]
 
 
-@pytest.mark.parametrize("content, match", [
-    ("", "empty file"),
-    ("sentence\tlabel\n", "no examples"),
-    ("sentence\tlabel\nthe cat .\t1\nthe dog .\t1\textra\n", "line 3: 3 fields, expected 2"),
-    ("sentence\tlabel\nthe cat .\t1\nthe dog .\tpositive\n", "line 3: unknown label 'positive'"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("", "empty file"),
+        ("sentence\tlabel\n", "no examples"),
+        ("sentence\tlabel\nthe cat .\t1\nthe dog .\t1\textra\n", "line 3: 3 fields, expected 2"),
+        (
+            "sentence\tlabel\nthe cat .\t1\nthe dog .\tpositive\n",
+            "line 3: unknown label 'positive'",
+        ),
+    ],
+)
 def test_malformed_glue_files_name_file_and_line(tmp_path, content, match):
     folder = tmp_path / "SST-2"
     folder.mkdir()
@@ -138,15 +181,18 @@ def test_malformed_glue_files_name_file_and_line(tmp_path, content, match):
 
 
 def test_own_data_formats_and_errors(tmp_path):
-    (tmp_path / "train.csv").write_text('text,label\n"the happy cat, again",pos\nthe dog,neg\n'
-                                        "the bird,pos\n")
-    (tmp_path / "valid.jsonl").write_text('{"text": "a cat", "label": "neg"}\n\n'
-                                          '{"text": "a dog", "label": "pos"}\n')
+    (tmp_path / "train.csv").write_text(
+        'text,label\n"the happy cat, again",pos\nthe dog,neg\nthe bird,pos\n'
+    )
+    (tmp_path / "valid.jsonl").write_text(
+        '{"text": "a cat", "label": "neg"}\n\n{"text": "a dog", "label": "pos"}\n'
+    )
     data = load_own_task(tmp_path / "train.csv", tmp_path / "valid.jsonl", "text", "label")
     assert data.labels == ["neg", "pos"] and data.train.texts[0] == "the happy cat, again"
     assert data.train.y.tolist() == [1, 0, 1] and data.validation[""].y.tolist() == [0, 1]
-    (tmp_path / "bad.jsonl").write_text('{"text": "a", "label": "pos"}\n'
-                                        '{"text": "b", "label": "maybe"}\n')
+    (tmp_path / "bad.jsonl").write_text(
+        '{"text": "a", "label": "pos"}\n{"text": "b", "label": "maybe"}\n'
+    )
     with pytest.raises(BertforgeError, match=r"bad.jsonl, line 2: unknown label 'maybe'"):
         load_own_task(tmp_path / "train.csv", tmp_path / "bad.jsonl", "text", "label")
     with pytest.raises(BertforgeError, match=r"train.csv, line 1: no column 'sentence'"):
@@ -162,8 +208,10 @@ def test_own_data_formats_and_errors(tmp_path):
 def test_real_glue_files_parse():
     """The GLUE files as distributed (SST-2 with a header, CoLA without): parsing only."""
     if not (SHARED_GLUE / "SST-2").is_dir() or not (SHARED_GLUE / "CoLA").is_dir():
-        pytest.skip(f"GLUE SST-2 and CoLA are not present ({SHARED_GLUE.name}/ beside this "
-                    "repository, under shared/data); this test reads the real files")
+        pytest.skip(
+            f"GLUE SST-2 and CoLA are not present ({SHARED_GLUE.name}/ beside this "
+            "repository, under shared/data); this test reads the real files"
+        )
     sst2, cola = load_glue_task("sst2", SHARED_GLUE), load_glue_task("cola", SHARED_GLUE)
     assert (len(sst2.train), len(sst2.validation[""])) == (67349, 872)
     assert (len(cola.train), len(cola.validation[""])) == (8551, 1043)
@@ -175,9 +223,13 @@ def test_real_glue_files_parse():
 
 # ------------------------------------------------------------------------------ training
 
+
 def metrics_lines(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if r["kind"] == kind]
+    return [
+        r
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if r["kind"] == kind
+    ]
 
 
 def test_loss_falls_and_best_epoch_is_exported(sst2_run):
@@ -232,8 +284,9 @@ def test_tokens_count_the_real_tokens_trained_on(sst2_run):
 def test_a_run_shorter_than_an_epoch_records_its_last_step_as_best(tmp_path, tiny_run):
     """max_steps not a multiple of the epoch (16 steps): the best is step 5, not 6."""
     data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2"))
-    summary = run_finetune(tiny_run, data, tmp_path / "out", tiny_finetune(max_steps=5),
-                           show_progress=False)
+    summary = run_finetune(
+        tiny_run, data, tmp_path / "out", tiny_finetune(max_steps=5), show_progress=False
+    )
     assert summary["steps"] == summary["best_step"] == 5
     assert [e["epoch"] for e in summary["epochs"]] == [round(5 / 16, 4)]
 
@@ -241,18 +294,50 @@ def test_a_run_shorter_than_an_epoch_records_its_last_step_as_best(tmp_path, tin
 def test_the_training_options_of_pretraining_reach_fine_tuning(tmp_path, tiny_run, capsys):
     """FinetuneConfig is composed from TrainConfig: schedule, Adam betas, on_nan, compile..."""
     task_dir = write_sst2(tmp_path / "SST-2")
-    code, _, err = run_cli(capsys, "finetune", tiny_run, "--task", "sst2", "--data-dir",
-                           task_dir, "--out", tmp_path / "out", "--max-steps", "2",
-                           "--schedule", "cosine", "--adam-beta2", "0.98", "--on-nan", "skip",
-                           "--warmup-steps", "1", "--max-length", "32", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "finetune",
+        tiny_run,
+        "--task",
+        "sst2",
+        "--data-dir",
+        task_dir,
+        "--out",
+        tmp_path / "out",
+        "--max-steps",
+        "2",
+        "--schedule",
+        "cosine",
+        "--adam-beta2",
+        "0.98",
+        "--on-nan",
+        "skip",
+        "--warmup-steps",
+        "1",
+        "--max-length",
+        "32",
+        "--quiet",
+    )
     assert code == 0, err
     spec = json.loads((tmp_path / "out" / "finetune.json").read_text())["config"]
     assert spec["train"]["schedule"] == "cosine" and spec["train"]["adam_beta2"] == 0.98
     assert spec["train"]["on_nan"] == "skip" and spec["train"]["warmup_steps"] == 1
     assert spec["train"]["lr"] == 2e-5 and spec["max_length"] == 32  # fine-tuning's default
     # --resume with the same flags is accepted; with another schedule refused.
-    args = ["finetune", tiny_run, "--task", "sst2", "--data-dir", task_dir, "--out",
-            tmp_path / "out", "--max-length", "32", "--quiet", "--resume"]
+    args = [
+        "finetune",
+        tiny_run,
+        "--task",
+        "sst2",
+        "--data-dir",
+        task_dir,
+        "--out",
+        tmp_path / "out",
+        "--max-length",
+        "32",
+        "--quiet",
+        "--resume",
+    ]
     assert run_cli(capsys, *args, "--schedule", "cosine")[0] == 0
     code, _, err = run_cli(capsys, *args, "--schedule", "linear")
     assert code == 2 and "schedule was 'cosine'" in err
@@ -266,11 +351,23 @@ def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
     texts = ["cat", "dog", "bird", "horse"]
     ids = [tok.encode(t).ids[1] for t in texts]
     y = np.array([i % 2 for i in ids])
-    data = TaskData(name="t", train=None, validation={}, labels=["0", "1"],
-                    metrics=("accuracy",), score=("accuracy",))
+    data = TaskData(
+        name="t",
+        train=None,
+        validation={},
+        labels=["0", "1"],
+        metrics=("accuracy",),
+        score=("accuracy",),
+    )
     valid = TokenizedSplit(tok, texts, None, y, 0)
-    task = ClassificationTask(data, valid, {"": valid}, tiny_finetune(batch_size=2),
-                              torch.device("cpu"), tmp_path / "best")
+    task = ClassificationTask(
+        data,
+        valid,
+        {"": valid},
+        tiny_finetune(batch_size=2),
+        torch.device("cpu"),
+        tmp_path / "best",
+    )
     model = _Scripted()
     for step, right, weight in ((2, True, 1.0), (4, False, 2.0), (6, True, 3.0)):
         model.right = right
@@ -280,6 +377,7 @@ def test_best_epoch_weights_are_kept(tmp_path, tokenizer_dir):
         best = json.loads((tmp_path / "best" / "state.json").read_text())
         assert best["step"] == 2  # the equal score at step 6 does not replace it either
     from safetensors.torch import load_file
+
     assert [p.name for p in (tmp_path / "best").glob("*.safetensors")] == [best["weights"]]
     assert load_file(str(tmp_path / "best" / best["weights"]))["weight"].item() == 1.0
 
@@ -292,13 +390,24 @@ def test_batches_are_a_pure_function_of_the_step(tmp_path, tokenizer_dir):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(NOUNS) for _ in range(rng.randint(1, 20))) for _ in range(100)]
     train = TokenizedSplit(tok, texts, None, np.zeros(100, dtype=np.int64), 0)
-    data = TaskData(name="t", train=None, validation={}, labels=["0", "1"],
-                    metrics=("accuracy",), score=("accuracy",))
+    data = TaskData(
+        name="t",
+        train=None,
+        validation={},
+        labels=["0", "1"],
+        metrics=("accuracy",),
+        score=("accuracy",),
+    )
 
     def epoch(grouping: int) -> tuple[list[list[int]], int]:
-        task = ClassificationTask(data, train, {}, tiny_finetune(batch_size=8,
-                                  micro_batch_size=4, length_grouping=grouping),
-                                  torch.device("cpu"), tmp_path / "best")
+        task = ClassificationTask(
+            data,
+            train,
+            {},
+            tiny_finetune(batch_size=8, micro_batch_size=4, length_grouping=grouping),
+            torch.device("cpu"),
+            tmp_path / "best",
+        )
         assert task.steps_per_epoch == 13  # ceil(100 / 8); the last batch holds 4
         rows, padded = [], 0
         for step in range(13):
@@ -326,8 +435,9 @@ def test_regression_pair_task_and_resume(tmp_path, tiny_run):
     shutil.copytree(full, half)
     shutil.rmtree(half / "checkpoints" / "step-000006")  # as if killed in epoch 2
     run_finetune(tiny_run, data, half, cfg, resume=True, show_progress=False)
-    assert [r["loss"] for r in metrics_lines(half, "train")] == \
-        [r["loss"] for r in metrics_lines(full, "train")]
+    assert [r["loss"] for r in metrics_lines(half, "train")] == [
+        r["loss"] for r in metrics_lines(full, "train")
+    ]
     with pytest.raises(BertforgeError, match="already holds a fine-tuning run"):
         run_finetune(tiny_run, data, full, cfg, show_progress=False)
 
@@ -338,9 +448,13 @@ def test_fine_tuning_does_not_depend_on_the_micro_batch_size(tmp_path, tiny_run)
     data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2"))
     runs = {}
     for micro in (8, 2):
-        runs[micro] = run_finetune(tiny_run, data, tmp_path / f"micro-{micro}",
-                                   tiny_finetune(epochs=1, micro_batch_size=micro),
-                                   show_progress=False)
+        runs[micro] = run_finetune(
+            tiny_run,
+            data,
+            tmp_path / f"micro-{micro}",
+            tiny_finetune(epochs=1, micro_batch_size=micro),
+            show_progress=False,
+        )
     a, b = (metrics_lines(tmp_path / f"micro-{m}", "train") for m in (8, 2))
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b)) < 1e-5
     assert runs[8]["best"]["eval_loss"] == pytest.approx(runs[2]["best"]["eval_loss"], abs=1e-5)
@@ -351,14 +465,22 @@ def test_from_scratch_starts_from_random_weights(tmp_path, tiny_run):
     from safetensors.torch import load_file
 
     data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2", train=16, dev=8))
-    run_finetune(tiny_run, data, tmp_path / "pre", tiny_finetune(max_steps=1, lr=1e-9),
-                 show_progress=False)
-    run_finetune(tiny_run, data, tmp_path / "scratch", tiny_finetune(max_steps=1, lr=1e-9),
-                 from_scratch=True, show_progress=False)
+    run_finetune(
+        tiny_run, data, tmp_path / "pre", tiny_finetune(max_steps=1, lr=1e-9), show_progress=False
+    )
+    run_finetune(
+        tiny_run,
+        data,
+        tmp_path / "scratch",
+        tiny_finetune(max_steps=1, lr=1e-9),
+        from_scratch=True,
+        show_progress=False,
+    )
     key = "bert.embeddings.word_embeddings.weight"
     pretrained = load_file(str(tiny_run / "hf" / "model.safetensors"))[key]
-    assert torch.allclose(load_file(str(tmp_path / "pre" / "hf" / "model.safetensors"))[key],
-                          pretrained, atol=1e-6)
+    assert torch.allclose(
+        load_file(str(tmp_path / "pre" / "hf" / "model.safetensors"))[key], pretrained, atol=1e-6
+    )
     scratch = load_file(str(tmp_path / "scratch" / "hf" / "model.safetensors"))[key]
     assert scratch.shape == pretrained.shape and not torch.allclose(scratch, pretrained)
     summary = json.loads((tmp_path / "scratch" / "metrics.json").read_text())
@@ -370,14 +492,22 @@ def test_finetune_a_transformers_directory_with_only_vocab_txt(tmp_path, tokeniz
     transformers = pytest.importorskip("transformers")
     vocab = (tokenizer_dir / "vocab.txt").read_text().splitlines()
     torch.manual_seed(0)
-    hf = transformers.BertModel(transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64))
+    hf = transformers.BertModel(
+        transformers.BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     hf.save_pretrained(tmp_path / "bert")
     shutil.copy(tokenizer_dir / "vocab.txt", tmp_path / "bert" / "vocab.txt")
     data = load_glue_task("sst2", write_sst2(tmp_path / "SST-2", train=16, dev=8))
-    summary = run_finetune(tmp_path / "bert", data, tmp_path / "out", tiny_finetune(epochs=1),
-                           show_progress=False)
+    summary = run_finetune(
+        tmp_path / "bert", data, tmp_path / "out", tiny_finetune(epochs=1), show_progress=False
+    )
     assert summary["steps"] == 2 and (tmp_path / "out" / "hf" / "vocab.txt").is_file()
     # The export carries a tokenizer.json built from vocab.txt; transformers reads both alike.
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out" / "hf"))
@@ -389,6 +519,7 @@ def test_finetune_a_transformers_directory_with_only_vocab_txt(tmp_path, tokeniz
 
 # -------------------------------------------------------------------------------- export
 
+
 @pytest.mark.parametrize("labels", [["neg", "pos", "neutral"], None])
 def test_classifier_export_matches_transformers(tmp_path, labels):
     transformers = pytest.importorskip("transformers")
@@ -396,15 +527,23 @@ def test_classifier_export_matches_transformers(tmp_path, labels):
     from bertforge.model.bert import BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=37, max_position_embeddings=64)
+    config = ModelConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     model = BertForSequenceClassification(config, len(labels) if labels else 1).eval()
     export_model(model, tmp_path, extra_config=classifier_config_to_hf(labels))
     theirs, info = transformers.BertForSequenceClassification.from_pretrained(
-        tmp_path, output_loading_info=True, attn_implementation="eager")
+        tmp_path, output_loading_info=True, attn_implementation="eager"
+    )
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    assert theirs.config.problem_type == ("regression" if labels is None
-                                          else "single_label_classification")
+    assert theirs.config.problem_type == (
+        "regression" if labels is None else "single_label_classification"
+    )
     if labels:
         assert theirs.config.id2label == dict(enumerate(labels))
     ids = torch.randint(0, 99, (3, 10), generator=torch.Generator().manual_seed(0))
@@ -414,15 +553,17 @@ def test_classifier_export_matches_transformers(tmp_path, labels):
     mask[1, 7:] = 0
     with torch.no_grad():
         ours = model(ids, types, mask)
-        torch.testing.assert_close(theirs.eval()(input_ids=ids, token_type_ids=types,
-                                                 attention_mask=mask).logits,
-                                   ours, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            theirs.eval()(input_ids=ids, token_type_ids=types, attention_mask=mask).logits,
+            ours,
+            atol=1e-5,
+            rtol=1e-5,
+        )
         again, _ = import_classifier(tmp_path)
         torch.testing.assert_close(again(ids, types, mask), ours, atol=0, rtol=0)
 
 
 # ----------------------------------------------------------------------------------- CLI
-
 
 
 def test_cli_own_data_finetune_and_predict(capsys, tmp_path, tiny_run):
@@ -435,10 +576,31 @@ def test_cli_own_data_finetune_and_predict(capsys, tmp_path, tiny_run):
         (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     code, stdout, err = run_cli(
-        capsys, "finetune", tiny_run, "--train", tmp_path / "train.jsonl", "--validation",
-        tmp_path / "valid.jsonl", "--text-column", "review", "--label-column", "sentiment",
-        "--out", out, "--epochs", "1", "--batch-size", "16", "--max-length", "32", "--lr",
-        "1e-3", "--precision", "fp32", "--quiet")
+        capsys,
+        "finetune",
+        tiny_run,
+        "--train",
+        tmp_path / "train.jsonl",
+        "--validation",
+        tmp_path / "valid.jsonl",
+        "--text-column",
+        "review",
+        "--label-column",
+        "sentiment",
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--lr",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--quiet",
+    )
     assert code == 0, err
     assert json.loads(stdout)["task"] == "train"
     config = json.loads((out / "hf" / "config.json").read_text())
@@ -450,42 +612,97 @@ def test_cli_own_data_finetune_and_predict(capsys, tmp_path, tiny_run):
     rows = [json.loads(line) for line in stdout.splitlines()]
     assert len(rows) == 2 and all(r["label"] in ("bad", "good") for r in rows)
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
-    code, _, _ = run_cli(capsys, "predict", out / "hf", "--input", tmp_path / "valid.jsonl",
-                         "--text-column", "review", "--output", tmp_path / "p.jsonl")
+    code, _, _ = run_cli(
+        capsys,
+        "predict",
+        out / "hf",
+        "--input",
+        tmp_path / "valid.jsonl",
+        "--text-column",
+        "review",
+        "--output",
+        tmp_path / "p.jsonl",
+    )
     assert code == 0 and len((tmp_path / "p.jsonl").read_text().splitlines()) == 16
 
 
 def test_cli_glue_table(capsys, tmp_path, tiny_run):
     write_sst2(tmp_path / "glue" / "SST-2", train=32, dev=16)
     write_stsb(tmp_path / "glue" / "STS-B", n=16)
-    code, stdout, err = run_cli(capsys, "glue", tiny_run, "--data-dir", tmp_path / "glue",
-                                "--out", tmp_path / "runs", "--epochs", "1", "--max-length",
-                                "32", "--precision", "fp32", "--quiet", "--results",
-                                tmp_path / "glue.json")
+    code, stdout, err = run_cli(
+        capsys,
+        "glue",
+        tiny_run,
+        "--data-dir",
+        tmp_path / "glue",
+        "--out",
+        tmp_path / "runs",
+        "--epochs",
+        "1",
+        "--max-length",
+        "32",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--results",
+        tmp_path / "glue.json",
+    )
     assert code == 0, err
     assert "| SST-2 | accuracy" in stdout and "| STS-B | pearson" in stdout
     assert "**Average**" in stdout
     results = json.loads((tmp_path / "glue.json").read_text())
     assert set(results["tasks"]) == {"sst2", "stsb"}
-    assert results["average"] == pytest.approx(np.mean([r["score"] for r in
-                                                        results["tasks"].values()]))
+    assert results["average"] == pytest.approx(
+        np.mean([r["score"] for r in results["tasks"].values()])
+    )
     assert markdown_table(results) in stdout
     assert (tmp_path / "runs" / "sst2" / "hf" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["finetune", "{run}", "--out", "{tmp}/o"], "give --task NAME --data-dir DIR"),
-    (["finetune", "{run}", "--task", "sst9", "--data-dir", "{tmp}/good", "--out", "{tmp}/o"],
-     "unknown GLUE task 'sst9'"),
-    (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o"],
-     "train.tsv, line 3: 1 fields, expected 2"),
-    (["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o",
-      "--lr", "0"], "argument --lr: '0': must be > 0"),
-    (["finetune", "{tmp}/nope", "--task", "sst2", "--data-dir", "{tmp}/good", "--out",
-      "{tmp}/o"], "model not found"),
-    (["predict", "{tmp}/nope", "--input", "{tmp}/x.txt"], "no config.json"),
-    (["glue", "{run}", "--data-dir", "{tmp}/empty"], "no GLUE task directories"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["finetune", "{run}", "--out", "{tmp}/o"], "give --task NAME --data-dir DIR"),
+        (
+            ["finetune", "{run}", "--task", "sst9", "--data-dir", "{tmp}/good", "--out", "{tmp}/o"],
+            "unknown GLUE task 'sst9'",
+        ),
+        (
+            ["finetune", "{run}", "--task", "sst2", "--data-dir", "{tmp}/bad", "--out", "{tmp}/o"],
+            "train.tsv, line 3: 1 fields, expected 2",
+        ),
+        (
+            [
+                "finetune",
+                "{run}",
+                "--task",
+                "sst2",
+                "--data-dir",
+                "{tmp}/bad",
+                "--out",
+                "{tmp}/o",
+                "--lr",
+                "0",
+            ],
+            "argument --lr: '0': must be > 0",
+        ),
+        (
+            [
+                "finetune",
+                "{tmp}/nope",
+                "--task",
+                "sst2",
+                "--data-dir",
+                "{tmp}/good",
+                "--out",
+                "{tmp}/o",
+            ],
+            "model not found",
+        ),
+        (["predict", "{tmp}/nope", "--input", "{tmp}/x.txt"], "no config.json"),
+        (["glue", "{run}", "--data-dir", "{tmp}/empty"], "no GLUE task directories"),
+    ],
+)
 def test_cli_errors_are_one_line(capsys, tmp_path, tiny_run, argv, match):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "train.tsv").write_text("sentence\tlabel\nthe cat\t1\nthe dog\n")

@@ -17,13 +17,23 @@ pytestmark = pytest.mark.report  # what the commands print includes the report's
 
 def test_tokenizer_and_prepare_write_plain_lines_off_a_terminal(tmp_path, capfd):
     corpus = write_corpus(tmp_path / "c.txt", documents=40)
-    code, _, err = run_cli(capfd, "tokenizer", corpus, "--out", tmp_path / "tok",
-                           "--vocab-size", "200")
+    code, _, err = run_cli(
+        capfd, "tokenizer", corpus, "--out", tmp_path / "tok", "--vocab-size", "200"
+    )
     assert code == 0, err
     assert "\r" not in err and all(line.strip() for line in err.splitlines()), repr(err)
     assert "corpus: 1 file (1 text)" in err
-    code, out, err = run_cli(capfd, "prepare", corpus, "--tokenizer", tmp_path / "tok",
-                             "--out", tmp_path / "data", "--workers", "1")
+    code, _out, err = run_cli(
+        capfd,
+        "prepare",
+        corpus,
+        "--tokenizer",
+        tmp_path / "tok",
+        "--out",
+        tmp_path / "data",
+        "--workers",
+        "1",
+    )
     assert code == 0, err
     assert "\r" not in err and all(line.strip() for line in err.splitlines()), repr(err)
     assert f"-> {tmp_path / 'data'}" in err and "1 file (" in err
@@ -31,9 +41,24 @@ def test_tokenizer_and_prepare_write_plain_lines_off_a_terminal(tmp_path, capfd)
 
 def test_pretrain_from_a_corpus_prints_each_stage_once(tmp_path, capfd):
     corpus = write_corpus(tmp_path / "c.txt", documents=40)
-    code, out, err = run_cli(capfd, "pretrain", "--corpus", corpus, "--out", tmp_path / "run",
-                             "--vocab-size", "200", "--preset", "tiny", "--seq-len", "32",
-                             "--max-steps", "2", "--batch-size", "4")
+    code, _out, err = run_cli(
+        capfd,
+        "pretrain",
+        "--corpus",
+        corpus,
+        "--out",
+        tmp_path / "run",
+        "--vocab-size",
+        "200",
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+    )
     assert code == 0, err
     assert sum(line.startswith("prepare:") for line in err.splitlines()) == 1, err
     assert sum(line.startswith("tokenizer:") for line in err.splitlines()) == 1, err
@@ -48,11 +73,16 @@ def test_one_file_is_one_file():
     assert stats.summary_lines()[0].startswith("corpus: 2 files (2 text), ")
 
 
-def manifest(train_docs: int, valid_docs: int, train_seqs: int, valid_seqs: int,
-             fraction: float = 0.02) -> dict:
-    return {"valid_fraction": fraction, "splits": {
-        "train": {"documents": train_docs, "sequences": train_seqs, "tokens": 128 * train_seqs},
-        "valid": {"documents": valid_docs, "sequences": valid_seqs, "tokens": 128 * valid_seqs}}}
+def manifest(
+    train_docs: int, valid_docs: int, train_seqs: int, valid_seqs: int, fraction: float = 0.02
+) -> dict:
+    return {
+        "valid_fraction": fraction,
+        "splits": {
+            "train": {"documents": train_docs, "sequences": train_seqs, "tokens": 128 * train_seqs},
+            "valid": {"documents": valid_docs, "sequences": valid_seqs, "tokens": 128 * valid_seqs},
+        },
+    }
 
 
 def test_few_or_huge_documents_are_warned_about():

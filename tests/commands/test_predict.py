@@ -8,17 +8,23 @@ import json
 import sys
 
 import pytest
+from conftest import run_cli
 
 from bertforge import api
-from conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A blank line, a lone CR inside a line, a CRLF ending, bytes that are not UTF-8, a last
 # line without its newline.
 RAW = b"the cat sees\n\nthe king\rsees the dog\r\n\xff\xfe the bird\n   \nlast one"
-EXPECTED = [(1, "the cat sees"), (2, ""), (3, "the king\rsees the dog"),
-            (4, "\ufffd\ufffd the bird"), (5, ""), (6, "last one")]
+EXPECTED = [
+    (1, "the cat sees"),
+    (2, ""),
+    (3, "the king\rsees the dog"),
+    (4, "\ufffd\ufffd the bird"),
+    (5, ""),
+    (6, "last one"),
+]
 
 
 def _rows(text: str) -> list[dict]:
@@ -43,34 +49,39 @@ def test_one_output_per_input_line_in_order(tmp_path, capsys, finetuned):
 
 def test_stdin_reads_as_a_file_does(tmp_path, capsys, monkeypatch, finetuned):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(RAW)))
-    code, out, err = run_cli(capsys, "predict", finetuned[0], "--input", "-", "--output",
-                             tmp_path / "p.jsonl")
+    code, _out, err = run_cli(
+        capsys, "predict", finetuned[0], "--input", "-", "--output", tmp_path / "p.jsonl"
+    )
     assert code == 0, err
     _check(_rows((tmp_path / "p.jsonl").read_text()))
 
 
 def test_no_text_keeps_the_line_numbers(tmp_path, capsys, finetuned):
     (tmp_path / "in.txt").write_bytes(RAW)
-    code, out, _ = run_cli(capsys, "predict", finetuned[0], "--input", tmp_path / "in.txt",
-                           "--no-text")
+    code, out, _ = run_cli(
+        capsys, "predict", finetuned[0], "--input", tmp_path / "in.txt", "--no-text"
+    )
     assert code == 0
-    assert [sorted(r) for r in _rows(out)][0] == ["label", "line", "probabilities"]
+    assert next(sorted(r) for r in _rows(out)) == ["label", "line", "probabilities"]
     assert [r["line"] for r in _rows(out)] == [1, 2, 3, 4, 5, 6]
 
 
-def test_inputs_stream_a_chunk_at_a_time_with_progress(tmp_path, capsys, monkeypatch,
-                                                       finetuned):
+def test_inputs_stream_a_chunk_at_a_time_with_progress(tmp_path, capsys, monkeypatch, finetuned):
     monkeypatch.setattr(api, "PREDICT_CHUNK", 4)
     seen: list[int] = []
     from bertforge.commands.finetune import Predictor
 
     call = Predictor.__call__
-    monkeypatch.setattr(Predictor, "__call__",
-                        lambda self, texts, *a: seen.append(len(texts)) or call(self, texts, *a))
+    monkeypatch.setattr(
+        Predictor,
+        "__call__",
+        lambda self, texts, *a: seen.append(len(texts)) or call(self, texts, *a),
+    )
     lines = [f"the cat sees the dog {i}" for i in range(10)]
     (tmp_path / "in.csv").write_text("text\n" + "\n".join(lines) + "\n")
-    code, out, err = run_cli(capsys, "predict", finetuned[0], "--input", tmp_path / "in.csv",
-                             "--batch-size", "2")
+    code, out, err = run_cli(
+        capsys, "predict", finetuned[0], "--input", tmp_path / "in.csv", "--batch-size", "2"
+    )
     assert code == 0, err
     rows = _rows(out)
     assert [r["line"] for r in rows] == list(range(2, 12))  # the header is line 1

@@ -11,9 +11,9 @@ import torch
 import yaml
 from conftest import one_line_error, run_cli, tiny_run_config
 
-from bertforge.config import RunConfig
-from bertforge.commands.pretrain import run_pretrain
 from bertforge.commands.loading import load_run_model
+from bertforge.commands.pretrain import run_pretrain
+from bertforge.config import RunConfig
 
 
 def tiny_config(**train) -> RunConfig:
@@ -35,11 +35,13 @@ def test_loss_falls_and_run_dir_layout(tmp_path, data_dir):
     assert (run / "config.yaml").is_file() and (run / "tokenizer" / "vocab.txt").is_file()
     assert (run / "checkpoints" / "latest").read_text().strip() == "step-000040"
     ckpt = run / "checkpoints" / "step-000040"
-    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt",
-                                                 "state.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.json"}
     assert (run / "hf" / "config.json").is_file()
-    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["kind"] == "eval"]
+    evals = [
+        json.loads(x)
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "eval"
+    ]
     assert [e["step"] for e in evals] == [20, 40]
 
 
@@ -49,12 +51,19 @@ EAGER_AND_COMPILED = [False, pytest.param(True, marks=pytest.mark.slow, id="comp
 @pytest.mark.parametrize("compiled", EAGER_AND_COMPILED)
 def test_losses_do_not_depend_on_micro_batch_size(tmp_path, data_dir, compiled):
     a, b = tmp_path / "a", tmp_path / "b"
-    run_pretrain(a, tiny_config(max_steps=6, micro_batch_size=16, compile=compiled),
-                 data_dir=data_dir, show_progress=False)
-    run_pretrain(b, tiny_config(max_steps=6, micro_batch_size=4, compile=compiled),
-                 data_dir=data_dir, show_progress=False)
-    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)),
-                               atol=1e-5, rtol=0)
+    run_pretrain(
+        a,
+        tiny_config(max_steps=6, micro_batch_size=16, compile=compiled),
+        data_dir=data_dir,
+        show_progress=False,
+    )
+    run_pretrain(
+        b,
+        tiny_config(max_steps=6, micro_batch_size=4, compile=compiled),
+        data_dir=data_dir,
+        show_progress=False,
+    )
+    torch.testing.assert_close(torch.tensor(losses(a)), torch.tensor(losses(b)), atol=1e-5, rtol=0)
 
 
 def test_checkpoint_and_export_hold_what_was_trained(tmp_path, data_dir):
@@ -92,16 +101,26 @@ def test_tokens_count_real_tokens_not_padding(tmp_path, corpus_file, tokenizer_d
     from bertforge.data.prepare import prepare
 
     data = tmp_path / "data"
-    prepare([str(corpus_file)], tokenizer_dir, data, seq_len=32, valid_fraction=0.05,
-            show_progress=False, document_boundary="new")
+    prepare(
+        [str(corpus_file)],
+        tokenizer_dir,
+        data,
+        seq_len=32,
+        valid_fraction=0.05,
+        show_progress=False,
+        document_boundary="new",
+    )
     cfg = tiny_config(max_steps=4, eval_every=0)
     cfg.data.document_boundary = "new"
     run_pretrain(tmp_path / "run", cfg, data_dir=data, show_progress=False)
     train = ShardedSequences(data, "train")
     batches = PretrainBatches(train, None, 16, 16, seed=0)
     real = sum(int((train.take(batches.global_indices(s)[0]) != 0).sum()) for s in range(4))
-    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
-            .splitlines() if json.loads(x)["kind"] == "train"][-1]
+    last = [
+        json.loads(x)
+        for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ][-1]
     assert last["tokens"] == real < 4 * 16 * 32
 
 
@@ -111,8 +130,11 @@ def test_resume_is_exact(tmp_path, data_dir, compiled):
     Compiled, dropout's masks come from Inductor's generator, seeded from torch's: the
     state a checkpoint restores."""
     full, half = tmp_path / "full", tmp_path / "half"
-    cfg = _with_dropout(tiny_config(max_steps=8, micro_batch_size=8, checkpoint_every=4,
-                                    eval_every=0, compile=compiled))
+    cfg = _with_dropout(
+        tiny_config(
+            max_steps=8, micro_batch_size=8, checkpoint_every=4, eval_every=0, compile=compiled
+        )
+    )
     run_pretrain(full, cfg, data_dir=data_dir, show_progress=False)
     shutil.copytree(full, half)
     shutil.rmtree(half / "checkpoints" / "step-000008")  # as if killed after step 4's save
@@ -138,8 +160,9 @@ def test_bf16_tracks_fp32(tmp_path, data_dir):
         pytest.skip("this CPU has no native bf16")
     a, b = tmp_path / "fp32", tmp_path / "bf16"
     run_pretrain(a, tiny_config(max_steps=20), data_dir=data_dir, show_progress=False)
-    run_pretrain(b, tiny_config(max_steps=20, precision="bf16"), data_dir=data_dir,
-                 show_progress=False)
+    run_pretrain(
+        b, tiny_config(max_steps=20, precision="bf16"), data_dir=data_dir, show_progress=False
+    )
     la, lb = losses(a), losses(b)
     assert max(abs(x - y) for x, y in zip(la, lb)) < 0.1, (la, lb)
 
@@ -149,10 +172,15 @@ def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path, data_dir):
     from safetensors import safe_open
 
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
-    run_pretrain(eager, tiny_config(max_steps=3, eval_every=0), data_dir=data_dir,
-                 show_progress=False)
-    run_pretrain(compiled, tiny_config(max_steps=3, eval_every=0, compile=True),
-                 data_dir=data_dir, show_progress=False)
+    run_pretrain(
+        eager, tiny_config(max_steps=3, eval_every=0), data_dir=data_dir, show_progress=False
+    )
+    run_pretrain(
+        compiled,
+        tiny_config(max_steps=3, eval_every=0, compile=True),
+        data_dir=data_dir,
+        show_progress=False,
+    )
     assert losses(compiled) == pytest.approx(losses(eager), abs=1e-4)
     with safe_open(compiled / "checkpoints" / "step-000003" / "model.safetensors", "pt") as f:
         keys = list(f.keys())
@@ -162,24 +190,42 @@ def test_compiled_run_matches_eager_and_saves_plain_keys(tmp_path, data_dir):
 
 # ------------------------------------------------------ config.yaml records what was run
 
+
 @pytest.fixture(scope="module")
 def data_02(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
     from bertforge.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("data02") / "data"
-    prepare([str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.2,
-            show_progress=False)
+    prepare(
+        [str(corpus_file)], tokenizer_dir, out, seq_len=32, valid_fraction=0.2, show_progress=False
+    )
     return out
 
 
 def tiny_pretrain(capsys, data: Path, run: Path, *extra: str) -> tuple[int, str, str]:
-    return run_cli(capsys, "pretrain", "--data", data, "--out", run, "--preset", "tiny",
-                   "--max-position-embeddings", "64", "--seq-len", "32", "--batch-size", "8",
-                   "--max-steps", "3", "--quiet", *extra)
+    return run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-position-embeddings",
+        "64",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--max-steps",
+        "3",
+        "--quiet",
+        *extra,
+    )
 
 
-def test_config_records_the_valid_fraction_the_data_was_prepared_with(capsys, tmp_path,
-                                                                       data_02):
+def test_config_records_the_valid_fraction_the_data_was_prepared_with(capsys, tmp_path, data_02):
     code, _, err = tiny_pretrain(capsys, data_02, tmp_path / "run")
     assert code == 0, err
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())

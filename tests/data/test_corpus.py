@@ -37,8 +37,15 @@ def test_crlf_line_endings(tmp_path):
 
 def test_jsonl_text_field_and_bad_lines(tmp_path):
     f = tmp_path / "a.jsonl"
-    lines = [json.dumps({"text": "alpha beta", "id": 1}), "{not json", json.dumps({"body": "x"}),
-             "", json.dumps({"text": "  "}), json.dumps(["text"]), json.dumps({"text": "gamma"})]
+    lines = [
+        json.dumps({"text": "alpha beta", "id": 1}),
+        "{not json",
+        json.dumps({"body": "x"}),
+        "",
+        json.dumps({"text": "  "}),
+        json.dumps(["text"]),
+        json.dumps({"text": "gamma"}),
+    ]
     f.write_text("\n".join(lines) + "\n")
     docs, stats = read(f)
     assert docs == ["alpha beta", "gamma"]
@@ -70,8 +77,10 @@ def test_wikiextractor_blocks(tmp_path):
         '<doc id="3" url="http://x/?curid=3" title="Gamma">\nGamma\nGamma follows beta.\n</doc>\n'
     )
     docs, stats = read(f)
-    assert docs == ["Alpha is the first letter.\n\nIt has a second paragraph.",
-                    "Gamma follows beta."]
+    assert docs == [
+        "Alpha is the first letter.\n\nIt has a second paragraph.",
+        "Gamma follows beta.",
+    ]
     assert stats.empty_documents == 1  # "Beta" had only its title line
 
 
@@ -120,7 +129,7 @@ def test_resolve_glob_order_and_dedup(tmp_path):
 
 
 def test_missing_path_and_empty_glob_raise(tmp_path):
-    with pytest.raises(BertforgeError, match="not found: .*nope.txt"):
+    with pytest.raises(BertforgeError, match=r"not found: .*nope.txt"):
         resolve_corpus([str(tmp_path / "nope.txt")])
     with pytest.raises(BertforgeError, match=r"no corpus files match .*\*.md"):
         resolve_corpus([str(tmp_path / "*.md")])
@@ -131,9 +140,21 @@ def test_missing_path_and_empty_glob_raise(tmp_path):
 
 def test_stats_as_dict():
     assert set(CorpusStats().as_dict()) == {
-        "files", "documents", "bytes", "empty_documents", "decode_errors", "bad_lines",
-        "control_chars", "duplicate_documents", "long_lines", "split_documents",
-        "oversized_records", "unreadable_files", "unreadable", "formats"}
+        "files",
+        "documents",
+        "bytes",
+        "empty_documents",
+        "decode_errors",
+        "bad_lines",
+        "control_chars",
+        "duplicate_documents",
+        "long_lines",
+        "split_documents",
+        "oversized_records",
+        "unreadable_files",
+        "unreadable",
+        "formats",
+    }
 
 
 def test_corrupt_gzip_is_skipped_by_name_and_the_run_goes_on(tmp_path):
@@ -151,7 +172,7 @@ def test_corrupt_gzip_is_skipped_by_name_and_the_run_goes_on(tmp_path):
 def test_nothing_readable_is_an_error_naming_a_file(tmp_path):
     bad = tmp_path / "bad.txt.gz"
     bad.write_bytes(b"not gzip at all")
-    with pytest.raises(BertforgeError, match="no corpus file could be read .*bad.txt.gz"):
+    with pytest.raises(BertforgeError, match=r"no corpus file could be read .*bad.txt.gz"):
         read(bad)
 
 
@@ -272,18 +293,27 @@ def test_permission_denied_file_is_skipped(tmp_path):
     assert stats.unreadable == [f"{locked}: Permission denied"]
 
 
-def test_dirty_corpus_counts_in_manifest_and_summary(tmp_path, tokenizer_dir, capsys,
-                                                     monkeypatch):
+def test_dirty_corpus_counts_in_manifest_and_summary(tmp_path, tokenizer_dir, capsys, monkeypatch):
     src = tmp_path / "corpus"
     src.mkdir()
     (src / "a.txt").write_bytes(
         b"caf\xc3\xa9 one\r\n\r\nbad \xff bytes here\r\n\r\n"
-        b"nul\x00 and esc\x1b chars\rlone cr line\n\n\n   \n\ndup doc\n\ndup doc\n")
-    (src / "b.jsonl").write_text("\n".join([
-        json.dumps({"text": "dup doc"}), json.dumps({"text": "  "}), "{broken",
-        '{"text": "x\\u0000y"}', '{"text": "lone \\ud800 surrogate"}']) + "\n")
+        b"nul\x00 and esc\x1b chars\rlone cr line\n\n\n   \n\ndup doc\n\ndup doc\n"
+    )
+    (src / "b.jsonl").write_text(
+        "\n".join(
+            [
+                json.dumps({"text": "dup doc"}),
+                json.dumps({"text": "  "}),
+                "{broken",
+                '{"text": "x\\u0000y"}',
+                '{"text": "lone \\ud800 surrogate"}',
+            ]
+        )
+        + "\n"
+    )
     lost = gzip.compress("".join(f"lost line {i}\n" for i in range(1000)).encode())
-    (src / "c.txt.gz").write_bytes(lost[:len(lost) // 2])  # truncated
+    (src / "c.txt.gz").write_bytes(lost[: len(lost) // 2])  # truncated
     (src / "d.txt").write_text("forbidden\n")
     real_open = readers._open
 
@@ -294,20 +324,43 @@ def test_dirty_corpus_counts_in_manifest_and_summary(tmp_path, tokenizer_dir, ca
 
     monkeypatch.setattr(corpus, "_open", no_permission)  # defined in readers, called by corpus
     out = tmp_path / "data"
-    code, _, err = run_cli(capsys, "prepare", src, "--tokenizer", tokenizer_dir, "--out", out,
-                           "--seq-len", 16, "--dedup")
+    code, _, err = run_cli(
+        capsys,
+        "prepare",
+        src,
+        "--tokenizer",
+        tokenizer_dir,
+        "--out",
+        out,
+        "--seq-len",
+        16,
+        "--dedup",
+    )
     assert code == 0, err
     stats = json.loads((out / "manifest.json").read_text())["corpus_stats"]
     assert {k: v for k, v in stats.items() if k not in ("bytes", "unreadable")} == {
-        "files": 4, "documents": 6, "empty_documents": 1, "decode_errors": 2, "bad_lines": 1,
-        "control_chars": 3, "duplicate_documents": 2, "long_lines": 0, "split_documents": 0,
-        "oversized_records": 0, "unreadable_files": 2,
-        "formats": {"jsonl": 1, "text": 2, "text.gz": 1}}
-    assert [u.split(": ")[0] for u in stats["unreadable"]] == [str(src / "c.txt.gz"),
-                                                                str(src / "d.txt")]
+        "files": 4,
+        "documents": 6,
+        "empty_documents": 1,
+        "decode_errors": 2,
+        "bad_lines": 1,
+        "control_chars": 3,
+        "duplicate_documents": 2,
+        "long_lines": 0,
+        "split_documents": 0,
+        "oversized_records": 0,
+        "unreadable_files": 2,
+        "formats": {"jsonl": 1, "text": 2, "text.gz": 1},
+    }
+    assert [u.split(": ")[0] for u in stats["unreadable"]] == [
+        str(src / "c.txt.gz"),
+        str(src / "d.txt"),
+    ]
     assert "corpus: 4 files (1 jsonl, 2 text, 1 text.gz), 6 documents" in err
-    assert ("corpus: 2 undecodable characters replaced, 3 control characters removed, "
-            "1 bad record skipped, 1 empty document skipped, 2 duplicate documents dropped, "
-            "2 unreadable files skipped") in err
+    assert (
+        "corpus: 2 undecodable characters replaced, 3 control characters removed, "
+        "1 bad record skipped, 1 empty document skipped, 2 duplicate documents dropped, "
+        "2 unreadable files skipped"
+    ) in err
     assert f"unreadable, skipped: {src / 'c.txt.gz'}: " in err
     assert f"unreadable, skipped: {src / 'd.txt'}: Permission denied" in err

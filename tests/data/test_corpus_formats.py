@@ -15,8 +15,13 @@ import pytest
 from conftest import make_document, run_cli
 
 from bertforge.cli.options import parse_size
-from bertforge.data.corpus import (CorpusOptions, CorpusStats, estimate_bytes, iter_documents,
-                                   resolve_corpus)
+from bertforge.data.corpus import (
+    CorpusOptions,
+    CorpusStats,
+    estimate_bytes,
+    iter_documents,
+    resolve_corpus,
+)
 from bertforge.errors import BertforgeError
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow is in the dev extra")
@@ -24,10 +29,20 @@ pq = pytest.importorskip("pyarrow.parquet")
 zstd = pytest.importorskip("zstandard", reason="zstandard is in the dev extra")
 
 # Quotes, commas, tabs, newlines and non-ASCII: what a careless writer or reader breaks.
-DOCS = ["Alpha beta gamma.", 'She said "hi, there" and left.', "Zweite Zeile: café, naïve.",
-        "tab\tinside", "line one\nline two"]
-COMPRESS = {"": lambda b: b, ".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress,
-            ".zst": lambda b: zstd.ZstdCompressor().compress(b)}
+DOCS = [
+    "Alpha beta gamma.",
+    'She said "hi, there" and left.',
+    "Zweite Zeile: café, naïve.",
+    "tab\tinside",
+    "line one\nline two",
+]
+COMPRESS = {
+    "": lambda b: b,
+    ".gz": gzip.compress,
+    ".bz2": bz2.compress,
+    ".xz": lzma.compress,
+    ".zst": lambda b: zstd.ZstdCompressor().compress(b),
+}
 
 
 def encode(fmt: str, docs: list[str], column: str = "body") -> bytes:
@@ -46,13 +61,15 @@ def encode(fmt: str, docs: list[str], column: str = "body") -> bytes:
             w.writerows([i, d] for i, d in enumerate(docs))
         else:  # GLUE-style TSV: no quoting, so no tab or newline inside a field
             out.write(f"id\t{column}\n")
-            out.writelines(f"{i}\t{d.replace(chr(9), ' ').replace(chr(10), ' ')}\n"
-                           for i, d in enumerate(docs))
+            out.writelines(
+                f"{i}\t{d.replace(chr(9), ' ').replace(chr(10), ' ')}\n" for i, d in enumerate(docs)
+            )
         return out.getvalue().encode()
     if fmt == "parquet":
         sink = io.BytesIO()
-        pq.write_table(pa.table({"id": list(range(len(docs))), column: docs}), sink,
-                       row_group_size=2)  # several row groups, several batches
+        pq.write_table(
+            pa.table({"id": list(range(len(docs))), column: docs}), sink, row_group_size=2
+        )  # several row groups, several batches
         return sink.getvalue()
     raise AssertionError(fmt)
 
@@ -65,12 +82,14 @@ def expected(fmt: str, docs: list[str]) -> list[str]:
     return docs
 
 
-FORMATS = {"txt": ("a.txt", CorpusOptions()),
-           "lines": ("a.txt", CorpusOptions(one_doc_per_line=True)),
-           "jsonl": ("a.jsonl", CorpusOptions(text_field="body")),
-           "csv": ("a.csv", CorpusOptions(text_column="body")),
-           "tsv": ("a.tsv", CorpusOptions(text_column="body")),
-           "parquet": ("a.parquet", CorpusOptions(text_column="body"))}
+FORMATS = {
+    "txt": ("a.txt", CorpusOptions()),
+    "lines": ("a.txt", CorpusOptions(one_doc_per_line=True)),
+    "jsonl": ("a.jsonl", CorpusOptions(text_field="body")),
+    "csv": ("a.csv", CorpusOptions(text_column="body")),
+    "tsv": ("a.tsv", CorpusOptions(text_column="body")),
+    "parquet": ("a.parquet", CorpusOptions(text_column="body")),
+}
 
 
 @pytest.mark.parametrize("compression", list(COMPRESS))
@@ -93,16 +112,30 @@ def test_mixed_directory_of_every_format(tmp_path):
             continue
         compression = list(COMPRESS)[i % len(COMPRESS)]
         (tmp_path / f"{i}-{name}{compression}").write_bytes(
-            COMPRESS[compression](encode(fmt, [f"document {i}"], column="text")))
+            COMPRESS[compression](encode(fmt, [f"document {i}"], column="text"))
+        )
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "wiki_00.bz2").write_bytes(
-        bz2.compress(b'<doc id="1" title="T">\nT\nwiki body\n</doc>\n'))
+        bz2.compress(b'<doc id="1" title="T">\nT\nwiki body\n</doc>\n')
+    )
     stats = CorpusStats()
     docs = list(iter_documents(resolve_corpus([tmp_path]), stats))
-    assert sorted(docs) == ["document 0", "document 2", "document 3", "document 4",
-                            "document 5", "wiki body"]
-    assert stats.formats == {"text": 1, "jsonl.bz2": 1, "csv.xz": 1, "tsv.zst": 1,
-                             "parquet": 1, "wikiextractor.bz2": 1}
+    assert sorted(docs) == [
+        "document 0",
+        "document 2",
+        "document 3",
+        "document 4",
+        "document 5",
+        "wiki body",
+    ]
+    assert stats.formats == {
+        "text": 1,
+        "jsonl.bz2": 1,
+        "csv.xz": 1,
+        "tsv.zst": 1,
+        "parquet": 1,
+        "wikiextractor.bz2": 1,
+    }
 
 
 def test_csv_quoted_newlines_short_rows_and_missing_column(tmp_path):
@@ -115,8 +148,9 @@ def test_csv_quoted_newlines_short_rows_and_missing_column(tmp_path):
     other.write_text("title,body\nx,y\n")
     stats = CorpusStats()
     assert list(iter_documents([other, f], stats)) == ["two\nlines, quoted", "plain"]
-    assert stats.unreadable == [f"{other}: no column 'text' (columns: title, body); "
-                                "choose one with --text-column"]
+    assert stats.unreadable == [
+        f"{other}: no column 'text' (columns: title, body); choose one with --text-column"
+    ]
 
 
 def test_bad_parquet_is_skipped_by_name(tmp_path):
@@ -173,8 +207,9 @@ def fake_datasets(rows: list[dict]) -> tuple[types.ModuleType, list]:
 
 
 def test_hf_spec_streams_the_train_split(tmp_path, monkeypatch):
-    module, calls = fake_datasets([{"content": "first doc"}, {"content": None},
-                                   {"content": "second\x1b doc"}])
+    module, calls = fake_datasets(
+        [{"content": "first doc"}, {"content": None}, {"content": "second\x1b doc"}]
+    )
     monkeypatch.setitem(sys.modules, "datasets", module)
     local = tmp_path / "a.txt"
     local.write_text("local doc\n")
@@ -195,32 +230,38 @@ def test_cli_bad_hf_spec_is_one_line(tmp_path, capsys, spec):
     assert code == 2
     assert err.strip().splitlines() == [
         f"bertforge: error: bad corpus spec {spec!r}: expected hf:NAME or hf:NAME:CONFIG "
-        "(e.g. hf:wikitext:wikitext-103-raw-v1)"]
+        "(e.g. hf:wikitext:wikitext-103-raw-v1)"
+    ]
 
 
 def test_cli_missing_datasets_package_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
-    code, _, err = run_cli(capsys, "tokenizer", "hf:wikitext:wikitext-2-raw-v1",
-                           "--out", tmp_path / "tok")
+    code, _, err = run_cli(
+        capsys, "tokenizer", "hf:wikitext:wikitext-2-raw-v1", "--out", tmp_path / "tok"
+    )
     assert code == 2
     assert err.strip().splitlines() == [
         "bertforge: error: reading hf:wikitext:wikitext-2-raw-v1 needs the datasets package: "
-        "pip install 'bertforge[datasets]'"]
+        "pip install 'bertforge[datasets]'"
+    ]
 
 
 @pytest.mark.parametrize("name, module", [("a.parquet", "pyarrow"), ("a.txt.zst", "zstandard")])
-def test_cli_missing_format_package_is_one_line(tmp_path, capsys, monkeypatch, tokenizer_dir,
-                                                name, module):
+def test_cli_missing_format_package_is_one_line(
+    tmp_path, capsys, monkeypatch, tokenizer_dir, name, module
+):
     (tmp_path / name).write_bytes(b"anything")
     for key in [k for k in sys.modules if k == module or k.startswith(module + ".")]:
         monkeypatch.setitem(sys.modules, key, None)
     monkeypatch.setitem(sys.modules, module, None)
-    code, _, err = run_cli(capsys, "prepare", tmp_path, "--tokenizer", tokenizer_dir,
-                           "--out", tmp_path / "data")
+    code, _, err = run_cli(
+        capsys, "prepare", tmp_path, "--tokenizer", tokenizer_dir, "--out", tmp_path / "data"
+    )
     assert code == 2
     assert err.strip().splitlines() == [
         f"bertforge: error: reading {name} needs the {module} package: "
-        "pip install 'bertforge[formats]'"]
+        "pip install 'bertforge[formats]'"
+    ]
 
 
 def test_resolve_rejects_bad_hf_spec_before_reading():
@@ -281,8 +322,17 @@ def test_tokenizer_sample_bytes_feeds_less(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(tokenizer, "batched", counting)
     sample = total // 5000 * 1000
-    code, _, err = run_cli(capsys, "tokenizer", *files, "--out", tmp_path / "tok",
-                           "--vocab-size", 120, "--sample-bytes", f"{sample // 1000}k")
+    code, _, err = run_cli(
+        capsys,
+        "tokenizer",
+        *files,
+        "--out",
+        tmp_path / "tok",
+        "--vocab-size",
+        120,
+        "--sample-bytes",
+        f"{sample // 1000}k",
+    )
     assert code == 0, err
     sampled = sum(fed)
     assert sample <= sampled < sample + 2_000  # a document or two past the target
@@ -290,8 +340,9 @@ def test_tokenizer_sample_bytes_feeds_less(tmp_path, monkeypatch, capsys):
 
     fed.clear()
     stats = CorpusStats()
-    tokenizer.train_tokenizer([str(p) for p in files], tmp_path / "tok2", vocab_size=120,
-                              show_progress=False, stats=stats)
+    tokenizer.train_tokenizer(
+        [str(p) for p in files], tmp_path / "tok2", vocab_size=120, show_progress=False, stats=stats
+    )
     assert sum(fed) > 4 * sampled  # the whole corpus
     assert stats.documents == 300
 
@@ -312,12 +363,32 @@ def test_pretrain_passes_the_corpus_flags_to_its_data_building(tmp_path, capsys,
         raise BertforgeError("stopped after building the data")
 
     monkeypatch.setattr(pretrain, "build_data", build_then_stop)
-    code, _, err = run_cli(capsys, "pretrain", "--corpus", f, "--out", tmp_path / "run",
-                           "--preset", "tiny", "--vocab-size", 120, "--seq-len", 32,
-                           "--max-steps", 1, "--text-column", "body", "--dedup",
-                           "--sample-bytes", "2k", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "pretrain",
+        "--corpus",
+        f,
+        "--out",
+        tmp_path / "run",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        120,
+        "--seq-len",
+        32,
+        "--max-steps",
+        1,
+        "--text-column",
+        "body",
+        "--dedup",
+        "--sample-bytes",
+        "2k",
+        "--quiet",
+    )
     assert (code, err.strip().splitlines()[-1]) == (
-        2, "bertforge: error: stopped after building the data")
+        2,
+        "bertforge: error: stopped after building the data",
+    )
     options, sample_bytes = seen["kw"]["corpus_options"], seen["kw"]["sample_bytes"]
     assert options == CorpusOptions(text_column="body", dedup=True)
     assert sample_bytes == 2000

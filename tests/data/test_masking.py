@@ -83,5 +83,4 @@ def test_token_masking_is_the_hash_threshold():
     selected, unit = m.select(tokens, index, 5, 2)
     expected = (tokens >= 5) & (hash_uniform(5, 2, index, tokens.shape[1], 1) < 0.3)
     np.testing.assert_array_equal(selected, expected)
-    np.testing.assert_array_equal(unit, np.where(expected.reshape(-1),
-                                                 np.arange(tokens.size), -1))
+    np.testing.assert_array_equal(unit, np.where(expected.reshape(-1), np.arange(tokens.size), -1))

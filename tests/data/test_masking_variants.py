@@ -43,8 +43,14 @@ def pieces_data(tmp_path_factory) -> Path:
     train_tokenizer([str(corpus)], root / "tok", vocab_size=90, show_progress=False)
     from bertforge.data.prepare import prepare
 
-    prepare([str(corpus)], root / "tok", root / "data", seq_len=128, valid_fraction=0.05,
-            show_progress=False)
+    prepare(
+        [str(corpus)],
+        root / "tok",
+        root / "data",
+        seq_len=128,
+        valid_fraction=0.05,
+        show_progress=False,
+    )
     return root / "data"
 
 
@@ -114,8 +120,13 @@ def test_achieved_rate_and_no_specials(pieces_data, rows, masking, rate):
 @pytest.mark.parametrize("ratios", [(0.8, 0.1), (0.5, 0.3)])
 def test_replacement_ratios_per_unit(pieces_data, rows, masking, ratios):
     tokens, index = rows
-    m = masker(pieces_data, masking, mask_rate=0.4, mask_token_ratio=ratios[0],
-               random_token_ratio=ratios[1])
+    m = masker(
+        pieces_data,
+        masking,
+        mask_rate=0.4,
+        mask_token_ratio=ratios[0],
+        random_token_ratio=ratios[1],
+    )
     out = m(tokens, index, 3, 1)
     selected, unit = m.select(tokens, index, 3, 1)
     pos = out.masked_positions.numpy()
@@ -158,8 +169,9 @@ def test_span_length_distribution():
     assert lengths.min() == 1 and lengths.max() == MAX
     assert abs(EXPECTED_SPAN - 3.797) < 1e-3
     assert abs(lengths.mean() - EXPECTED_SPAN) < 0.03
-    np.testing.assert_allclose(np.bincount(lengths, minlength=MAX + 1)[1:] / len(u), PMF,
-                               atol=0.004)
+    np.testing.assert_allclose(
+        np.bincount(lengths, minlength=MAX + 1)[1:] / len(u), PMF, atol=0.004
+    )
     assert (span_lengths(u[:100], 1.0, MAX) == 1).all()
     assert span_lengths(u, 0.5, 3).max() == 3
 
@@ -203,8 +215,13 @@ def test_span_mean_length_close_to_expectation():
     # a neighbour span or [SEP], so they show the lengths drawn.
     tokens = np.random.default_rng(0).integers(5, 1000, size=(64, 4096))
     tokens[:, 0], tokens[:, -1] = 2, 3
-    m = Masker(1000, {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}, mask_rate=0.02,
-               masking="span", is_continuation=np.zeros(1000, bool))
+    m = Masker(
+        1000,
+        {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4},
+        mask_rate=0.02,
+        masking="span",
+        is_continuation=np.zeros(1000, bool),
+    )
     spans = spans_of(m, tokens, np.arange(64), np.arange(tokens.size).reshape(tokens.shape))
     lengths = np.array([n for _, n in spans])
     assert len(lengths) > 1000 and lengths.max() == MAX
@@ -233,22 +250,35 @@ def test_mask_depends_only_on_seed_epoch_index(pieces_data, rows, masking):
     order = np.random.default_rng(0).permutation(64)[:20]  # other rows, other order
     part = m(tokens[order], index[order], 7, epochs[order])
     np.testing.assert_array_equal(whole.input_ids.numpy()[order], part.input_ids.numpy())
-    for again in (m(tokens, index, 7, epochs), build_masker(
-            DataConfig(masking=masking, mask_rate=0.3), pieces_data)(tokens, index, 7, epochs)):
+    for again in (
+        m(tokens, index, 7, epochs),
+        build_masker(DataConfig(masking=masking, mask_rate=0.3), pieces_data)(
+            tokens, index, 7, epochs
+        ),
+    ):
         np.testing.assert_array_equal(whole.input_ids.numpy(), again.input_ids.numpy())
     assert not np.array_equal(whole.input_ids.numpy(), m(tokens, index, 7, epochs + 1).input_ids)
     assert not np.array_equal(whole.input_ids.numpy(), m(tokens, index, 8, epochs).input_ids)
 
 
 def test_build_masker_eval_is_token_masking(pieces_data, tmp_path):
-    cfg = DataConfig(masking="span", mask_rate=0.3, mask_token_ratio=0.6,
-                     random_token_ratio=0.2, span_p=0.5, span_max=4)
+    cfg = DataConfig(
+        masking="span",
+        mask_rate=0.3,
+        mask_token_ratio=0.6,
+        random_token_ratio=0.2,
+        span_p=0.5,
+        span_max=4,
+    )
     train = build_masker(cfg, pieces_data)
     held_out = build_masker(cfg, pieces_data, for_eval=True)
     assert (train.masking, train.span_p, train.span_max) == ("span", 0.5, 4)
     assert held_out.masking == "token" and held_out.is_continuation is None
     assert (held_out.mask_rate, held_out.mask_token_ratio, held_out.random_token_ratio) == (
-        0.3, 0.6, 0.2)
+        0.3,
+        0.6,
+        0.2,
+    )
     lone = tmp_path / "data"  # a data directory without its tokenizer copy
     lone.mkdir()
     (lone / "manifest.json").write_text((pieces_data / "manifest.json").read_text())
@@ -261,12 +291,46 @@ def test_build_masker_eval_is_token_masking(pieces_data, tmp_path):
 
 def pretrain(capsys, data: Path, out: Path, masking: str) -> dict:
     code, stdout, err = run_cli(
-        capsys, "pretrain", "--data", data, "--out", out, "--preset", "tiny",
-        "--hidden-size", 64, "--num-attention-heads", 2, "--intermediate-size", 128,
-        "--max-position-embeddings", 128, "--seq-len", 128, "--max-steps", 4,
-        "--batch-size", 8, "--micro-batch-size", 4, "--eval-sequences", 32, "--log-every", 1,
-        "--precision", "fp32", "--device", "cpu", "--masking", masking, "--mask-rate", 0.3,
-        "--span-max", 5, "--quiet")
+        capsys,
+        "pretrain",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--hidden-size",
+        64,
+        "--num-attention-heads",
+        2,
+        "--intermediate-size",
+        128,
+        "--max-position-embeddings",
+        128,
+        "--seq-len",
+        128,
+        "--max-steps",
+        4,
+        "--batch-size",
+        8,
+        "--micro-batch-size",
+        4,
+        "--eval-sequences",
+        32,
+        "--log-every",
+        1,
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--masking",
+        masking,
+        "--mask-rate",
+        0.3,
+        "--span-max",
+        5,
+        "--quiet",
+    )
     assert code == 0, err
     return json.loads(stdout.strip().splitlines()[-1])
 

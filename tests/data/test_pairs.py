@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli, tiny_run_config
 
+from bertforge.commands.pretrain import run_pretrain
 from bertforge.config import RunConfig
 from bertforge.data.loader import ShardedSequences
 from bertforge.data.masking import Masker
 from bertforge.data.pairs import IGNORE, PairBuilder, PairedMasker, pair_kind
-from bertforge.commands.pretrain import run_pretrain
 from bertforge.tasks.mlm import MLMTask
 
 SPECIAL = dict(pad=0, unk=1, cls=2, sep=3, mask=4)
@@ -59,7 +59,7 @@ def packed(n_docs: int = 400, seq_len: int = 32, seed: int = 0):
             pos += 1
         if len(stream) - pos < body:
             break
-        rows.append([SPECIAL["cls"], *stream[pos:pos + body], SPECIAL["sep"]])
+        rows.append([SPECIAL["cls"], *stream[pos : pos + body], SPECIAL["sep"]])
         pos += body
     rows = np.array(rows, dtype=np.int64)
     row_of = {int(t): r for r, row in enumerate(rows) for t in row if t >= FIRST_ID}
@@ -146,7 +146,7 @@ def test_nsp_not_next_segment_comes_from_another_sequence():
 
 
 def test_sop_swapped_pairs_are_reversed():
-    rows, doc_of, row_of = packed()
+    rows, _doc_of, row_of = packed()
     p = build("sop", rows)
     swapped = np.flatnonzero(p.labels == 1)
     for r in swapped:
@@ -159,10 +159,12 @@ def test_sop_swapped_pairs_are_reversed():
 def hand_made(kind: str, row: list[int], want_label: int, seq_len: int = 10):
     """The first of indices 0..99 whose pair gets `want_label`: (pair tokens, types, batch)."""
     rows = np.array([row + [SPECIAL["pad"]] * (seq_len - len(row))] * 100, dtype=np.int64)
-    masker = PairedMasker(Masker(vocab_size=100, special_ids=SPECIAL, mask_rate=1e-9),
-                          PairBuilder(Rows(rows), SPECIAL, kind))
+    masker = PairedMasker(
+        Masker(vocab_size=100, special_ids=SPECIAL, mask_rate=1e-9),
+        PairBuilder(Rows(rows), SPECIAL, kind),
+    )
     for i in range(100):
-        batch = masker(rows[i:i + 1], np.array([i]), 0, 0)
+        batch = masker(rows[i : i + 1], np.array([i]), 0, 0)
         if batch.next_sentence_label.item() == want_label:
             return batch
     raise AssertionError(f"no row got label {want_label}")
@@ -219,8 +221,9 @@ def test_masking_keeps_the_pair_structure():
     special = np.isin(pairs.tokens, [SPECIAL["cls"], SPECIAL["sep"], SPECIAL["pad"]])
     assert not special.reshape(-1)[batch.masked_positions.numpy()].any()
     assert np.array_equal(batch.input_ids.numpy()[special], pairs.tokens[special])
-    assert np.array_equal(batch.targets.numpy(),
-                          pairs.tokens.reshape(-1)[batch.masked_positions.numpy()])
+    assert np.array_equal(
+        batch.targets.numpy(), pairs.tokens.reshape(-1)[batch.masked_positions.numpy()]
+    )
     assert np.array_equal(batch.token_type_ids.numpy(), pairs.token_type_ids)
     assert np.array_equal(batch.next_sentence_label.numpy(), pairs.labels)
 
@@ -245,15 +248,19 @@ def test_task_has_two_loss_terms_each_with_its_count(objective, data_dir):
     assert count[kind] >= 12 and micro.token_type_ids is not None
     torch.manual_seed(0)
     from bertforge.model.bert import BertForPreTraining
+
     model = BertForPreTraining(cfg.model)
     sums, extra = task.loss_sum(model, micro)
-    mlm_logits, pair_logits = model(micro.input_ids, micro.token_type_ids,
-                                    micro.attention_mask, micro.masked_positions)
+    mlm_logits, pair_logits = model(
+        micro.input_ids, micro.token_type_ids, micro.attention_mask, micro.masked_positions
+    )
     kept = labels != IGNORE
-    torch.testing.assert_close(sums[kind], F.cross_entropy(pair_logits[kept], labels[kept],
-                                                           reduction="sum"))
-    torch.testing.assert_close(sums["mlm"], F.cross_entropy(mlm_logits, micro.targets,
-                                                            reduction="sum"))
+    torch.testing.assert_close(
+        sums[kind], F.cross_entropy(pair_logits[kept], labels[kept], reduction="sum")
+    )
+    torch.testing.assert_close(
+        sums["mlm"], F.cross_entropy(mlm_logits, micro.targets, reduction="sum")
+    )
     assert extra[f"{kind}_accuracy"] == (pair_logits.argmax(-1) == labels).sum()
     assert set(extra) == {"mlm_accuracy", f"{kind}_accuracy"}
     # Held-out pairs are built with a fixed seed: the same metrics on every call.
@@ -266,10 +273,18 @@ def test_nsp_losses_do_not_depend_on_micro_batch_size(tmp_path, data_dir):
         lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         return [(x["loss"], x["mlm_loss"], x["nsp_loss"]) for x in lines if x["kind"] == "train"]
 
-    run_pretrain(tmp_path / "a", tiny_config("mlm+nsp", micro_batch_size=16),
-                 data_dir=data_dir, show_progress=False)
-    run_pretrain(tmp_path / "b", tiny_config("mlm+nsp", micro_batch_size=4),
-                 data_dir=data_dir, show_progress=False)
+    run_pretrain(
+        tmp_path / "a",
+        tiny_config("mlm+nsp", micro_batch_size=16),
+        data_dir=data_dir,
+        show_progress=False,
+    )
+    run_pretrain(
+        tmp_path / "b",
+        tiny_config("mlm+nsp", micro_batch_size=4),
+        data_dir=data_dir,
+        show_progress=False,
+    )
     a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
     assert len(a) == 3
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
@@ -286,10 +301,33 @@ def test_pretrain_objective_end_to_end(objective, tmp_path, data_dir, capsys):
 
     kind = pair_kind(objective)
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "pretrain", "--data", data_dir, "--out", run, "--preset",
-                           "tiny", "--seq-len", "32", "--max-steps", "4", "--batch-size", "16",
-                           "--micro-batch-size", "8", "--lr", "5e-3", "--log-every", "1",
-                           "--eval-every", "2", "--objective", objective, "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "16",
+        "--micro-batch-size",
+        "8",
+        "--lr",
+        "5e-3",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "2",
+        "--objective",
+        objective,
+        "--quiet",
+    )
     assert code == 0, err
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [x for x in lines if x["kind"] == "train"]
@@ -300,23 +338,25 @@ def test_pretrain_objective_end_to_end(objective, tmp_path, data_dir, capsys):
     result = json.loads(out)
     assert "mlm_loss" in result and "mlm_loss" in evals[-1]
     if kind is None:
-        assert not any(k.startswith(("nsp", "sop")) for x in lines + [result] for k in x)
+        assert not any(k.startswith(("nsp", "sop")) for x in [*lines, result] for k in x)
         return
     for x in train:
         assert 0 < x[f"{kind}_loss"] < 2 and 0 <= x[f"{kind}_accuracy"] <= 1
         assert x["loss"] == pytest.approx(x["mlm_loss"] + x[f"{kind}_loss"])
-    for x in evals + [result]:
+    for x in [*evals, result]:
         assert 0 < x[f"{kind}_loss"] < 2 and 0 <= x[f"{kind}_accuracy"] <= 1
     assert result[f"{kind}_loss"] == pytest.approx(evals[-1][f"{kind}_loss"], abs=1e-4)
 
     model, cfg, _ = load_run_model(run)
     torch.manual_seed(cfg.train.seed)
     from bertforge.model.bert import BertForPreTraining
+
     initial = BertForPreTraining(cfg.model).seq_relationship.weight
     assert not torch.allclose(model.seq_relationship.weight, initial)  # the head trained
     hf = transformers.BertForPreTraining.from_pretrained(run / "hf").eval()
-    torch.testing.assert_close(hf.cls.seq_relationship.weight.detach(),
-                               model.seq_relationship.weight.detach())
+    torch.testing.assert_close(
+        hf.cls.seq_relationship.weight.detach(), model.seq_relationship.weight.detach()
+    )
     sequences = ShardedSequences(data_dir, "train")
     specials = sequences.manifest["special_token_ids"]
     index = np.arange(16)

@@ -13,18 +13,68 @@ from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash, train_token
 from bertforge.errors import BertforgeError
 
 PAD, CLS, SEP = 0, 2, 3
-WORDS = ("the a of and to in is was for on with as by at from that this it river mountain "
-         "village city castle garden history music science language winter summer railway "
-         "station library museum bridge forest ancient northern famous small built opened "
-         "founded played wrote studied visited described named became").split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "it",
+    "river",
+    "mountain",
+    "village",
+    "city",
+    "castle",
+    "garden",
+    "history",
+    "music",
+    "science",
+    "language",
+    "winter",
+    "summer",
+    "railway",
+    "station",
+    "library",
+    "museum",
+    "bridge",
+    "forest",
+    "ancient",
+    "northern",
+    "famous",
+    "small",
+    "built",
+    "opened",
+    "founded",
+    "played",
+    "wrote",
+    "studied",
+    "visited",
+    "described",
+    "named",
+    "became",
+]
 
 
 def make_docs(n, seed=0, max_sentences=6):
     rng = random.Random(seed)
     docs = []
     for _ in range(n):
-        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "."
-                     for _ in range(rng.randint(1, max_sentences))]
+        sentences = [
+            " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) + "."
+            for _ in range(rng.randint(1, max_sentences))
+        ]
         docs.append(" ".join(sentences).capitalize())
     return docs
 
@@ -42,8 +92,7 @@ def goes_to_valid(doc, fraction):
 def tok_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("tok")
     corpus = write_corpus(root / "corpus.txt", make_docs(60, seed=1))
-    return train_tokenizer([str(corpus)], root / "tokenizer", vocab_size=200,
-                           show_progress=False)
+    return train_tokenizer([str(corpus)], root / "tokenizer", vocab_size=200, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +104,15 @@ def docs():
 def data(tok_dir, docs, tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus.txt", docs)
-    manifest = prepare([str(corpus)], tok_dir, root / "data", seq_len=16, valid_fraction=0.2,
-                       shard_sequences=50, show_progress=False)
+    manifest = prepare(
+        [str(corpus)],
+        tok_dir,
+        root / "data",
+        seq_len=16,
+        valid_fraction=0.2,
+        shard_sequences=50,
+        show_progress=False,
+    )
     return root / "data", manifest
 
 
@@ -85,7 +141,8 @@ def test_manifest_contents(data, tok_dir, docs):
     splits = manifest["splits"]
     assert splits["train"]["documents"] + splits["valid"]["documents"] == len(docs)
     assert splits["train"]["tokens"] + splits["valid"]["tokens"] == sum(
-        map(len, doc_ids(tok_dir, docs)))
+        map(len, doc_ids(tok_dir, docs))
+    )
     for name, split in splits.items():
         assert split["sequences"] == sum(s["sequences"] for s in split["shards"])
         assert all(0 < s["sequences"] <= 50 for s in split["shards"])
@@ -100,7 +157,7 @@ def test_manifest_contents(data, tok_dir, docs):
 
 
 def test_sequences_are_cls_body_sep(data):
-    data_dir, manifest = data
+    data_dir, _manifest = data
     for split in ("train", "valid"):
         rows = all_rows(data_dir, split)
         assert (rows[:, 0] == CLS).all()
@@ -137,7 +194,7 @@ def reference_rows(docs, seq_len):
         if stream[pos] == SEP:  # a body never opens with the joining [SEP]
             pos += 1
             continue
-        body = stream[pos:pos + seq_len - 2]
+        body = stream[pos : pos + seq_len - 2]
         pos += len(body)
         rows.append([CLS] + body + [SEP] + [PAD] * (seq_len - 2 - len(body)))
     return rows
@@ -146,10 +203,22 @@ def reference_rows(docs, seq_len):
 def test_valid_split_is_by_document_and_order_independent(tok_dir, docs, tmp_path):
     a = write_corpus(tmp_path / "a.txt", docs[:40])
     b = write_corpus(tmp_path / "b.txt", docs[40:])
-    m1 = prepare([str(a), str(b)], tok_dir, tmp_path / "ab", seq_len=16, valid_fraction=0.2,
-                 show_progress=False)
-    m2 = prepare([str(b), str(a)], tok_dir, tmp_path / "ba", seq_len=16, valid_fraction=0.2,
-                 show_progress=False)
+    m1 = prepare(
+        [str(a), str(b)],
+        tok_dir,
+        tmp_path / "ab",
+        seq_len=16,
+        valid_fraction=0.2,
+        show_progress=False,
+    )
+    m2 = prepare(
+        [str(b), str(a)],
+        tok_dir,
+        tmp_path / "ba",
+        seq_len=16,
+        valid_fraction=0.2,
+        show_progress=False,
+    )
     n_valid = sum(goes_to_valid(d, 0.2) for d in docs)
     assert m1["splits"]["valid"]["documents"] == m2["splits"]["valid"]["documents"] == n_valid
     assert m1["splits"]["valid"]["tokens"] == m2["splits"]["valid"]["tokens"]
@@ -157,23 +226,35 @@ def test_valid_split_is_by_document_and_order_independent(tok_dir, docs, tmp_pat
 
 def test_prepare_twice_is_byte_identical(data, tok_dir, tmp_path):
     data_dir, manifest = data
-    again = prepare(manifest["corpus_files"], tok_dir, tmp_path / "again", seq_len=16,
-                    valid_fraction=0.2, shard_sequences=50, show_progress=False)
+    again = prepare(
+        manifest["corpus_files"],
+        tok_dir,
+        tmp_path / "again",
+        seq_len=16,
+        valid_fraction=0.2,
+        shard_sequences=50,
+        show_progress=False,
+    )
     for split in again["splits"].values():
         for shard in split["shards"]:
-            assert (tmp_path / "again" / shard["file"]).read_bytes() == \
-                (data_dir / shard["file"]).read_bytes()
+            assert (tmp_path / "again" / shard["file"]).read_bytes() == (
+                data_dir / shard["file"]
+            ).read_bytes()
     # Preparing into an existing data directory replaces it.
-    prepare(manifest["corpus_files"], tok_dir, tmp_path / "again", seq_len=32,
-            show_progress=False)
+    prepare(manifest["corpus_files"], tok_dir, tmp_path / "again", seq_len=32, show_progress=False)
     assert load_manifest(tmp_path / "again")["seq_len"] == 32
 
 
 def test_tiny_corpus_still_gets_a_valid_document(tok_dir, tmp_path):
     docs = make_docs(3, seed=5)
     assert not any(goes_to_valid(d, 0.01) for d in docs)
-    m = prepare([str(write_corpus(tmp_path / "c.txt", docs))], tok_dir, tmp_path / "d",
-                seq_len=16, show_progress=False)
+    m = prepare(
+        [str(write_corpus(tmp_path / "c.txt", docs))],
+        tok_dir,
+        tmp_path / "d",
+        seq_len=16,
+        show_progress=False,
+    )
     assert (m["splits"]["train"]["documents"], m["splits"]["valid"]["documents"]) == (2, 1)
     want = doc_ids(tok_dir, docs[-1:])[0]
     rows = all_rows(tmp_path / "d", "valid")
@@ -189,23 +270,31 @@ def test_single_document_goes_to_train(tok_dir, tmp_path, caplog):
     assert "validation split is empty" in caplog.text
 
 
-@pytest.mark.parametrize("n, seed, fraction, expected", [(1, 94, 0.01, (1, 0)),
-                                                         (3, 8, 0.5, (1, 2))])
+@pytest.mark.parametrize(
+    "n, seed, fraction, expected", [(1, 94, 0.01, (1, 0)), (3, 8, 0.5, (1, 2))]
+)
 def test_train_is_never_empty(tok_dir, tmp_path, n, seed, fraction, expected):
     docs = make_docs(n, seed=seed)
     assert all(goes_to_valid(d, fraction) for d in docs)  # hashing alone leaves train empty
-    m = prepare([str(write_corpus(tmp_path / "c.txt", docs))], tok_dir, tmp_path / "d",
-                seq_len=16, valid_fraction=fraction, show_progress=False)
+    m = prepare(
+        [str(write_corpus(tmp_path / "c.txt", docs))],
+        tok_dir,
+        tmp_path / "d",
+        seq_len=16,
+        valid_fraction=fraction,
+        show_progress=False,
+    )
     assert (m["splits"]["train"]["documents"], m["splits"]["valid"]["documents"]) == expected
     assert m["splits"]["train"]["tokens"] == len(doc_ids(tok_dir, docs[-1:])[0])
 
 
 def test_special_token_text_is_plain_text(tok_dir, tmp_path):
     corpus = write_corpus(tmp_path / "c.txt", ["the river [SEP] the [MASK] city [PAD]"])
-    prepare([str(corpus)], tok_dir, tmp_path / "d", seq_len=64, valid_fraction=0.0,
-            show_progress=False)
+    prepare(
+        [str(corpus)], tok_dir, tmp_path / "d", seq_len=64, valid_fraction=0.0, show_progress=False
+    )
     row = all_rows(tmp_path / "d", "train")[0]
-    body = row[1:int((row != PAD).sum()) - 1]
+    body = row[1 : int((row != PAD).sum()) - 1]
     assert not np.isin(body, [PAD, CLS, SEP, 4]).any()  # [UNK] is fine: "[" is unseen
 
 
@@ -223,7 +312,7 @@ def test_errors(tok_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(BertforgeError, match="no documents"):
         prepare([str(empty)], tok_dir, out, show_progress=False)
-    with pytest.raises(BertforgeError, match="not found: .*missing.txt"):
+    with pytest.raises(BertforgeError, match=r"not found: .*missing.txt"):
         prepare([str(tmp_path / "missing.txt")], tok_dir, out, show_progress=False)
     with pytest.raises(BertforgeError, match="tokenizer directory not found"):
         prepare([str(ok)], tmp_path / "no-tok", out, show_progress=False)
@@ -237,7 +326,7 @@ def test_errors(tok_dir, tmp_path):
 
 def test_load_manifest_errors(data, tmp_path):
     data_dir, manifest = data
-    with pytest.raises(BertforgeError, match="no manifest.json"):
+    with pytest.raises(BertforgeError, match=r"no manifest.json"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{broken")
     with pytest.raises(BertforgeError, match="not valid JSON"):

@@ -5,15 +5,77 @@ import random
 
 import pytest
 
-from bertforge.data.tokenizer import (load_tokenizer, special_token_ids, tokenizer_hash,
-                                 train_tokenizer)
+from bertforge.data.tokenizer import (
+    load_tokenizer,
+    special_token_ids,
+    tokenizer_hash,
+    train_tokenizer,
+)
 from bertforge.errors import BertforgeError
 
-WORDS = ("the a of and to in is was for on with as by at from that this it his her they "
-         "river mountain village city castle garden history music painting science language "
-         "winter summer railway station university library museum bridge harbour forest "
-         "ancient northern southern famous small large early later built opened founded "
-         "played wrote studied visited described named became remained").split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "it",
+    "his",
+    "her",
+    "they",
+    "river",
+    "mountain",
+    "village",
+    "city",
+    "castle",
+    "garden",
+    "history",
+    "music",
+    "painting",
+    "science",
+    "language",
+    "winter",
+    "summer",
+    "railway",
+    "station",
+    "university",
+    "library",
+    "museum",
+    "bridge",
+    "harbour",
+    "forest",
+    "ancient",
+    "northern",
+    "southern",
+    "famous",
+    "small",
+    "large",
+    "early",
+    "later",
+    "built",
+    "opened",
+    "founded",
+    "played",
+    "wrote",
+    "studied",
+    "visited",
+    "described",
+    "named",
+    "became",
+    "remained",
+]
 
 
 def english_like(n_docs=40, seed=0):
@@ -46,8 +108,7 @@ def tok_dir(corpus_file, tmp_path_factory):
 
 
 def test_files_written_and_special_ids_fixed(tok_dir):
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
-                 "special_tokens_map.json"):
+    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         assert (tok_dir / name).is_file()
     tok = load_tokenizer(tok_dir)
     assert special_token_ids(tok) == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -68,8 +129,9 @@ def test_template_and_lowercasing(tok_dir):
 
 
 def test_cased_tokenizer_keeps_case(corpus_file, tmp_path):
-    out = train_tokenizer([str(corpus_file)], tmp_path, vocab_size=300, lowercase=False,
-                          show_progress=False)
+    out = train_tokenizer(
+        [str(corpus_file)], tmp_path, vocab_size=300, lowercase=False, show_progress=False
+    )
     tok = load_tokenizer(out)
     assert tok.encode("The", add_special_tokens=False).tokens[0].startswith("Th")
     assert tok.encode("The").ids != tok.encode("the").ids
@@ -79,12 +141,17 @@ def test_cased_tokenizer_keeps_case(corpus_file, tmp_path):
 @pytest.mark.parametrize("lowercase", [True, False])
 def test_transformers_autotokenizer_encodes_identically(corpus_file, tmp_path, lowercase):
     transformers = pytest.importorskip("transformers")
-    out = train_tokenizer([str(corpus_file)], tmp_path, vocab_size=300, lowercase=lowercase,
-                          show_progress=False)
+    out = train_tokenizer(
+        [str(corpus_file)], tmp_path, vocab_size=300, lowercase=lowercase, show_progress=False
+    )
     ours = load_tokenizer(out)
     hf = transformers.AutoTokenizer.from_pretrained(str(out))
-    singles = ["The ancient Castle was built in 1850.", "Zürich's café — naïve façade!",
-               "unseen xylophone words [MASK] here", "东京 river  \t tabs"]
+    singles = [
+        "The ancient Castle was built in 1850.",
+        "Zürich's café — naïve façade!",
+        "unseen xylophone words [MASK] here",
+        "东京 river  \t tabs",
+    ]
     for text in singles:
         assert hf(text)["input_ids"] == ours.encode(text).ids, text
     pairs = [("Who built the bridge?", "The village did, in 1901."), ("a", "b c")]

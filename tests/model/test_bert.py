@@ -4,16 +4,26 @@ import pytest
 import torch
 
 from bertforge.config import ModelConfig, preset
-from bertforge.model.bert import (BertForPreTraining, BertForSequenceClassification, BertModel,
-                             num_parameters)
+from bertforge.model.bert import (
+    BertForPreTraining,
+    BertForSequenceClassification,
+    BertModel,
+    num_parameters,
+)
 
 B, T = 3, 10
 
 
 def tiny_config(**overrides) -> ModelConfig:
     # vocab 99 is no multiple of 64, so the padded rows (128 in all) are exercised.
-    values = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=37, max_position_embeddings=64)
+    values = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
     values.update(overrides)
     return ModelConfig(**values)
 
@@ -22,7 +32,7 @@ def batch(config: ModelConfig, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, config.vocab_size, (B, T), generator=g)
     token_type_ids = torch.zeros(B, T, dtype=torch.long)
-    token_type_ids[:, T // 2:] = 1
+    token_type_ids[:, T // 2 :] = 1
     attention_mask = torch.ones(B, T, dtype=torch.long)
     attention_mask[1, 7:] = 0
     attention_mask[2, 4:] = 0
@@ -109,12 +119,12 @@ def test_bf16_autocast_forward_backward():
     ids, types, mask = batch(model.config)
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
         mlm, nsp = model(ids, types, mask, masked_positions=torch.tensor([0, 4, 11]))
-        loss = torch.nn.functional.cross_entropy(mlm.float(), torch.tensor([1, 2, 3])) \
-            + torch.nn.functional.cross_entropy(nsp.float(), torch.tensor([0, 1, 0]))
+        loss = torch.nn.functional.cross_entropy(
+            mlm.float(), torch.tensor([1, 2, 3])
+        ) + torch.nn.functional.cross_entropy(nsp.float(), torch.tensor([0, 1, 0]))
     loss.backward()
     assert torch.isfinite(loss)
-    assert all(p.grad is not None and torch.isfinite(p.grad).all()
-               for p in model.parameters())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 def test_eval_is_deterministic_and_train_uses_dropout(model):
@@ -134,6 +144,7 @@ def test_sequence_classification():
 
 def test_too_long_sequence_is_a_clear_error(model):
     from bertforge.errors import BertforgeError
+
     with pytest.raises(BertforgeError, match="max_position_embeddings"):
         model(torch.zeros(1, 65, dtype=torch.long))
 
@@ -146,8 +157,9 @@ def test_base_preset_has_bert_base_parameter_count():
         theirs_encoder = transformers.BertModel(transformers.BertConfig())
     assert num_parameters(ours) == theirs.num_parameters() == 110_106_428
     assert num_parameters(ours.bert) == theirs_encoder.num_parameters()
-    assert (num_parameters(ours.bert, exclude_embeddings=True)
-            == theirs_encoder.num_parameters(exclude_embeddings=True))
+    assert num_parameters(ours.bert, exclude_embeddings=True) == theirs_encoder.num_parameters(
+        exclude_embeddings=True
+    )
     assert isinstance(ours.bert, BertModel)
 
 
@@ -175,18 +187,25 @@ def test_under_autocast_the_residual_stream_stays_bf16():
     and the loss stays within bf16 rounding of fp32's."""
     from bertforge.model.ops import cross_entropy_sum
 
-    cfg = preset("tiny", vocab_size=300, hidden_size=64, num_attention_heads=2,
-                 intermediate_size=128, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0)
+    cfg = preset(
+        "tiny",
+        vocab_size=300,
+        hidden_size=64,
+        num_attention_heads=2,
+        intermediate_size=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     torch.manual_seed(0)
     model = BertForPreTraining(cfg)
     ids = torch.randint(5, 300, (4, 24))
     positions = torch.arange(0, 96, 5)
     targets = torch.randint(5, 300, (len(positions),))
     seen = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype,
-                                                                          out.dtype)))
-             for layer in model.bert.layers]
+    hooks = [
+        layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+        for layer in model.bert.layers
+    ]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits, _ = model(ids, masked_positions=positions, padded_vocab=True)
         low = cross_entropy_sum(logits, targets, 300)

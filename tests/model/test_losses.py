@@ -32,15 +32,17 @@ def test_no_grad_gives_the_same_loss():
     logits, targets = _logits()
     with torch.no_grad():
         plain = cross_entropy_sum(logits, targets)
-    torch.testing.assert_close(plain, cross_entropy_sum(logits.clone().requires_grad_(),
-                                                        targets).detach())
+    torch.testing.assert_close(
+        plain, cross_entropy_sum(logits.clone().requires_grad_(), targets).detach()
+    )
 
 
 def test_fp32_logits_are_f_cross_entropy_exactly():
     logits, targets = _logits()
     logits = logits.float()
-    assert torch.equal(cross_entropy_sum(logits, targets),
-                       F.cross_entropy(logits, targets, reduction="sum"))
+    assert torch.equal(
+        cross_entropy_sum(logits, targets), F.cross_entropy(logits, targets, reduction="sum")
+    )
 
 
 def test_sparse_mlm_loss_equals_dense_loss_in_fp32():

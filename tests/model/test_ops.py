@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bertforge.model import ops
 from bertforge.config import preset
+from bertforge.model import ops
 from bertforge.model.bert import BertForPreTraining
 
 
@@ -54,8 +54,7 @@ def test_sdpa_path_in_bf16_stays_within_bf16_rounding():
 
 
 def test_the_model_gives_the_same_logits_on_both_paths():
-    cfg = preset("tiny", vocab_size=300, hidden_dropout_prob=0.0,
-                 attention_probs_dropout_prob=0.0)
+    cfg = preset("tiny", vocab_size=300, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     torch.manual_seed(0)
     model = BertForPreTraining(cfg).double().eval()
     ids = torch.randint(5, 300, (2, 24))

@@ -15,25 +15,30 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
-from bertforge.model import ops
-from bertforge.train.compiling import CompileCounters, compile_loss
 from bertforge.config import TrainConfig
 from bertforge.data.masking import MaskedBatch
-from bertforge.tasks.classification import Batch
+from bertforge.model import ops
 from bertforge.model.bert import BertForSequenceClassification
+from bertforge.tasks.classification import Batch
 from bertforge.tasks.mlm import MLMTask, mlm_loss_sum, pretraining_model
+from bertforge.train.compiling import CompileCounters, compile_loss
 
 DEVICE = torch.device("cpu")
 
 
 def _padded(micro: MaskedBatch, lengths: list[int]) -> MaskedBatch:
     """`micro` with rows cut to `lengths` (padding after them), masks only on real tokens."""
-    B, T = micro.input_ids.shape
+    _B, T = micro.input_ids.shape
     mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long()  # (B, T)
     keep = mask.view(-1)[micro.masked_positions].bool()
-    return MaskedBatch(micro.input_ids * mask, micro.masked_positions[keep],
-                       micro.targets[keep], mask, micro.token_type_ids,
-                       micro.next_sentence_label)
+    return MaskedBatch(
+        micro.input_ids * mask,
+        micro.masked_positions[keep],
+        micro.targets[keep],
+        mask,
+        micro.token_type_ids,
+        micro.next_sentence_label,
+    )
 
 
 def _classification_loss(model, micro: Batch):
@@ -62,15 +67,27 @@ def _cases(data_dir):
         model = pretraining_model(cfg.model, objective).train()
         micro = task.batch(0).micro[0]
         cases.append((f"{objective}-packed", model, task.loss_sum, micro))
-        cases.append((f"{objective}-padded", model, task.loss_sum,
-                      _padded(micro, [32, 20, 11, 32, 7, 30, 32, 25])))
+        cases.append(
+            (
+                f"{objective}-padded",
+                model,
+                task.loss_sum,
+                _padded(micro, [32, 20, 11, 32, 7, 30, 32, 25]),
+            )
+        )
     cfg = tiny_run_config()
     cfg.model.vocab_size = 200
     classifier = BertForSequenceClassification(cfg.model, num_labels=2).train()
     rng = random.Random(0)
     for padded in (False, True):
-        cases.append((f"classification-{'padded' if padded else 'packed'}", classifier,
-                      _classification_loss, _classification_batch(rng, 6, 24, padded)))
+        cases.append(
+            (
+                f"classification-{'padded' if padded else 'packed'}",
+                classifier,
+                _classification_loss,
+                _classification_batch(rng, 6, 24, padded),
+            )
+        )
     return cases
 
 
@@ -117,8 +134,12 @@ def test_fifty_fine_tuning_steps_compile_at_most_twice():
     cfg.model.vocab_size = 200
     model = BertForSequenceClassification(cfg.model, num_labels=2).train()
     rng = random.Random(1)
-    micros = [_classification_batch(rng, rng.choice([3, 8]), rng.randint(4, 40),
-                                    padded=rng.random() < 0.7) for _ in range(50)]
+    micros = [
+        _classification_batch(
+            rng, rng.choice([3, 8]), rng.randint(4, 40), padded=rng.random() < 0.7
+        )
+        for _ in range(50)
+    ]
     counted = _count_graphs(_classification_loss, model, micros)
     assert counted.graph_breaks == 0
     assert counted.graphs <= 2
@@ -135,8 +156,9 @@ def test_training_logits_are_padded_where_the_kernels_want_it(path, width, data_
     model = pretraining_model(cfg.model, "mlm").train()
     micro = task.batch(0).micro[0]
     with ops.use_kernels(path):
-        logits, _ = model(micro.input_ids, masked_positions=micro.masked_positions,
-                          padded_vocab=True)
+        logits, _ = model(
+            micro.input_ids, masked_positions=micro.masked_positions, padded_vocab=True
+        )
         assert logits.shape[1] == width
         losses, _ = mlm_loss_sum(model, micro, vocab_size=200)
         losses["mlm"].backward()
@@ -166,6 +188,7 @@ def test_compile_flags_reach_the_config(tmp_path):
 
     parser = build_parser()
     for flags, expected in (([], None), (["--compile"], True), (["--no-compile"], False)):
-        args = parser.parse_args(["pretrain", "--data", str(tmp_path), "--out",
-                                  str(tmp_path / "run"), *flags])
+        args = parser.parse_args(
+            ["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags]
+        )
         assert vars(args).get("train.compile") == expected

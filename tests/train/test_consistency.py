@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bertforge.train import consistency
-from bertforge.config import preset
-from bertforge.errors import BertforgeError
 from conftest import TINY, error_line, reseal, run_cli, write_corpus
 from conftest import tiny_pretrain_argv as pretrain
+
+from bertforge.config import preset
+from bertforge.errors import BertforgeError
+from bertforge.train import consistency
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,16 +31,19 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _resume_commands(tmp_path: Path, one_step_run: Path, finetuned: tuple[Path, list],
-                     data_dir: Path) -> dict[str, tuple[Path, list]]:
+def _resume_commands(
+    tmp_path: Path, one_step_run: Path, finetuned: tuple[Path, list], data_dir: Path
+) -> dict[str, tuple[Path, list]]:
     """Each command that resumes, on a copy of a run it can resume: (checkpoint, argv)."""
     run = _copy(one_step_run, tmp_path / "run")
     ft, argv = finetuned
     ft_copy = _copy(ft, tmp_path / "ft")
     ft_argv = [a if a != str(ft) else str(ft_copy) for a in argv] + ["--resume"]
     return {
-        "pretrain": (run / "checkpoints" / "step-000001",
-                     pretrain(data_dir, run, "--max-steps", "1", "--resume")),
+        "pretrain": (
+            run / "checkpoints" / "step-000001",
+            pretrain(data_dir, run, "--max-steps", "1", "--resume"),
+        ),
         "finetune": (ft_copy / "checkpoints" / "step-000001", ft_argv),
     }
 
@@ -77,15 +80,18 @@ OPTIMIZER_CASES = {
     "wrong moment dtype": (_wrong_dtype, "torch.float64"),
     "five parameters fewer": (_five_fewer, "parameters, the model's"),
     "other betas": (_betas, "param_groups[0].betas is [0.5, 0.5]"),
-    "a state of no parameter": (lambda s: {**s, "state": {**s["state"], 10 ** 6: {}}},
-                                "belongs to no parameter"),
+    "a state of no parameter": (
+        lambda s: {**s, "state": {**s["state"], 10**6: {}}},
+        "belongs to no parameter",
+    ),
 }
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 @pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
 def test_a_resealed_optimizer_state_that_does_not_fit_is_refused(
-        tmp_path, capsys, one_step_run, finetuned, data_dir, command, case):
+    tmp_path, capsys, one_step_run, finetuned, data_dir, command, case
+):
     step, argv = _resume_commands(tmp_path, one_step_run, finetuned, data_dir)[command]
     tamper, match = OPTIMIZER_CASES[case]
     state = torch.load(step / "optimizer.pt", weights_only=True)
@@ -98,8 +104,9 @@ def test_a_resealed_optimizer_state_that_does_not_fit_is_refused(
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
-def test_a_state_past_the_runs_end_is_refused(tmp_path, capsys, one_step_run, finetuned,
-                                              data_dir, command):
+def test_a_state_past_the_runs_end_is_refused(
+    tmp_path, capsys, one_step_run, finetuned, data_dir, command
+):
     step, argv = _resume_commands(tmp_path, one_step_run, finetuned, data_dir)[command]
     later = step.parent / "step-000050"  # a state at step 50 of a run of a few steps
     step.rename(later)
@@ -118,8 +125,18 @@ def test_an_edited_build_record_does_not_pass_off_another_corpus(tmp_path, capsy
     a = write_corpus(tmp_path / "a.txt", documents=60, seed=1)
     b = write_corpus(tmp_path / "b.txt", documents=60, seed=2)
     run = tmp_path / "run"
-    argv = ["pretrain", "--corpus", "{corpus}", "--out", str(run), *TINY, "--vocab-size",
-            "200", "--max-steps", "1"]
+    argv = [
+        "pretrain",
+        "--corpus",
+        "{corpus}",
+        "--out",
+        str(run),
+        *TINY,
+        "--vocab-size",
+        "200",
+        "--max-steps",
+        "1",
+    ]
     assert run_cli(capsys, *[x.format(corpus=a) for x in argv])[0] == 0
 
     def forge() -> None:  # the record made to describe B
@@ -131,8 +148,7 @@ def test_an_edited_build_record_does_not_pass_off_another_corpus(tmp_path, capsy
     forge()
     code, _, err = run_cli(capsys, *[x.format(corpus=b) for x in argv], "--resume")
     assert code == 2
-    assert "manifest.json names other corpus files than built_from.json records" in \
-        error_line(err)
+    assert "manifest.json names other corpus files than built_from.json records" in error_line(err)
     shutil.rmtree(run / "checkpoints")
     (run / "config.yaml").unlink()
     forge()
@@ -143,17 +159,20 @@ def test_an_edited_build_record_does_not_pass_off_another_corpus(tmp_path, capsy
 
 # ------------------------------------------------- a model directory is consistent (4)
 
+
 def _oversize_tokenizer(directory: Path, vocab_size: int) -> None:
     """A vocab.txt-only tokenizer with more tokens than the model, [MASK] past its end."""
     for name in ("tokenizer.json", "vocab.txt"):
         (directory / name).unlink(missing_ok=True)
     words = [f"w{i}" for i in range(vocab_size + 5)]
     (directory / "vocab.txt").write_text(
-        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, "[MASK]"]) + "\n")
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words, "[MASK]"]) + "\n"
+    )
 
 
-def _model_commands(tmp_path: Path, one_step_run: Path, hf: Path, finetuned: Path,
-                    data_dir: Path, task: list) -> dict[str, tuple[Path, list]]:
+def _model_commands(
+    tmp_path: Path, one_step_run: Path, hf: Path, finetuned: Path, data_dir: Path, task: list
+) -> dict[str, tuple[Path, list]]:
     """Every command that loads a model, on a copy of a model it can load: (the directory
     whose tokenizer is replaced, argv)."""
     run = _copy(one_step_run, tmp_path / "run")
@@ -165,30 +184,67 @@ def _model_commands(tmp_path: Path, one_step_run: Path, hf: Path, finetuned: Pat
         "fill-mask run": (run / "tokenizer", ["fill-mask", run, "the [MASK] sees the dog"]),
         "finetune hf": (model, ["finetune", model, *task, "--out", tmp_path / "o"]),
         "finetune run": (run / "tokenizer", ["finetune", run, *task, "--out", tmp_path / "o"]),
-        "finetune --from-scratch": (model, ["finetune", model, *task, "--from-scratch",
-                                            "--out", tmp_path / "o"]),
+        "finetune --from-scratch": (
+            model,
+            ["finetune", model, *task, "--from-scratch", "--out", tmp_path / "o"],
+        ),
         "predict": (clf, ["predict", clf, "--input", tmp_path / "in.txt"]),
         "evaluate": (run / "tokenizer", ["evaluate", run]),
         "export": (run / "tokenizer", ["export", run, "--out", tmp_path / "export"]),
-        "pretrain --init hf": (model, ["pretrain", "--init", model, "--data", data_dir,
-                                       "--out", tmp_path / "i", "--max-steps", "1", "--quiet"]),
-        "pretrain --init run": (run / "tokenizer", ["pretrain", "--init", run, "--data",
-                                                    data_dir, "--out", tmp_path / "i",
-                                                    "--max-steps", "1", "--quiet"]),
+        "pretrain --init hf": (
+            model,
+            [
+                "pretrain",
+                "--init",
+                model,
+                "--data",
+                data_dir,
+                "--out",
+                tmp_path / "i",
+                "--max-steps",
+                "1",
+                "--quiet",
+            ],
+        ),
+        "pretrain --init run": (
+            run / "tokenizer",
+            [
+                "pretrain",
+                "--init",
+                run,
+                "--data",
+                data_dir,
+                "--out",
+                tmp_path / "i",
+                "--max-steps",
+                "1",
+                "--quiet",
+            ],
+        ),
     }
 
 
-MODEL_COMMANDS = ["fill-mask hf", "fill-mask run", "finetune hf", "finetune run",
-                  "finetune --from-scratch", "predict", "evaluate", "export",
-                  "pretrain --init hf", "pretrain --init run"]
+MODEL_COMMANDS = [
+    "fill-mask hf",
+    "fill-mask run",
+    "finetune hf",
+    "finetune run",
+    "finetune --from-scratch",
+    "predict",
+    "evaluate",
+    "export",
+    "pretrain --init hf",
+    "pretrain --init run",
+]
 
 
 @pytest.mark.parametrize("command", MODEL_COMMANDS)
 def test_a_tokenizer_past_the_models_vocabulary_is_refused(
-        tmp_path, capsys, one_step_run, hf_dir, finetuned, data_dir, classification_files,
-        command):
-    where, argv = _model_commands(tmp_path, one_step_run, hf_dir, finetuned[0], data_dir,
-                                  classification_files)[command]
+    tmp_path, capsys, one_step_run, hf_dir, finetuned, data_dir, classification_files, command
+):
+    where, argv = _model_commands(
+        tmp_path, one_step_run, hf_dir, finetuned[0], data_dir, classification_files
+    )[command]
     _oversize_tokenizer(where, _vocab_size(one_step_run))
     code, _, err = run_cli(capsys, *argv)
     line = error_line(err)
@@ -209,8 +265,9 @@ def test_fill_mask_with_only_a_vocab_txt(tmp_path, capsys, hf_dir):
     model = _copy(hf_dir, tmp_path / "hf")
     vocab = load_tokenizer(model).get_vocab()
     (model / "tokenizer.json").unlink()
-    (model / "vocab.txt").write_text("".join(t + "\n" for t, _ in sorted(vocab.items(),
-                                                                          key=lambda x: x[1])))
+    (model / "vocab.txt").write_text(
+        "".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda x: x[1]))
+    )
     code, out, err = run_cli(capsys, "fill-mask", model, "the [MASK] sees the dog", "--json")
     assert code == 0, err
     assert len(json.loads(out)) == 1
@@ -221,22 +278,31 @@ def test_training_that_cannot_fit_in_memory_is_refused(monkeypatch):
     weights, but 20 GB and more to train."""
     config = preset("tiny", vocab_size=10_000_000)
     assert config.num_parameters > 1.28e9
-    monkeypatch.setattr(consistency, "available_memory", lambda: 8 * 10 ** 9)
-    with pytest.raises(BertforgeError, match="needs at least 20.7 GB .* this machine has "
-                       "8.0 GB available"):
+    monkeypatch.setattr(consistency, "available_memory", lambda: 8 * 10**9)
+    with pytest.raises(
+        BertforgeError, match=r"needs at least 20.7 GB .* this machine has 8.0 GB available"
+    ):
         consistency.check_training_fits(config, 32, 128, torch.device("cpu"))
-    consistency.check_training_fits(preset("tiny", vocab_size=1000), 32, 128,
-                                    torch.device("cpu"))
+    consistency.check_training_fits(preset("tiny", vocab_size=1000), 32, 128, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
-def test_every_training_command_checks_its_memory(tmp_path, capsys, monkeypatch, data_dir,
-                                                  one_step_run, classification_files,
-                                                  command):
-    monkeypatch.setattr(consistency, "available_memory", lambda: 10 ** 6)  # 1 MB
-    argv = {"pretrain": pretrain(data_dir, tmp_path / "run", "--device", "cpu"),
-            "finetune": ["finetune", one_step_run, *classification_files, "--out",
-                         tmp_path / "ft", "--device", "cpu"]}[command]
+def test_every_training_command_checks_its_memory(
+    tmp_path, capsys, monkeypatch, data_dir, one_step_run, classification_files, command
+):
+    monkeypatch.setattr(consistency, "available_memory", lambda: 10**6)  # 1 MB
+    argv = {
+        "pretrain": pretrain(data_dir, tmp_path / "run", "--device", "cpu"),
+        "finetune": [
+            "finetune",
+            one_step_run,
+            *classification_files,
+            "--out",
+            tmp_path / "ft",
+            "--device",
+            "cpu",
+        ],
+    }[command]
     code, _, err = run_cli(capsys, *argv)
     assert code == 2
     assert "this machine has 0.0 GB available" in error_line(err)

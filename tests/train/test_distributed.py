@@ -20,16 +20,40 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
-                                 reason="this torch build has no torch.distributed"),
-              pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+    ),
+    pytest.mark.distributed,
+    pytest.mark.slow,
+]
 
 STEPS = 20
 # Constant lr after a fixed warmup: a run stopped at step 10 and resumed to 20 follows
 # the same schedule as a run to 20 (a linear decay would depend on --max-steps).
-COMMON = ["--preset", "tiny", "--seq-len", "32", "--batch-size", "8", "--lr", "1e-3",
-          "--dropout", "0", "--precision", "fp32", "--seed", "3", "--log-every", "1",
-          "--schedule", "constant", "--warmup-steps", "2", "--quiet"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--dropout",
+    "0",
+    "--precision",
+    "fp32",
+    "--seed",
+    "3",
+    "--log-every",
+    "1",
+    "--schedule",
+    "constant",
+    "--warmup-steps",
+    "2",
+    "--quiet",
+]
 
 
 def _env() -> dict[str, str]:
@@ -39,13 +63,21 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _pretrain(data_dir: Path, out: Path, *args: str, procs: int = 1,
-              timeout: float = 300) -> subprocess.CompletedProcess:
+def _pretrain(
+    data_dir: Path, out: Path, *args: str, procs: int = 1, timeout: float = 300
+) -> subprocess.CompletedProcess:
     if procs == 1:
         cmd = [sys.executable, "-m", "bertforge"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={procs}", "-m", "bertforge"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={procs}",
+            "-m",
+            "bertforge",
+        ]
     cmd += ["pretrain", "--data", str(data_dir), "--out", str(out), *COMMON, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 
@@ -60,16 +92,31 @@ def _losses(run: Path) -> list[float]:
 def _ok(result: subprocess.CompletedProcess) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
+
 def _run_script(tmp_path, name: str, source: str, *args: str, timeout: int = 120) -> dict:
     """`source` as tmp_path/name.py under torchrun on two processes, which write JSON to
     tmp_path/name.json (its first argument); the JSON, once every rank exited cleanly."""
     script, out = tmp_path / f"{name}.py", tmp_path / f"{name}.json"
     script.write_text(source)
-    _ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", str(script), str(out), *args],
-                       capture_output=True, text=True, timeout=timeout, env=_env()))
+    _ok(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+                str(out),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=_env(),
+        )
+    )
     return json.loads(out.read_text())
-
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +132,17 @@ def reference(data_dir, tmp_path_factory) -> list[float]:
 @pytest.mark.parametrize("strategy,micro", [("ddp", 4), ("fsdp", 2)])
 def test_two_processes_match_one(data_dir, tmp_path, reference, strategy, micro):
     # fsdp with micro 2: each rank accumulates 2 micro-batches (the no-sync path).
-    result = _pretrain(data_dir, tmp_path / "run", "--max-steps", str(STEPS),
-                       "--micro-batch-size", str(micro), "--strategy", strategy, procs=2)
+    result = _pretrain(
+        data_dir,
+        tmp_path / "run",
+        "--max-steps",
+        str(STEPS),
+        "--micro-batch-size",
+        str(micro),
+        "--strategy",
+        strategy,
+        procs=2,
+    )
     _ok(result)
     losses = _losses(tmp_path / "run")  # rank 0 alone wrote: exactly one line per step
     assert len(losses) == STEPS
@@ -96,14 +152,34 @@ def test_two_processes_match_one(data_dir, tmp_path, reference, strategy, micro)
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("first,second", [((2, "fsdp"), (1, "auto")),
-                                          ((1, "auto"), (2, "ddp"))])
+@pytest.mark.parametrize("first,second", [((2, "fsdp"), (1, "auto")), ((1, "auto"), (2, "ddp"))])
 def test_checkpoint_moves_between_world_sizes(data_dir, tmp_path, reference, first, second):
     run = tmp_path / "run"
-    _ok(_pretrain(data_dir, run, "--max-steps", "10", "--micro-batch-size", "4",
-                  "--strategy", first[1], procs=first[0]))
-    result = _pretrain(data_dir, run, "--max-steps", str(STEPS), "--micro-batch-size", "4",
-                       "--strategy", second[1], "--resume", procs=second[0])
+    _ok(
+        _pretrain(
+            data_dir,
+            run,
+            "--max-steps",
+            "10",
+            "--micro-batch-size",
+            "4",
+            "--strategy",
+            first[1],
+            procs=first[0],
+        )
+    )
+    result = _pretrain(
+        data_dir,
+        run,
+        "--max-steps",
+        str(STEPS),
+        "--micro-batch-size",
+        "4",
+        "--strategy",
+        second[1],
+        "--resume",
+        procs=second[0],
+    )
     _ok(result)
     assert "resuming from step-000010" in result.stderr
     losses = _losses(run)
@@ -113,8 +189,9 @@ def test_checkpoint_moves_between_world_sizes(data_dir, tmp_path, reference, fir
 
 def test_error_on_rank_zero_ends_every_rank(tmp_path, data_dir):
     start = time.monotonic()
-    result = _pretrain(data_dir, tmp_path / "run", "--max-steps", "5", "--seq-len", "64",
-                       procs=2, timeout=120)
+    result = _pretrain(
+        data_dir, tmp_path / "run", "--max-steps", "5", "--seq-len", "64", procs=2, timeout=120
+    )
     assert result.returncode != 0
     assert time.monotonic() - start < 100
     assert result.stderr.count("bertforge: error: data.seq_len") == 1
@@ -123,15 +200,34 @@ def test_error_on_rank_zero_ends_every_rank(tmp_path, data_dir):
 
 def test_sigterm_saves_and_every_rank_exits(data_dir, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "bertforge", "pretrain", "--data", str(data_dir), "--out", str(run), *COMMON,
-           "--max-steps", "1000000", "--micro-batch-size", "4"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=_env())
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "bertforge",
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        *COMMON,
+        "--max-steps",
+        "1000000",
+        "--micro-batch-size",
+        "4",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
     try:
         deadline = time.monotonic() + 120
-        while not ((run / "metrics.jsonl").is_file()
-                   and len((run / "metrics.jsonl").read_text().splitlines()) >= 3):
+        while not (
+            (run / "metrics.jsonl").is_file()
+            and len((run / "metrics.jsonl").read_text().splitlines()) >= 3
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "training never started"
             time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
@@ -143,8 +239,9 @@ def test_sigterm_saves_and_every_rank_exits(data_dir, tmp_path):
     step = int(saved.split("-")[1])
     assert step >= 3
     assert len(_losses(run)) == step
-    result = _pretrain(data_dir, run, "--max-steps", str(step + 2), "--micro-batch-size", "4",
-                       "--resume")
+    result = _pretrain(
+        data_dir, run, "--max-steps", str(step + 2), "--micro-batch-size", "4", "--resume"
+    )
     _ok(result)
     assert len(_losses(run)) == step + 2
 
@@ -333,8 +430,9 @@ def test_nccl_keeps_its_default_timeout_and_gets_the_device(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.cuda, "set_device", lambda index: calls.setdefault("set", index))
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    monkeypatch.setattr(
+        dist, "init_process_group", lambda backend, **kw: calls.setdefault("init", (backend, kw))
+    )
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.setdefault("group", kw) and "g")
     d = distributed.init_from_env("fsdp", torch.device("cuda"))
     assert calls["set"] == 1

@@ -12,15 +12,15 @@ import torch
 from conftest import tiny_run_config
 from torch.overrides import TorchFunctionMode
 
-from bertforge.train import checkpoint as ckpt
-from bertforge.model import ops
+from bertforge.commands.pretrain import run_pretrain
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
-from bertforge.train.optim import build_optimizer
-from bertforge.commands.pretrain import run_pretrain
+from bertforge.model import ops
 from bertforge.tasks.mlm import MLMTask, pretraining_model
-from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
+from bertforge.train import checkpoint as ckpt
 from bertforge.train.loop import fit
+from bertforge.train.optim import build_optimizer
+from bertforge.train.step import StepBatch, read_steps, skips_on_device, train_step
 
 # Tensor methods that copy a value to the host: on a GPU, each is a synchronisation.
 HOST_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"}
@@ -58,9 +58,18 @@ def test_train_step_reads_the_device_once_per_step(objective, data_dir):
     with ops.use_kernels("gpu"):
         for step, batch in enumerate(batches):
             with _CountHostReads() as counter:
-                result = train_step(model, optimizer, task.loss_sum, batch, lr=1e-3,
-                                    cfg=cfg.train, device=torch.device("cpu"), dtype=None,
-                                    step=step, clock=lambda: 0.0)
+                result = train_step(
+                    model,
+                    optimizer,
+                    task.loss_sum,
+                    batch,
+                    lr=1e-3,
+                    cfg=cfg.train,
+                    device=torch.device("cpu"),
+                    dtype=None,
+                    step=step,
+                    clock=lambda: 0.0,
+                )
             assert counter.reads == ["tolist"], counter.reads
             assert result.applied and result.counts == batch.counts
 
@@ -81,10 +90,21 @@ def test_a_deferred_step_reads_nothing_before_its_update(data_dir):
         with ops.use_kernels("gpu"):
             for step in range(3):
                 with _CountHostReads() as counter:
-                    out.append(train_step(model, optimizer, task.loss_sum, task.batch(step),
-                                          lr=1e-3, cfg=cfg.train, device=torch.device("cpu"),
-                                          dtype=None, step=step, clock=lambda: 0.0,
-                                          defer=defer))
+                    out.append(
+                        train_step(
+                            model,
+                            optimizer,
+                            task.loss_sum,
+                            task.batch(step),
+                            lr=1e-3,
+                            cfg=cfg.train,
+                            device=torch.device("cpu"),
+                            dtype=None,
+                            step=step,
+                            clock=lambda: 0.0,
+                            defer=defer,
+                        )
+                    )
                 reads += counter.reads
             if defer:
                 assert reads == []
@@ -93,8 +113,9 @@ def test_a_deferred_step_reads_nothing_before_its_update(data_dir):
                 assert counter.reads == ["tolist"]
         runs[defer] = out, model
     (eager, eager_model), (deferred, deferred_model) = runs[False], runs[True]
-    assert [(r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in eager] \
-        == [(r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in deferred]
+    assert [(r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in eager] == [
+        (r.terms, r.metrics, r.grad_norm, r.applied, r.counts, r.tokens) for r in deferred
+    ]
     for a, b in zip(eager_model.parameters(), deferred_model.parameters()):
         assert torch.equal(a, b)
 
@@ -108,8 +129,18 @@ def test_a_deferred_non_finite_update_is_dropped_on_the_device(data_dir):
     optimizer = build_optimizer(model, cfg.train)
 
     def step(at: int, loss_fn) -> object:
-        return train_step(model, optimizer, loss_fn, task.batch(at), lr=1e-3, cfg=cfg.train,
-                          device=torch.device("cpu"), dtype=None, step=at, defer=True)
+        return train_step(
+            model,
+            optimizer,
+            loss_fn,
+            task.batch(at),
+            lr=1e-3,
+            cfg=cfg.train,
+            device=torch.device("cpu"),
+            dtype=None,
+            step=at,
+            defer=True,
+        )
 
     def nan_loss(m, micro):
         losses, extra = task.loss_sum(m, micro)
@@ -136,14 +167,21 @@ def test_deferred_reads_log_the_same_run(tmp_path, data_dir, monkeypatch):
 
     reads = []
     real = train.read_steps
-    monkeypatch.setattr(train, "read_steps", lambda pending: reads.append(len(pending))
-                        or real(pending))
+    monkeypatch.setattr(
+        train, "read_steps", lambda pending: reads.append(len(pending)) or real(pending)
+    )
     runs = {}
     for defer in (False, True):
         monkeypatch.setattr(train, "defer_host_reads", lambda device, defer=defer: defer)
         reads.clear()
-        cfg = tiny_run_config(max_steps=7, micro_batch_size=8, log_every=3,
-                              checkpoint_every=5, eval_every=0, keep_last=5)
+        cfg = tiny_run_config(
+            max_steps=7,
+            micro_batch_size=8,
+            log_every=3,
+            checkpoint_every=5,
+            eval_every=0,
+            keep_last=5,
+        )
         runs[defer] = tmp_path / f"defer-{defer}"
         run_pretrain(runs[defer], cfg, data_dir=data_dir, show_progress=False)
         if defer:  # steps 1 (first), 3 and 6 (log), 5 (checkpoint), 7 (last)
@@ -151,8 +189,7 @@ def test_deferred_reads_log_the_same_run(tmp_path, data_dir, monkeypatch):
 
     def lines(run: Path) -> list[dict]:
         out = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in x.items() if k not in ("elapsed_s", "tokens_per_s")}
-                for x in out]
+        return [{k: v for k, v in x.items() if k not in ("elapsed_s", "tokens_per_s")} for x in out]
 
     assert lines(runs[False]) == lines(runs[True])
     assert [x["step"] for x in lines(runs[True]) if x["kind"] == "train"] == [1, 3, 6]
@@ -165,8 +202,7 @@ def test_prefetch_workers_change_no_result(tmp_path, data_dir):
     """Batches are built in two background processes: the same losses, dropout included."""
     runs = {}
     for workers in (0, 2):
-        cfg = tiny_run_config(max_steps=6, micro_batch_size=8, eval_every=0,
-                              num_workers=workers)
+        cfg = tiny_run_config(max_steps=6, micro_batch_size=8, eval_every=0, num_workers=workers)
         cfg.model.hidden_dropout_prob = cfg.model.attention_probs_dropout_prob = 0.1
         runs[workers] = tmp_path / f"workers-{workers}"
         run_pretrain(runs[workers], cfg, data_dir=data_dir, show_progress=False)
@@ -211,12 +247,22 @@ def test_prefetch_workers_started_by_spawn(data_dir):
 def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
     """Even where CUDA is available, a CPU run creates no CUDA context: nothing queries
     or seeds a GPU (checkpoints hold no CUDA RNG state)."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("a CPU run touched CUDA")
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for name in ("init", "_lazy_init", "get_rng_state", "set_rng_state", "manual_seed",
-                 "is_bf16_supported", "get_device_name", "synchronize", "current_device"):
+    for name in (
+        "init",
+        "_lazy_init",
+        "get_rng_state",
+        "set_rng_state",
+        "manual_seed",
+        "is_bf16_supported",
+        "get_device_name",
+        "synchronize",
+        "current_device",
+    ):
         monkeypatch.setattr(torch.cuda, name, forbidden)
     cfg = tiny_run_config(max_steps=4, checkpoint_every=2, device="cpu", eval_every=0)
     run = tmp_path / "run"
@@ -230,8 +276,9 @@ def test_a_cpu_run_never_touches_cuda(tmp_path, data_dir, monkeypatch):
 def test_train_state_and_the_rng_round_trip():
     state = ckpt.TrainState(step=7, tokens=1234, elapsed_s=5.5, skipped_steps=1)
     torch.manual_seed(11)
-    saved = json.loads(json.dumps({**state.state_dict(),
-                                   "rng": ckpt.rng_state(torch.device("cpu"))}))
+    saved = json.loads(
+        json.dumps({**state.state_dict(), "rng": ckpt.rng_state(torch.device("cpu"))})
+    )
     expected = torch.rand(3)
     torch.manual_seed(99)
     again = ckpt.TrainState()
@@ -243,8 +290,8 @@ def test_train_state_and_the_rng_round_trip():
 def test_bench_times_the_training_step(monkeypatch):
     """`bertforge bench` runs train_step itself, not a copy of it."""
     from bertforge.commands import bench
-    from bertforge.train import step
     from bertforge.config import preset
+    from bertforge.train import step
 
     calls = []
     real = step.train_step
@@ -256,6 +303,7 @@ def test_bench_times_the_training_step(monkeypatch):
 
 
 # ------------------------------------------------------------------ the non-finite guard
+
 
 @dataclass
 class _Micro:
@@ -294,12 +342,26 @@ def test_a_non_finite_gradient_never_reaches_the_weights(tmp_path, grad_clip):
     model = _InfiniteGradient()
     cfg = TrainConfig(max_steps=2, grad_clip=grad_clip, lr=0.1, precision="fp32")
     with pytest.raises(BertforgeError, match=r"non-finite gradient norm \(inf\) at step 1"):
-        fit(model, _InfiniteGradientTask(), cfg, tmp_path / "stop", torch.device("cpu"), None,
-            show_progress=False)
+        fit(
+            model,
+            _InfiniteGradientTask(),
+            cfg,
+            tmp_path / "stop",
+            torch.device("cpu"),
+            None,
+            show_progress=False,
+        )
     assert model.w.item() == 1.0
     cfg.on_nan = "skip"
-    result = fit(model, _InfiniteGradientTask(), cfg, tmp_path / "skip", torch.device("cpu"),
-                 None, show_progress=False)
+    result = fit(
+        model,
+        _InfiniteGradientTask(),
+        cfg,
+        tmp_path / "skip",
+        torch.device("cpu"),
+        None,
+        show_progress=False,
+    )
     assert result["step"] == 2 and model.w.item() == 1.0
     lines = (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(x) for x in lines]
@@ -307,6 +369,7 @@ def test_a_non_finite_gradient_never_reaches_the_weights(tmp_path, grad_clip):
 
 
 # ----------------------------------------------------- the held-out loss, logged and asked
+
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_logged_and_evaluated_held_out_loss_agree(tmp_path, data_dir, precision):
@@ -316,10 +379,17 @@ def test_logged_and_evaluated_held_out_loss_agree(tmp_path, data_dir, precision)
     if precision == "bf16" and resolve_precision("auto", torch.device("cpu")) is None:
         pytest.skip("this CPU has no native bf16")
     run = tmp_path / "run"
-    run_pretrain(run, tiny_run_config(max_steps=6, eval_every=6, precision=precision),
-                 data_dir=data_dir, show_progress=False)
-    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()
-              if json.loads(x)["kind"] == "eval"][-1]
+    run_pretrain(
+        run,
+        tiny_run_config(max_steps=6, eval_every=6, precision=precision),
+        data_dir=data_dir,
+        show_progress=False,
+    )
+    logged = [
+        json.loads(x)
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "eval"
+    ][-1]
     asked = evaluate_run(run)
     assert logged["precision"] == asked["precision"] == precision
     assert asked["masked_tokens"] == logged["masked_tokens"]
@@ -340,8 +410,11 @@ def test_bf16_weights_are_cast_once_a_step_whatever_the_micro_batches(data_dir):
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            if (func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16
-                    and args[0].data_ptr() in self.weights):
+            if (
+                func is torch.ops.aten._to_copy.default
+                and kwargs.get("dtype") == torch.bfloat16
+                and args[0].data_ptr() in self.weights
+            ):
                 self.casts += 1
             return func(*args, **kwargs)
 
@@ -356,15 +429,23 @@ def test_bf16_weights_are_cast_once_a_step_whatever_the_micro_batches(data_dir):
         optimizer = build_optimizer(model, cfg.train)
         weights = {p.data_ptr() for p in model.parameters() if p.dim() == 2}
         with CountWeightCasts(weights) as counter:
-            result = train_step(model, optimizer, task.loss_sum, task.batch(0), lr=1e-3,
-                                cfg=cfg.train, device=torch.device("cpu"),
-                                dtype=torch.bfloat16)
+            result = train_step(
+                model,
+                optimizer,
+                task.loss_sum,
+                task.batch(0),
+                lr=1e-3,
+                cfg=cfg.train,
+                device=torch.device("cpu"),
+                dtype=torch.bfloat16,
+            )
         results[micro] = (counter.casts, result.loss)
     assert results[2][0] == results[8][0] > 0
     assert results[2][1] == pytest.approx(results[8][1], rel=1e-2)
 
 
 # --------------------------------------------------- figures packed and read by name
+
 
 class _Scalar(torch.nn.Module):
     def __init__(self) -> None:
@@ -382,8 +463,16 @@ def test_each_metric_is_normalised_by_the_count_it_declares():
     model = _Scalar()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b", "per_b": "a"})
-    result = train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
-                        device=torch.device("cpu"), dtype=None)
+    result = train_step(
+        model,
+        optimizer,
+        _two_terms,
+        batch,
+        lr=0.0,
+        cfg=TrainConfig(),
+        device=torch.device("cpu"),
+        dtype=None,
+    )
     assert result.terms == {"a": 2.0, "b": 4.0}  # each term by its own count
     assert result.metrics == {"a_hits": 6.0 / 4, "per_b": 2.0 / 3}
     assert result.counts == {"a": 3, "b": 4} and result.tokens == 5
@@ -394,14 +483,23 @@ def test_a_metric_without_a_declared_count_is_refused():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = StepBatch([_Micro()], {"a": 3, "b": 4}, 5, {"a_hits": "b"})
     with pytest.raises(ValueError, match="metric 'per_b'"):
-        train_step(model, optimizer, _two_terms, batch, lr=0.0, cfg=TrainConfig(),
-                   device=torch.device("cpu"), dtype=None)
+        train_step(
+            model,
+            optimizer,
+            _two_terms,
+            batch,
+            lr=0.0,
+            cfg=TrainConfig(),
+            device=torch.device("cpu"),
+            dtype=None,
+        )
 
 
 def test_packed_figures_unpack_by_name():
     from bertforge.train.step import Packed
 
     packed = Packed.of({"x": torch.tensor(1.5), "y": torch.tensor(2)}) + Packed(
-        ["z"], torch.tensor([4.0], dtype=torch.float64))
+        ["z"], torch.tensor([4.0], dtype=torch.float64)
+    )
     assert packed.names == ["x", "y", "z"] and float(packed["y"]) == 2.0
     assert packed.unpack(packed.values.tolist()) == {"x": 1.5, "y": 2.0, "z": 4.0}

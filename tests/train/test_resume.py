@@ -24,14 +24,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import error_line, run_cli
 
-from bertforge.train import checkpoint as ckpt
 from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
 from bertforge.tasks.mlm import MLMTask
 from bertforge.testing import complete_checkpoints, train_records
-from conftest import error_line, run_cli
+from bertforge.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,12 +40,49 @@ STEPS = 20
 
 def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """The reference run's command line; later flags override earlier ones."""
-    return ["pretrain", "--data", str(data_dir), "--out", str(out), "--preset", "tiny",
-            "--hidden-size", "64", "--num-attention-heads", "2", "--intermediate-size", "128",
-            "--max-position-embeddings", "64", "--seq-len", "32", "--dropout", "0.1",
-            "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3", "--warmup-fraction", "0.1",
-            "--max-steps", str(STEPS), "--log-every", "1", "--eval-every", "0",
-            "--eval-sequences", "32", "--precision", "fp32", "--seed", "0", "--quiet", *extra]
+    return [
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "2",
+        "--intermediate-size",
+        "128",
+        "--max-position-embeddings",
+        "64",
+        "--seq-len",
+        "32",
+        "--dropout",
+        "0.1",
+        "--batch-size",
+        "16",
+        "--micro-batch-size",
+        "4",
+        "--lr",
+        "2e-3",
+        "--warmup-fraction",
+        "0.1",
+        "--max-steps",
+        str(STEPS),
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--eval-sequences",
+        "32",
+        "--precision",
+        "fp32",
+        "--seed",
+        "0",
+        "--quiet",
+        *extra,
+    ]
 
 
 # `python -c` with this runs the CLI with a sleep before each step.
@@ -71,8 +108,12 @@ def reference(tmp_path_factory, data_dir) -> Path:
 
 
 def start(args: list[str], delay: float = 0.1) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", SLOW_CLI.format(delay=delay), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", SLOW_CLI.format(delay=delay), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def losses(run: Path) -> list[tuple[int, float]]:
@@ -105,10 +146,12 @@ def assert_same_run(run: Path, reference: Path) -> None:
 
 # ---------------------------------------------------------------- 1, 5: signals, exact resume
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, data_dir, reference, capsys,
-                                                       sig, status):
+def test_signal_saves_a_checkpoint_and_resume_is_exact(
+    tmp_path, data_dir, reference, capsys, sig, status
+):
     run = tmp_path / "run"
     proc = start(argv(data_dir, run, "--checkpoint-every", "0"))  # only the signal saves
     wait_for_step(run, 3, proc)
@@ -129,6 +172,7 @@ def test_signal_saves_a_checkpoint_and_resume_is_exact(tmp_path, data_dir, refer
 
 # ---------------------------------------------------------------- 2: kill -9 at any moment
 
+
 @pytest.mark.slow
 def test_kill_9_twice_then_resume_is_exact(tmp_path, data_dir, reference, capsys):
     run = tmp_path / "run"
@@ -137,8 +181,7 @@ def test_kill_9_twice_then_resume_is_exact(tmp_path, data_dir, reference, capsys
     last = 0
     for attempt in range(2):
         newest = complete_checkpoints(run)[-1:] if attempt else []
-        proc = start(argv(data_dir, run, *extra, *(["--resume"] if attempt else [])),
-                     delay=0.03)
+        proc = start(argv(data_dir, run, *extra, *(["--resume"] if attempt else [])), delay=0.03)
         wait_for_step(run, last + 2, proc)
         time.sleep(rng.uniform(0, 0.06))  # anywhere in a step, its checkpoint write included
         proc.kill()
@@ -156,6 +199,7 @@ def test_kill_9_twice_then_resume_is_exact(tmp_path, data_dir, reference, capsys
 
 # ---------------------------------------------------------------- 3: atomic checkpoints
 
+
 def _tiny_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     model = torch.nn.Linear(4, 4)
     opt = torch.optim.AdamW(model.parameters())
@@ -166,8 +210,9 @@ def _tiny_state() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def _save(ckpt_dir: Path, step: int, keep_last: int = 3) -> Path:
     model, opt = _tiny_state()
-    return ckpt.save_checkpoint(ckpt_dir, step, ckpt.model_state(model), opt.state_dict(),
-                                {"tokens": step}, keep_last)
+    return ckpt.save_checkpoint(
+        ckpt_dir, step, ckpt.model_state(model), opt.state_dict(), {"tokens": step}, keep_last
+    )
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to name fds")
@@ -183,8 +228,9 @@ def test_checkpoint_is_fsynced_renamed_then_pointed_to(tmp_path, monkeypatch):
 
     def replace(src, dst) -> None:
         if Path(dst).name == "latest":  # at this moment the new checkpoint must be complete
-            events.append(("verified", ckpt.verify(d / "step-000002")["step"],
-                           (d / "step-000001").exists()))
+            events.append(
+                ("verified", ckpt.verify(d / "step-000002")["step"], (d / "step-000001").exists())
+            )
         real_replace(src, dst)
         events.append(("replace", Path(src).name, Path(dst).name))
 
@@ -226,6 +272,7 @@ def test_crash_at_every_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, m
             if n == point:
                 raise Crash
             return real(*args)
+
         return wrapper
 
     monkeypatch.setattr(os, "fsync", counting(real_fsync))
@@ -241,7 +288,7 @@ def test_crash_at_every_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, m
             pass
         else:
             break  # `point` is past the last fsync/rename of a save
-        path, state = ckpt.find_latest(d)
+        _path, state = ckpt.find_latest(d)
         expected = 2 if (d / "step-000002").exists() else 1  # a rename is all or nothing
         assert state["step"] == expected, point
         assert (d / "latest").read_text().strip() in ("step-000001", "step-000002")
@@ -270,20 +317,21 @@ def test_state_json_records_a_verified_checksum_of_every_file(tmp_path):
     assert ckpt.verify(path)["step"] == 7
     unsealed = {k: v for k, v in state.items() if k != "state_sha256"}
     (path / "state.json").write_text(json.dumps(unsealed))
-    with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):
+    with pytest.raises(BertforgeError, match=r"state.json: checksum mismatch"):
         ckpt.verify(path)
     state["step"] = 8  # a plausible-looking edit of state.json itself is caught
     (path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(BertforgeError, match="state.json: checksum mismatch"):
+    with pytest.raises(BertforgeError, match=r"state.json: checksum mismatch"):
         ckpt.verify(path)
 
 
 # ---------------------------------------------------------------- 4: corruption
 
+
 def _damage(path: Path, how: str) -> None:
     data = bytearray(path.read_bytes())
     if how == "truncate":
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     else:
         data[len(data) // 2] ^= 0x04  # one bit
         path.write_bytes(data)
@@ -343,6 +391,7 @@ def test_resume_with_every_checkpoint_damaged_is_refused(tmp_path, data_dir, ref
 
 # ---------------------------------------------------------------- 6: disk full
 
+
 def test_disk_full_while_saving(tmp_path, data_dir, capsys, monkeypatch):
     run = tmp_path / "run"
     real, calls = ckpt.save_file, []
@@ -371,6 +420,7 @@ def test_disk_full_while_saving(tmp_path, data_dir, capsys, monkeypatch):
 
 # ---------------------------------------------------------------- 7: non-finite loss
 
+
 def _poison(monkeypatch, step: int) -> None:
     """Make one micro-batch (the second of four) of `step` return a NaN loss."""
     real, calls = MLMTask.loss_sum, []
@@ -388,8 +438,10 @@ def _poison(monkeypatch, step: int) -> None:
 def test_nan_stops_without_a_checkpoint_after_it(tmp_path, data_dir, capsys, monkeypatch):
     run = tmp_path / "run"
     _poison(monkeypatch, 3)
-    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6",
-                                         "--checkpoint-every", "1", "--keep-last", "10"))
+    code, _, err = run_cli(
+        capsys,
+        *argv(data_dir, run, "--max-steps", "6", "--checkpoint-every", "1", "--keep-last", "10"),
+    )
     assert code == 2
     line = error_line(err)
     assert "non-finite loss (nan) at step 3" in line and "--on-nan skip" in line
@@ -401,8 +453,21 @@ def test_nan_stops_without_a_checkpoint_after_it(tmp_path, data_dir, capsys, mon
 def test_nan_skip_drops_the_update_and_counts_it(tmp_path, data_dir, capsys, monkeypatch):
     run = tmp_path / "run"
     _poison(monkeypatch, 3)
-    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6", "--on-nan", "skip",
-                                         "--checkpoint-every", "1", "--keep-last", "10"))
+    code, _, err = run_cli(
+        capsys,
+        *argv(
+            data_dir,
+            run,
+            "--max-steps",
+            "6",
+            "--on-nan",
+            "skip",
+            "--checkpoint-every",
+            "1",
+            "--keep-last",
+            "10",
+        ),
+    )
     assert code == 0, err
     assert "step 3: non-finite loss (nan); update skipped (1 so far)" in err
     records = train_records(run)
@@ -424,28 +489,43 @@ def _defer_reads(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("deferred", [False, True])
-def test_nan_found_late_still_stops_before_the_next_checkpoint(tmp_path, data_dir, capsys,
-                                                               monkeypatch, deferred):
+def test_nan_found_late_still_stops_before_the_next_checkpoint(
+    tmp_path, data_dir, capsys, monkeypatch, deferred
+):
     """Read at step 4 (a checkpoint), the NaN of step 3 stops the run naming step 3."""
     if deferred:
         _defer_reads(monkeypatch)
     run = tmp_path / "run"
     _poison(monkeypatch, 3)
-    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6", "--log-every", "10",
-                                         "--checkpoint-every", "4"))
+    code, _, err = run_cli(
+        capsys,
+        *argv(data_dir, run, "--max-steps", "6", "--log-every", "10", "--checkpoint-every", "4"),
+    )
     assert code == 2
     assert "non-finite loss (nan) at step 3" in error_line(err)
     assert complete_checkpoints(run) == []
     assert [r["step"] for r in train_records(run)] == [1]
 
 
-def test_nan_skip_deferred_drops_the_update_and_counts_it(tmp_path, data_dir, capsys,
-                                                          monkeypatch):
+def test_nan_skip_deferred_drops_the_update_and_counts_it(tmp_path, data_dir, capsys, monkeypatch):
     _defer_reads(monkeypatch)
     run = tmp_path / "run"
     _poison(monkeypatch, 3)
-    code, _, err = run_cli(capsys, *argv(data_dir, run, "--max-steps", "6", "--on-nan", "skip",
-                                         "--log-every", "2", "--checkpoint-every", "2"))
+    code, _, err = run_cli(
+        capsys,
+        *argv(
+            data_dir,
+            run,
+            "--max-steps",
+            "6",
+            "--on-nan",
+            "skip",
+            "--log-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+        ),
+    )
     assert code == 0, err
     assert "step 3: non-finite loss (nan); update skipped (1 so far)" in err
     records = train_records(run)
@@ -458,6 +538,7 @@ def test_nan_skip_deferred_drops_the_update_and_counts_it(tmp_path, data_dir, ca
 
 # ---------------------------------------------------------------- 8: mismatched resume
 
+
 @pytest.fixture(scope="module")
 def other_data(tmp_path_factory, corpus_file, tokenizer_dir) -> dict[str, Path]:
     """Data with another sequence length, and data made by another tokenizer."""
@@ -465,26 +546,40 @@ def other_data(tmp_path_factory, corpus_file, tokenizer_dir) -> dict[str, Path]:
     from bertforge.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("other")
-    prepare([str(corpus_file)], tokenizer_dir, root / "seq64", seq_len=64,
-            valid_fraction=0.05, show_progress=False)
+    prepare(
+        [str(corpus_file)],
+        tokenizer_dir,
+        root / "seq64",
+        seq_len=64,
+        valid_fraction=0.05,
+        show_progress=False,
+    )
     train_tokenizer([str(corpus_file)], root / "tok", vocab_size=150, show_progress=False)
-    prepare([str(corpus_file)], root / "tok", root / "othertok", seq_len=32,
-            valid_fraction=0.05, show_progress=False)
+    prepare(
+        [str(corpus_file)],
+        root / "tok",
+        root / "othertok",
+        seq_len=32,
+        valid_fraction=0.05,
+        show_progress=False,
+    )
     (root / "wider.yaml").write_text("model:\n  intermediate_size: 256\n")
-    return {"seq64": root / "seq64", "othertok": root / "othertok",
-            "yaml": root / "wider.yaml"}
+    return {"seq64": root / "seq64", "othertok": root / "othertok", "yaml": root / "wider.yaml"}
 
 
-@pytest.mark.parametrize("extra, field", [
-    (["--hidden-size", "128"], "model.hidden_size was 64"),
-    (["--preset", "mini"], "model.num_hidden_layers was 2"),
-    (["--config", "{yaml}"], "model.intermediate_size was 128"),
-    (["--dropout", "0.2"], "model.hidden_dropout_prob was 0.1"),
-    (["--batch-size", "32"], "train.batch_size was 16"),
-    (["--seq-len", "64"], "data.seq_len was 32"),
-    (["--data", "{seq64}"], "data.seq_len:"),
-    (["--data", "{othertok}"], "data.tokenizer_hash:"),
-])
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--hidden-size", "128"], "model.hidden_size was 64"),
+        (["--preset", "mini"], "model.num_hidden_layers was 2"),
+        (["--config", "{yaml}"], "model.intermediate_size was 128"),
+        (["--dropout", "0.2"], "model.hidden_dropout_prob was 0.1"),
+        (["--batch-size", "32"], "train.batch_size was 16"),
+        (["--seq-len", "64"], "data.seq_len was 32"),
+        (["--data", "{seq64}"], "data.seq_len:"),
+        (["--data", "{othertok}"], "data.tokenizer_hash:"),
+    ],
+)
 def test_mismatched_resume_is_refused(tmp_path, reference, other_data, capsys, extra, field):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
@@ -498,11 +593,29 @@ def test_mismatched_resume_is_refused(tmp_path, reference, other_data, capsys, e
 
 def test_resume_with_the_same_command_and_config_file_is_accepted(tmp_path, data_dir, capsys):
     run, yaml_file = tmp_path / "run", tmp_path / "run.yaml"
-    yaml_file.write_text("model:\n  hidden_size: 64\n  num_attention_heads: 2\n"
-                         "train:\n  lr: 1e-4\n  batch_size: 8\n")  # 1e-4: a string to PyYAML
-    args = ["pretrain", "--data", str(data_dir), "--out", str(run), "--preset", "tiny",
-            "--config", str(yaml_file), "--seq-len", "32", "--max-position-embeddings", "64",
-            "--schedule", "constant", "--warmup-steps", "1", "--quiet"]
+    yaml_file.write_text(
+        "model:\n  hidden_size: 64\n  num_attention_heads: 2\ntrain:\n  lr: 1e-4\n  batch_size: 8\n"
+    )  # 1e-4: a string to PyYAML
+    args = [
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--config",
+        str(yaml_file),
+        "--seq-len",
+        "32",
+        "--max-position-embeddings",
+        "64",
+        "--schedule",
+        "constant",
+        "--warmup-steps",
+        "1",
+        "--quiet",
+    ]
     assert run_cli(capsys, *args, "--max-steps", "2")[0] == 0
     code, _, err = run_cli(capsys, *args, "--max-steps", "3", "--resume")
     assert code == 0, err
@@ -516,6 +629,7 @@ def test_tokenizer_hash_is_recorded(reference, data_dir):
 
 
 # ---------------------------------------------------------------- 9: safe loading
+
 
 class _Planted:
     """Unpickling this calls Path.touch: what a planted optimizer.pt would do."""
@@ -535,7 +649,8 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, data_dir, reference,
     torch.save({"state": {}, "param_groups": [], "x": _Planted(marker)}, step / "optimizer.pt")
     state = json.loads((step / "state.json").read_text())
     state["checksums"]["optimizer.pt"] = hashlib.sha256(
-        (step / "optimizer.pt").read_bytes()).hexdigest()
+        (step / "optimizer.pt").read_bytes()
+    ).hexdigest()
     ckpt.write_state(step, state)  # the checksums agree: only the unpickling stands in the way
     assert ckpt.verify(step)["step"] == 20
 
@@ -550,23 +665,44 @@ def test_planted_pickle_is_refused_and_never_runs(tmp_path, data_dir, reference,
 
 # ---------------------------------------------------------------- 11: bad configuration
 
-@pytest.mark.parametrize("yaml_text, flags, match", [
-    ("train:\n  lrr: 0.1\n", [], "train: unknown key 'lrr'"),
-    ("train:\n  batch_size: big\n", [], "train.batch_size: expected int, got 'big'"),
-    ("train:\n  lr: -0.001\n", [], "TrainConfig.lr=-0.001: must be > 0"),
-    ("data:\n  mask_rate: 1.5\n", [], "DataConfig.mask_rate=1.5: must be in (0, 1]"),
-    ("optimizer:\n  lr: 0.1\n", [], "unknown section 'optimizer'"),
-    (None, ["--lr", "-1"], "argument --lr: '-1': must be > 0"),
-    (None, ["--mask-rate", "1.5"], "argument --mask-rate: '1.5': must be in (0, 1]"),
-    (None, ["--batch-size", "1.5"], "argument --batch-size: invalid int value"),
-    (None, ["--on-nan", "sometimes"], "TrainConfig.on_nan='sometimes': must be 'stop' or 'skip'"),
-    (None, ["--seq-len", "128", "--max-position-embeddings", "64"],
-     "data.seq_len 128 exceeds model.max_position_embeddings 64"),
-])
-def test_bad_configuration_is_one_line_exit_2_before_any_work(tmp_path, corpus_file, capsys,
-                                                               yaml_text, flags, match):
-    args = ["pretrain", "--corpus", str(corpus_file), "--out", str(tmp_path / "run"),
-            "--max-steps", "1", "--quiet", *flags]
+
+@pytest.mark.parametrize(
+    "yaml_text, flags, match",
+    [
+        ("train:\n  lrr: 0.1\n", [], "train: unknown key 'lrr'"),
+        ("train:\n  batch_size: big\n", [], "train.batch_size: expected int, got 'big'"),
+        ("train:\n  lr: -0.001\n", [], "TrainConfig.lr=-0.001: must be > 0"),
+        ("data:\n  mask_rate: 1.5\n", [], "DataConfig.mask_rate=1.5: must be in (0, 1]"),
+        ("optimizer:\n  lr: 0.1\n", [], "unknown section 'optimizer'"),
+        (None, ["--lr", "-1"], "argument --lr: '-1': must be > 0"),
+        (None, ["--mask-rate", "1.5"], "argument --mask-rate: '1.5': must be in (0, 1]"),
+        (None, ["--batch-size", "1.5"], "argument --batch-size: invalid int value"),
+        (
+            None,
+            ["--on-nan", "sometimes"],
+            "TrainConfig.on_nan='sometimes': must be 'stop' or 'skip'",
+        ),
+        (
+            None,
+            ["--seq-len", "128", "--max-position-embeddings", "64"],
+            "data.seq_len 128 exceeds model.max_position_embeddings 64",
+        ),
+    ],
+)
+def test_bad_configuration_is_one_line_exit_2_before_any_work(
+    tmp_path, corpus_file, capsys, yaml_text, flags, match
+):
+    args = [
+        "pretrain",
+        "--corpus",
+        str(corpus_file),
+        "--out",
+        str(tmp_path / "run"),
+        "--max-steps",
+        "1",
+        "--quiet",
+        *flags,
+    ]
     if yaml_text is not None:
         (tmp_path / "c.yaml").write_text(yaml_text)
         args += ["--config", str(tmp_path / "c.yaml")]

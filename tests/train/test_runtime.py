@@ -76,21 +76,30 @@ print(low <= address < high)
 def test_a_tuned_process_serves_large_buffers_from_the_heap():
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").mallopt
+
+        ctypes.CDLL("libc.so.6").mallopt  # noqa: B018 (raises where glibc has none)
     except (OSError, AttributeError):
         pytest.skip("this Linux has no glibc malloc to tune")
     env = {k: v for k, v in os.environ.items() if k != runtime.KEEP_FREED_MEMORY}
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
-                         env=env, check=True, timeout=120).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+        timeout=120,
+    ).stdout.split()
     assert out == ["True"]
 
 
 # ------------------------------------------------------------- the default micro-batch
 
+
 def _free_memory(monkeypatch, free_bytes: float) -> None:
     """A CUDA device with `free_bytes` free, as torch.cuda.mem_get_info reports it."""
-    monkeypatch.setattr(torch.cuda, "mem_get_info",
-                        lambda device=None: (int(free_bytes), int(141e9)))
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: (int(free_bytes), int(141e9))
+    )
 
 
 def test_the_gpu_micro_batch_is_the_whole_batch_where_it_fits(monkeypatch):
@@ -118,12 +127,13 @@ def test_the_cpu_micro_batch_default_is_unchanged(monkeypatch):
 
 
 def test_pretraining_resolves_the_micro_batch_per_rank(monkeypatch):
-    from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
     from bertforge.commands.pretrain import micro_batch_for
+    from bertforge.config import DataConfig, RunConfig, TrainConfig, preset
     from bertforge.tasks.mlm import pretraining_model
 
-    cfg = RunConfig(model=preset("mini"), data=DataConfig(seq_len=128),
-                    train=TrainConfig(batch_size=512))
+    cfg = RunConfig(
+        model=preset("mini"), data=DataConfig(seq_len=128), train=TrainConfig(batch_size=512)
+    )
     assert cfg.train.micro_batch_size is None and cfg.train.accumulation_steps == 16
     model = pretraining_model(cfg.model, "mlm")
     _free_memory(monkeypatch, 140e9)

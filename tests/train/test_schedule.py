@@ -3,13 +3,14 @@ time budgets that end at zero, and what a resume may change about them."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
 import pytest
 from conftest import run_cli
 
-from bertforge.config import RunConfig, TrainConfig, build
+from bertforge.config import TrainConfig, build
 from bertforge.errors import BertforgeError
 from bertforge.train.optim import MIN_WARMUP_STEPS, lr_at, progress
 
@@ -97,32 +98,63 @@ def test_cli_warmup_flags(tmp_path, data_dir, capsys):
 
 # ------------------------------------------------------------------------- and resumes
 
+
 def _pretrain(capsys, data_dir, run, *flags):
-    return run_cli(capsys, "pretrain", "--data", data_dir, "--out", run, "--preset", "tiny",
-                   "--hidden-size", "64", "--num-attention-heads", "2",
-                   "--intermediate-size", "128", "--max-position-embeddings", "64",
-                   "--seq-len", "32", "--batch-size", "8", "--precision", "fp32",
-                   "--dropout", "0", "--eval-every", "0", "--log-every", "1", "--quiet", *flags)
+    return run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        data_dir,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "2",
+        "--intermediate-size",
+        "128",
+        "--max-position-embeddings",
+        "64",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--dropout",
+        "0",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--quiet",
+        *flags,
+    )
 
 
 def _losses(run):
-    return [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines()
-            if json.loads(x)["kind"] == "train"]
+    return [
+        json.loads(x)["loss"]
+        for x in (run / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
 
 
 @pytest.mark.parametrize("flag", [("--max-steps", "6"), ("--time-budget", "1h")])
 def test_resume_refuses_to_reshape_a_length_dependent_schedule(tmp_path, data_dir, capsys, flag):
     run = tmp_path / "run"
     assert _pretrain(capsys, data_dir, run, "--max-steps", "3")[0] == 0
-    code, _, err = _pretrain(capsys, data_dir, run, "--max-steps", "3", flag[0], flag[1],
-                             "--resume")
+    code, _, err = _pretrain(
+        capsys, data_dir, run, "--max-steps", "3", flag[0], flag[1], "--resume"
+    )
     assert code == 2
     assert "learning rate of the steps to come would change" in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_resume_may_lengthen_a_run_whose_schedule_does_not_depend_on_it(tmp_path, data_dir,
-                                                                       capsys):
+def test_resume_may_lengthen_a_run_whose_schedule_does_not_depend_on_it(tmp_path, data_dir, capsys):
     """Constant after a warmup in steps: the lengthened run is the longer run."""
     schedule = ("--schedule", "constant", "--warmup-steps", "2")
     short, long = tmp_path / "short", tmp_path / "long"
@@ -153,11 +185,12 @@ def test_a_time_budget_warmup_lasts_at_least_min_warmup_steps_however_slow_the_s
     assert clock.elapsed(20) == pytest.approx(30.0)
     assert lrs[19] == pytest.approx(1e-3 * 20 / MIN_WARMUP_STEPS)
     # It rises a step at a time until it meets the decay line (which started at 30 s).
-    assert all(b > a for a, b in zip(lrs[:90], lrs[1:91]))
+    assert all(b > a for a, b in itertools.pairwise(lrs))
     assert max(lrs) <= 1e-3 and lrs[MIN_WARMUP_STEPS - 1] == pytest.approx(
-        1e-3 * (1 - (clock.elapsed(MIN_WARMUP_STEPS - 1) / 600 - 0.05) / 0.95))
+        1e-3 * (1 - (clock.elapsed(MIN_WARMUP_STEPS - 1) / 600 - 0.05) / 0.95)
+    )
     # No jump where warmup hands over to the decay: the rate changes smoothly throughout.
-    assert max(abs(b - a) for a, b in zip(lrs[1:], lrs[2:])) <= 1e-3 / MIN_WARMUP_STEPS + 1e-12
+    assert max(abs(b - a) for a, b in itertools.pairwise(lrs)) <= 1e-3 / MIN_WARMUP_STEPS + 1e-12
     # On a fast machine the fraction is the longer of the two and governs, as before.
     fast = SlowStartClock(slow_steps=0, slow_s=0.0, fast_s=0.01)  # 30 s = 3,000 steps
     assert lr_at(cfg, 1499, fast.elapsed(1499)) == pytest.approx(0.5e-3, rel=1e-3)

@@ -20,11 +20,17 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli, tiny_run_config
 
+from bertforge.commands.pretrain import run_pretrain
 from bertforge.config import TrainConfig
 from bertforge.errors import BertforgeError
-from bertforge.commands.pretrain import run_pretrain
-from bertforge.train.tracking import (WANDB_STATE, _reachable, _wandb_mode, check_available,
-                                open_trackers, scalars)
+from bertforge.train.tracking import (
+    WANDB_STATE,
+    _reachable,
+    _wandb_mode,
+    check_available,
+    open_trackers,
+    scalars,
+)
 
 TRAIN_KEYS = ["loss", "lr", "grad_norm", "tokens_per_s"]
 
@@ -56,8 +62,8 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # too little room left in the block for a header
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        pending += data[pos + 7:pos + 7 + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -68,6 +74,7 @@ def wandb_records(path: Path):
 
 def read_wandb(offline_run: Path) -> tuple[dict[int, dict], dict]:
     """({step: the history row logged at it}, the run's config) of an offline run."""
+
     def items(updates):
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
@@ -92,11 +99,17 @@ def wandb_offline(tmp_path_factory):
     home = tmp_path_factory.mktemp("wandb-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
-                    "WANDB_ARTIFACT_DIR"):
+        for var in (
+            "WANDB_DIR",
+            "WANDB_CACHE_DIR",
+            "WANDB_CONFIG_DIR",
+            "WANDB_DATA_DIR",
+            "WANDB_ARTIFACT_DIR",
+        ):
             mp.setenv(var, str(home / var.lower()))
         yield home
         import wandb
+
         wandb.teardown()  # stops W&B's service process
 
 
@@ -107,8 +120,15 @@ def next_second() -> None:
 
 
 def test_scalars_keep_numbers_only():
-    record = {"kind": "eval", "step": 3, "tokens": 96, "mlm_loss": 2.5, "precision": "bf16",
-              "loss": None, "skipped": True}
+    record = {
+        "kind": "eval",
+        "step": 3,
+        "tokens": 96,
+        "mlm_loss": 2.5,
+        "precision": "bf16",
+        "loss": None,
+        "skipped": True,
+    }
     assert scalars(record) == {"eval/tokens": 96.0, "eval/mlm_loss": 2.5}
 
 
@@ -130,8 +150,7 @@ def test_tensorboard_holds_what_metrics_jsonl_holds(tmp_path, data_dir):
         tensorboard_scalars(run, "eval/precision")
 
 
-def test_wandb_offline_run_holds_metrics_and_config(tmp_path, data_dir, wandb_offline,
-                                                    capfd):
+def test_wandb_offline_run_holds_metrics_and_config(tmp_path, data_dir, wandb_offline, capfd):
     run = tmp_path / "run"
     cfg = tiny_run_config(max_steps=6, eval_every=3, log_every=1)
     cfg.train.wandb = "bertforge-test"
@@ -142,16 +161,21 @@ def test_wandb_offline_run_holds_metrics_and_config(tmp_path, data_dir, wandb_of
     run_id = json.loads((run / WANDB_STATE).read_text())["id"]
     assert offline.name.endswith(f"-{run_id}")
     assert [x for x in err.splitlines() if "wandb sync" in x] == [
-        (f"W&B: logging offline (WANDB_MODE=offline); upload the run later with: "
-         f"wandb sync {offline}")]
+        (
+            f"W&B: logging offline (WANDB_MODE=offline); upload the run later with: "
+            f"wandb sync {offline}"
+        )
+    ]
     history, config = read_wandb(offline)
     train, evals = metrics(run, "train"), metrics(run, "eval")
     assert sorted(history) == sorted(train)
     for key in TRAIN_KEYS:
         assert {s: h[f"train/{key}"] for s, h in history.items()} == pytest.approx(
-            {s: r[key] for s, r in train.items()})
-    assert {s: h["eval/mlm_loss"] for s, h in history.items() if "eval/mlm_loss" in h} \
-        == pytest.approx({s: r["mlm_loss"] for s, r in evals.items()})
+            {s: r[key] for s, r in train.items()}
+        )
+    assert {
+        s: h["eval/mlm_loss"] for s, h in history.items() if "eval/mlm_loss" in h
+    } == pytest.approx({s: r["mlm_loss"] for s, r in evals.items()})
     assert not any("eval/precision" in h for h in history.values())
     assert config["model"]["hidden_size"] == 64
     assert config["train"]["max_steps"] == 6 and config["train"]["wandb"] == "bertforge-test"
@@ -176,7 +200,8 @@ def test_resume_continues_both_trackers(tmp_path, data_dir, wandb_offline):
         assert [s for s, _ in events] == [1, 2, 3, 4], key  # the killed attempt's 3, 4 purged
         assert dict(events) == pytest.approx({s: r[key] for s, r in train.items()}, rel=1e-6)
     assert dict(tensorboard_scalars(second, "eval/mlm_loss")) == pytest.approx(
-        {s: r["mlm_loss"] for s, r in metrics(second, "eval").items()}, rel=1e-6)
+        {s: r["mlm_loss"] for s, r in metrics(second, "eval").items()}, rel=1e-6
+    )
     run_id = json.loads((second / WANDB_STATE).read_text())["id"]
     assert run_id == json.loads((first / WANDB_STATE).read_text())["id"]
     attempts = sorted(second.glob("wandb/offline-run-*"))
@@ -189,9 +214,8 @@ def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, ca
     next run in the process starts its own; a run the caller opened is refused."""
     import wandb
 
-    from bertforge.train import tracking
-
     from bertforge.train import loop as train
+    from bertforge.train import tracking
 
     calls, exit_codes = [], []
 
@@ -219,8 +243,12 @@ def test_a_failed_run_closes_its_wandb_run(tmp_path, data_dir, wandb_offline, ca
     run_pretrain(tmp_path / "b", after, data_dir=data_dir, show_progress=False)
     ids = [json.loads((tmp_path / r / WANDB_STATE).read_text())["id"] for r in "ab"]
     assert ids[0] != ids[1] and wandb.run is None  # the next run had a W&B run of its own
-    theirs = wandb.init(project="theirs", dir=str(tmp_path), mode="offline",
-                        settings=wandb.Settings(silent=True, console="off"))
+    theirs = wandb.init(
+        project="theirs",
+        dir=str(tmp_path),
+        mode="offline",
+        settings=wandb.Settings(silent=True, console="off"),
+    )
     try:
         (tmp_path / "c").mkdir()
         with pytest.raises(BertforgeError, match="already active"):
@@ -233,18 +261,37 @@ def test_fine_tuning_logs_to_tensorboard_too(tmp_path, data_dir, capsys):
     from conftest import write_sst2
 
     run = tmp_path / "pre"
-    run_pretrain(run, tiny_run_config(max_steps=2, eval_every=0), data_dir=data_dir,
-                 show_progress=False)
+    run_pretrain(
+        run, tiny_run_config(max_steps=2, eval_every=0), data_dir=data_dir, show_progress=False
+    )
     out = tmp_path / "ft"
-    code, _, err = run_cli(capsys, "finetune", run, "--task", "sst2", "--data-dir",
-                           write_sst2(tmp_path / "SST-2"), "--out", out, "--epochs", "1",
-                           "--batch-size", "16", "--max-length", "32", "--log-every", "1",
-                           "--tensorboard", "--quiet")
+    code, _, err = run_cli(
+        capsys,
+        "finetune",
+        run,
+        "--task",
+        "sst2",
+        "--data-dir",
+        write_sst2(tmp_path / "SST-2"),
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "32",
+        "--log-every",
+        "1",
+        "--tensorboard",
+        "--quiet",
+    )
     assert code == 0, err
     expected = metrics(out, "train")
     assert [s for s, _ in tensorboard_scalars(out, "train/loss")] == sorted(expected)
     assert [v for _, v in tensorboard_scalars(out, "train/loss")] == pytest.approx(
-        [expected[s]["loss"] for s in sorted(expected)], rel=1e-6)
+        [expected[s]["loss"] for s in sorted(expected)], rel=1e-6
+    )
     assert [s for s, _ in tensorboard_scalars(out, "eval/accuracy")] == [8]
 
 
@@ -257,9 +304,10 @@ def test_close_twice_and_log_after_close(tmp_path):
     assert [s for s, _ in tensorboard_scalars(tmp_path, "train/loss")] == [1]
 
 
-@pytest.mark.parametrize("flag,modules", [("tensorboard", ["tensorboard",
-                                                           "torch.utils.tensorboard"]),
-                                          ("wandb", ["wandb"])])
+@pytest.mark.parametrize(
+    "flag,modules",
+    [("tensorboard", ["tensorboard", "torch.utils.tensorboard"]), ("wandb", ["wandb"])],
+)
 def test_missing_package_names_the_extra(monkeypatch, flag, modules):
     for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # importing it now fails
@@ -267,20 +315,35 @@ def test_missing_package_names_the_extra(monkeypatch, flag, modules):
     cfg = TrainConfig(tensorboard=True) if flag == "tensorboard" else TrainConfig(wandb="p")
     with pytest.raises(BertforgeError) as e:
         check_available(cfg)
-    assert str(e.value) == (f"--{flag} needs the {flag} package: "
-                            f"pip install 'bertforge[{flag}]'")
+    assert str(e.value) == (f"--{flag} needs the {flag} package: pip install 'bertforge[{flag}]'")
 
 
-def test_cli_missing_tensorboard_is_one_line_and_exit_2(tmp_path, data_dir, capsys,
-                                                        monkeypatch):
+def test_cli_missing_tensorboard_is_one_line_and_exit_2(tmp_path, data_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    code, out, err = run_cli(capsys, "pretrain", "--data", str(data_dir), "--out",
-                             str(tmp_path / "run"), "--preset", "tiny", "--max-steps", "2",
-                             "--seq-len", "32", "--tensorboard", "--quiet")
+    code, out, err = run_cli(
+        capsys,
+        "pretrain",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(tmp_path / "run"),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--tensorboard",
+        "--quiet",
+    )
     assert code == 2 and out == ""
-    assert err.splitlines() == [("bertforge: error: --tensorboard needs the tensorboard "
-                                 "package: pip install 'bertforge[tensorboard]'")]
+    assert err.splitlines() == [
+        (
+            "bertforge: error: --tensorboard needs the tensorboard "
+            "package: pip install 'bertforge[tensorboard]'"
+        )
+    ]
 
 
 def test_run_without_flags_imports_neither(tmp_path, data_dir):
@@ -295,9 +358,16 @@ def test_run_without_flags_imports_neither(tmp_path, data_dir):
         f"             data_dir=Path({str(data_dir)!r}), show_progress=False)\n"
         "loaded = [m for m in sys.modules if m.split('.')[0] in ('wandb', 'tensorboard')\n"
         "          or m.startswith('torch.utils.tensorboard')]\n"
-        "assert not loaded, loaded\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
-                          capture_output=True, text=True, timeout=120, check=False)
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
@@ -306,8 +376,10 @@ def test_wandb_mode_is_decided_without_prompt_or_wait(monkeypatch):
     logged_in = SimpleNamespace(login=lambda prompt, verify: True)
     no_key = SimpleNamespace(login=lambda prompt, verify: False)
     reached = []
-    monkeypatch.setattr("bertforge.train.tracking._reachable",
-                        lambda host, port: reached.append((host, port)) or True)
+    monkeypatch.setattr(
+        "bertforge.train.tracking._reachable",
+        lambda host, port: reached.append((host, port)) or True,
+    )
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert _wandb_mode(logged_in) == ("disabled", "")
     monkeypatch.setenv("WANDB_MODE", "offline")
