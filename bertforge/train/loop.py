@@ -110,10 +110,20 @@ class _SignalFlag:
             signal.signal(s, handler)
 
 
-def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
-        device: torch.device, dtype: torch.dtype | None, *, resume: bool = False,
-        show_progress: bool = True, name: str = "train", dist: Distributed | None = None,
-        run_config: dict[str, Any] | None = None) -> dict[str, Any]:
+def fit(
+    model: torch.nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+    name: str = "train",
+    dist: Distributed | None = None,
+    run_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train `model` on `task` until max_steps or the time budget; returns the final metrics.
 
     `name` labels the progress output ("pretrain", "finetune sst2", ...). Under torchrun,
@@ -130,54 +140,75 @@ def fit(model: torch.nn.Module, task: Task, cfg: TrainConfig, run_dir: Path,
     checkpointer = Checkpointer(run_dir / "checkpoints", dist, device, cfg.keep_last)
     checkpointer.choose(resume)
     checkpointer.load_weights(model)  # before sharding: every rank reads the full file
-    wrapped, loss_fn, compiled = _compile(dist.wrap(model, device, dtype), task, cfg, device,
-                                          dist, name if dist.is_main and show_progress else "")
+    announce = name if dist.is_main and show_progress else ""
+    wrapped, loss_fn, compiled = _compile(
+        dist.wrap(model, device, dtype), task, cfg, device, dist, announce
+    )
     optimizer = build_optimizer(model, cfg)
     state = TrainState()
     checkpointer.restore(model, optimizer, state, cfg.seed, cfg.max_steps)
-    log = RunLog(run_dir, cfg, state.step, resumed=checkpointer.found is not None,
-                 enabled=dist.is_main, show_progress=show_progress, name=name,
-                 elapsed=state.elapsed_s, run_config=run_config)
-    # On a GPU the figures of a step are read only when the host needs them (`_Loop`).
-    # Under torchrun with a time budget every step reads rank 0's clock, which sets every
-    # rank's learning rate.
-    defer = (defer_host_reads(device) and skips_on_device(optimizer)
-             and not (dist.enabled and cfg.time_budget))
+    log = _open_log(run_dir, cfg, state, checkpointer, dist, show_progress, name, run_config)
     model.train()
     try:  # the log (and its trackers) closes whatever happens, marked failed on an error
-        with (_SignalFlag() as signals, prefetch(task, state.step, cfg, device) as batches,
-              ordered_scatter(device) if compiled else contextlib.nullcontext()):
-            loop = _Loop(model, optimizer, task, cfg, device, dtype, dist, state, log,
-                         checkpointer, signals)
-            while not loop.finished():
-                at, elapsed = loop.position()
-                try:
-                    out = train_step(wrapped, optimizer, loss_fn, next(batches),
-                                     lr=lr_at(cfg, at, elapsed), cfg=cfg, device=device,
-                                     dtype=dtype, dist=dist, step=at, clock=loop.clock,
-                                     defer=defer, stop_requested=signals.is_set)
-                except NonFiniteStep as e:
-                    raise _nan_error(e, checkpointer.saved_at) from None
-                loop.take(out)
-            loop.finish()
+        with (
+            _SignalFlag() as signals,
+            prefetch(task, state.step, cfg, device) as batches,
+            ordered_scatter(device) if compiled else contextlib.nullcontext(),
+        ):
+            loop = _Loop(
+                model, optimizer, task, cfg, device, dtype, dist, state, log, checkpointer, signals
+            )
+            loop.run(batches, wrapped, loss_fn)
     except BaseException:
         log.close(failed=True)
         raise
     log.close()
-    return {"step": state.step, "tokens": state.tokens, "elapsed_s": round(state.elapsed_s, 3),
-            **loop.evaluation}
+    return loop.result()
 
 
-def _compile(wrapped: torch.nn.Module, task: Task, cfg: TrainConfig, device: torch.device,
-             dist: Distributed, name: str) -> tuple[torch.nn.Module, LossFn, bool]:
+def _open_log(
+    run_dir: Path,
+    cfg: TrainConfig,
+    state: TrainState,
+    checkpointer: Checkpointer,
+    dist: Distributed,
+    show_progress: bool,
+    name: str,
+    run_config: dict[str, Any] | None,
+) -> RunLog:
+    """The run's log (metrics.jsonl, progress, trackers), written by rank 0 alone."""
+    return RunLog(
+        run_dir,
+        cfg,
+        state.step,
+        resumed=checkpointer.found is not None,
+        enabled=dist.is_main,
+        show_progress=show_progress,
+        name=name,
+        elapsed=state.elapsed_s,
+        run_config=run_config,
+    )
+
+
+def _compile(
+    wrapped: torch.nn.Module,
+    task: Task,
+    cfg: TrainConfig,
+    device: torch.device,
+    dist: Distributed,
+    name: str,
+) -> tuple[torch.nn.Module, LossFn, bool]:
     """(the module to run, the loss function, whether they are compiled), announced under
     `name` unless it is empty. Only `wrapped` is compiled: the plain model's state_dict
     keys carry no _orig_mod."""
     if not should_compile(cfg, device):
         return wrapped, task.loss_sum, False
     if name:
-        print(f"{name}: compiling the training step (torch.compile; the first step takes "
-              f"a minute or more)", file=sys.stderr)
+        print(
+            f"{name}: compiling the training step (torch.compile; the first step takes "
+            f"a minute or more)",
+            file=sys.stderr,
+        )
     if dist.enabled:  # DDP and FSDP are compiled as modules, their hooks around them
         return cast(torch.nn.Module, torch.compile(wrapped)), task.loss_sum, True
     return wrapped, compile_loss(task.loss_sum), True  # the forward pass and the loss as one graph
@@ -187,10 +218,20 @@ class _Loop:
     """What `fit` does between steps: record their figures (reading the steps the GPU ran
     ahead when the host needs them), and log, evaluate, checkpoint and stop when due."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, task: Task,
-                 cfg: TrainConfig, device: torch.device, dtype: torch.dtype | None,
-                 dist: Distributed, state: TrainState, log: RunLog,
-                 checkpointer: Checkpointer, signals: _SignalFlag):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        task: Task,
+        cfg: TrainConfig,
+        device: torch.device,
+        dtype: torch.dtype | None,
+        dist: Distributed,
+        state: TrainState,
+        log: RunLog,
+        checkpointer: Checkpointer,
+        signals: _SignalFlag,
+    ):
         self.model, self.optimizer, self.task, self.cfg = model, optimizer, task, cfg
         self.device, self.dtype, self.dist, self.state = device, dtype, dist, state
         self.log, self.checkpointer, self.signals = log, checkpointer, signals
@@ -198,6 +239,46 @@ class _Loop:
         self.pending: list[PendingStep] = []  # steps run but not read yet
         self.evaluation: dict[str, Any] = {}
         self.evaluated_at: int | None = None
+
+    def run(self, batches: Iterator[Any], wrapped: torch.nn.Module, loss_fn: LossFn) -> None:
+        """Train step after step until the run is finished, then end it (`finish`)."""
+        cfg, device, dist = self.cfg, self.device, self.dist
+        # On a GPU the figures of a step are read only when the host needs them (`take`).
+        # Under torchrun with a time budget every step reads rank 0's clock, which sets
+        # every rank's learning rate.
+        defer = bool(
+            defer_host_reads(device)
+            and skips_on_device(self.optimizer)
+            and not (dist.enabled and cfg.time_budget)
+        )
+        while not self.finished():
+            at, elapsed = self.position()
+            try:
+                out = train_step(
+                    wrapped,
+                    self.optimizer,
+                    loss_fn,
+                    next(batches),
+                    lr=lr_at(cfg, at, elapsed),
+                    cfg=cfg,
+                    device=device,
+                    dtype=self.dtype,
+                    dist=dist,
+                    step=at,
+                    clock=self.clock,
+                    defer=defer,
+                    stop_requested=self.signals.is_set,
+                )
+            except NonFiniteStep as e:
+                raise _nan_error(e, self.checkpointer.saved_at) from None
+            self.take(out)
+        self.finish()
+
+    def result(self) -> dict[str, Any]:
+        """The run's final figures: its step, tokens, training time and last evaluation."""
+        state = self.state
+        elapsed = round(state.elapsed_s, 3)
+        return {"step": state.step, "tokens": state.tokens, "elapsed_s": elapsed, **self.evaluation}
 
     def position(self) -> tuple[int, float]:
         """The steps run and the training time, counting the steps not read yet."""
@@ -229,20 +310,32 @@ class _Loop:
 
     def _needs_read(self, p: PendingStep) -> bool:
         cfg = self.cfg
-        return bool(p.step == 1 or _due(cfg.log_every, p.step) or _due(cfg.eval_every, p.step)
-                    or _due(cfg.checkpoint_every, p.step)
-                    or _finished(cfg, p.step, p.elapsed_s or 0.0)
-                    or (p.signalled and not self.dist.enabled))
+        return bool(
+            p.step == 1
+            or _due(cfg.log_every, p.step)
+            or _due(cfg.eval_every, p.step)
+            or _due(cfg.checkpoint_every, p.step)
+            or _finished(cfg, p.step, p.elapsed_s or 0.0)
+            or (p.signalled and not self.dist.enabled)
+        )
 
     def record(self, result: StepResult) -> None:
         """Apply the NaN policy to a step read, count it and log it."""
         if not result.applied and self.cfg.on_nan == "stop":
-            raise _nan_error(NonFiniteStep(self.state.step + 1, result.problem),
-                             self.checkpointer.saved_at)
+            raise _nan_error(
+                NonFiniteStep(self.state.step + 1, result.problem), self.checkpointer.saved_at
+            )
         state = self.state
         state.advance(result)
-        self.log.train(state.step, state.tokens, state.skipped_steps, state.elapsed_s,
-                       self.task.epoch_at(state.step), result.lr, result)
+        self.log.train(
+            state.step,
+            state.tokens,
+            state.skipped_steps,
+            state.elapsed_s,
+            self.task.epoch_at(state.step),
+            result.lr,
+            result,
+        )
 
     def settle(self) -> bool:
         """Read the pending steps in one transfer and record them; whether one asks to
@@ -262,8 +355,9 @@ class _Loop:
         state = self.state
         try:
             with self.clock.off(), self.signals.interrupting(enabled=not self.dist.enabled):
-                self.evaluation = _evaluate(self.model, self.task, state.step, self.device,
-                                            self.dtype)
+                self.evaluation = _evaluate(
+                    self.model, self.task, state.step, self.device, self.dtype
+                )
         except _Stop:
             if self.checkpointer.saved_at != state.step:
                 self.save()
@@ -274,8 +368,9 @@ class _Loop:
     def save(self) -> None:
         """A checkpoint of the steps recorded; a collective (every rank calls it)."""
         with self.clock.off():
-            self.checkpointer.save(self.model, self.optimizer, self.state,
-                                   self.task.epoch_at(self.state.step))
+            self.checkpointer.save(
+                self.model, self.optimizer, self.state, self.task.epoch_at(self.state.step)
+            )
 
     def finish(self) -> None:
         """The last steps read, evaluated and saved. Still under the signal handlers: a
@@ -289,21 +384,26 @@ class _Loop:
 
 def _nan_error(e: NonFiniteStep, saved_at: int | None) -> BertforgeError:
     kept = f"step {saved_at}" if saved_at else "none"
-    return BertforgeError(f"{e}; stopped without saving it (last checkpoint: {kept}); lower "
-                          f"--lr, check the data, or pass --on-nan skip")
+    return BertforgeError(
+        f"{e}; stopped without saving it (last checkpoint: {kept}); lower "
+        f"--lr, check the data, or pass --on-nan skip"
+    )
 
 
 def _finished(cfg: TrainConfig, step: int, elapsed: float) -> bool:
-    return bool((cfg.max_steps and step >= cfg.max_steps)
-                or (cfg.time_budget and elapsed >= cfg.time_budget))
+    return bool(
+        (cfg.max_steps and step >= cfg.max_steps)
+        or (cfg.time_budget and elapsed >= cfg.time_budget)
+    )
 
 
 def _due(every: int, step: int) -> bool:
     return bool(every) and step % every == 0
 
 
-def _evaluate(model: torch.nn.Module, task: Task, step: int, device: torch.device,
-              dtype: torch.dtype | None) -> dict[str, Any]:
+def _evaluate(
+    model: torch.nn.Module, task: Task, step: int, device: torch.device, dtype: torch.dtype | None
+) -> dict[str, Any]:
     """Held-out metrics in the training precision; every rank calls it (FSDP's forward is
     a collective)."""
     model.eval()
