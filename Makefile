@@ -40,8 +40,11 @@ demo: install
 		DEMO_STEPS="$(DEMO_STEPS)" DEMO_BUDGET="$(DEMO_BUDGET)" DEMO_VOCAB="$(DEMO_VOCAB)" \
 		DEMO_OUT="$(DEMO_OUT)" BIN="$(BIN)" bash scripts/demo.sh
 
+# The suite in TEST_WORKERS processes (pytest-xdist); TEST_WORKERS=0 runs it in this one.
+TEST_WORKERS ?= 2
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 # ruff (lint and format check) over the code, mypy over the package: pyproject.toml sets both.
 lint: install
