@@ -166,8 +166,8 @@ def test_the_demo_defaults_to_the_shipped_sample_and_its_tokenizer(tmp_path):
     ]
     assert "8192 tokens" in proc.stdout
     pretrain = next(c for c in calls if c[1:2] == ["pretrain"])
-    assert pretrain[pretrain.index("--max-steps") + 1] == "5000"
-    assert pretrain[pretrain.index("--warmup-steps") + 1] == "250"
+    assert pretrain[pretrain.index("--max-steps") + 1] == "3600"
+    assert pretrain[pretrain.index("--warmup-steps") + 1] == "180"
 
 
 def test_demo_uses_an_empty_output_directory(tmp_path, home_corpus):
