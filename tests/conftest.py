@@ -302,9 +302,13 @@ def no_run_report(request, monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip, with the reason, on a machine without a CUDA GPU."""
+    """The `slow` tests run first: with several workers (`make test` runs two) the long
+    ones then overlap each other and the short ones fill the gaps, instead of one worker
+    finishing a long tail alone. Tests marked `cuda` skip, with the reason, on a machine
+    without a CUDA GPU."""
     import torch
 
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
