@@ -171,13 +171,9 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
         "pretrain",
         "glue-pretrained",
         "glue-from_scratch",
-        "bench-tiny-8x64-compiled",
     ]
-    # torch.compile on a busy CPU may outrun its cap: recorded, and it costs no other row
-    compiled = steps.pop("bench-tiny-8x64-compiled")
-    assert compiled["ok"] or compiled["error"], compiled
     assert all(step["ok"] for step in steps.values()), steps
-    assert proc.returncode == (0 if compiled["ok"] else 1), proc.stdout[-3000:]
+    assert proc.returncode == 0, proc.stdout[-3000:]
     assert steps["bench-tiny-8x64"]["result"]["speedup"] > 0
     assert steps["pretrain"]["result"]["evaluate"]["unigram_baseline_loss"] > 0
     table = proc.stdout.strip().splitlines()
