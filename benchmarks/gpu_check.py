@@ -6,8 +6,8 @@ GLUE on top.
                   # copies the Wikipedia sample and GLUE SST-2/CoLA from ../shared/data (or
                   # --from DIR) into benchmarks/data/, which git ignores: carry that folder
     python benchmarks/gpu_check.py --out OUT            # on the GPU machine, ~540 s
-    python benchmarks/gpu_check.py --out OUT --smoke    # the same stages at tiny sizes, less the
-                                                        # compiled rows, on any machine (twice the caps)
+    python benchmarks/gpu_check.py --out OUT --smoke    # the same stages at tiny sizes, but
+                                                        # not compiled, anywhere (twice the caps)
 
 The stages, in this order, each in a subprocess under a time cap (scaled to --budget, 540 s
 by default), with its output streamed to the console and log.txt as it comes; a failure is
