@@ -144,3 +144,20 @@ def complete_checkpoints(run: Path) -> list[str]:
         except (OSError, ValueError, KeyError):
             continue
     return sorted(names, key=lambda n: int(n.split("-")[1]))
+
+
+def reference_run_argv(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`bertforge pretrain`'s arguments for the reference run that the resume tests and
+    scripts/kill_resume.py interrupt and resume: tiny, in micro-batches, with dropout (so
+    that the RNG state matters), fp32, a metrics line every step. Later flags override
+    earlier ones."""
+    # fmt: off
+    return [
+        "pretrain", "--data", str(data), "--out", str(out), "--max-steps", str(steps),
+        "--preset", "tiny", "--hidden-size", "64", "--num-attention-heads", "2",
+        "--intermediate-size", "128", "--max-position-embeddings", "64", "--seq-len", "32",
+        "--dropout", "0.1", "--batch-size", "16", "--micro-batch-size", "4", "--lr", "2e-3",
+        "--warmup-fraction", "0.1", "--log-every", "1", "--eval-every", "0",
+        "--eval-sequences", "32", "--precision", "fp32", "--seed", "0", "--quiet", *extra,
+    ]
+    # fmt: on

@@ -26,58 +26,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from bertforge.testing import complete_checkpoints, make_tiny_data, train_records
+from bertforge.testing import (
+    complete_checkpoints,
+    make_tiny_data,
+    reference_run_argv,
+    train_records,
+)
 
 
 def command(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bertforge",
-        "pretrain",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "2",
-        "--intermediate-size",
-        "128",
-        "--max-position-embeddings",
-        "64",
-        "--seq-len",
-        "32",
-        "--dropout",
-        "0.1",
-        "--batch-size",
-        "16",
-        "--micro-batch-size",
-        "4",
-        "--lr",
-        "2e-3",
-        "--warmup-fraction",
-        "0.1",
-        "--max-steps",
-        str(steps),
-        "--checkpoint-every",
-        "1",
-        "--keep-last",
-        "2",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        "--eval-sequences",
-        "32",
-        "--precision",
-        "fp32",
-        "--quiet",
-        *extra,
-    ]
+    return [sys.executable, "-m", "bertforge", *reference_run_argv(data, out, steps),
+            "--checkpoint-every", "1", "--keep-last", "2", *extra]  # fmt: skip
 
 
 def launch(cmd: list[str]) -> subprocess.Popen:

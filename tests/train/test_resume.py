@@ -30,7 +30,7 @@ from bertforge.cli.main import main
 from bertforge.config import RunConfig
 from bertforge.errors import BertforgeError
 from bertforge.tasks.mlm import MLMTask
-from bertforge.testing import complete_checkpoints, train_records
+from bertforge.testing import complete_checkpoints, reference_run_argv, train_records
 from bertforge.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,49 +40,7 @@ STEPS = 20
 
 def argv(data_dir: Path, out: Path, *extra: str) -> list[str]:
     """The reference run's command line; later flags override earlier ones."""
-    return [
-        "pretrain",
-        "--data",
-        str(data_dir),
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--hidden-size",
-        "64",
-        "--num-attention-heads",
-        "2",
-        "--intermediate-size",
-        "128",
-        "--max-position-embeddings",
-        "64",
-        "--seq-len",
-        "32",
-        "--dropout",
-        "0.1",
-        "--batch-size",
-        "16",
-        "--micro-batch-size",
-        "4",
-        "--lr",
-        "2e-3",
-        "--warmup-fraction",
-        "0.1",
-        "--max-steps",
-        str(STEPS),
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        "--eval-sequences",
-        "32",
-        "--precision",
-        "fp32",
-        "--seed",
-        "0",
-        "--quiet",
-        *extra,
-    ]
+    return reference_run_argv(data_dir, out, STEPS, *extra)
 
 
 # `python -c` with this runs the CLI with a sleep before each step.
