@@ -342,30 +342,12 @@ def pretrain_step(check: Check, corpus: Path) -> dict[str, Any]:
     run = check.out / "pretrain"
     shutil.rmtree(run, ignore_errors=True)
     if check.smoke:
-        recipe = [
-            "--preset",
-            "tiny",
-            "--max-steps",
-            "10",
-            "--batch-size",
-            "16",
-            "--seq-len",
-            "64",
-            "--vocab-size",
-            "2000",
-        ]
+        recipe = (
+            "--preset tiny --max-steps 10 --batch-size 16 --seq-len 64 --vocab-size 2000"
+        ).split()
     else:  # a short-budget GPU recipe: large batch (one micro-batch, the GPU default),
         # high lr, no dropout
-        recipe = [
-            "--preset",
-            "small",
-            "--time-budget",
-            "75s",
-            "--batch-size",
-            "256",
-            "--eval-every",
-            "500",
-        ]
+        recipe = "--preset small --time-budget 75s --batch-size 256 --eval-every 500".split()
     out = check.bertforge(
         "pretrain",
         "--corpus",
@@ -470,19 +452,7 @@ def synthetic_data(folder: Path) -> Path:
     """A tiny corpus and GLUE-layout SST-2 / CoLA files, for smoke runs without data."""
     rng = random.Random(0)
     nouns = ["cat", "dog", "bird", "king", "river", "city", "garden", "ship", "teacher", "doctor"]
-    adjs = [
-        "small",
-        "large",
-        "red",
-        "old",
-        "young",
-        "quiet",
-        "bright",
-        "happy",
-        "dark",
-        "good",
-        "bad",
-    ]
+    adjs = "small large red old young quiet bright happy dark good bad".split()
 
     def sentence() -> tuple[str, int]:
         adj = rng.choice(adjs)

@@ -36,42 +36,11 @@ from bertforge.data.masking import Masker
 from bertforge.testing import make_tiny_data, tiny_run_config
 from bertforge.train import checkpoint as ckpt
 
-WORDS = [
-    "cat",
-    "dog",
-    "bird",
-    "horse",
-    "king",
-    "queen",
-    "river",
-    "city",
-    "garden",
-    "teacher",
-    "doctor",
-    "ship",
-    "small",
-    "large",
-    "red",
-    "green",
-    "old",
-    "young",
-    "quiet",
-    "bright",
-    "happy",
-    "dark",
-    "sees",
-    "follows",
-    "finds",
-    "likes",
-    "meets",
-    "paints",
-    "helps",
-    "watches",
-    "near",
-    "the",
-    "a",
-    "of",
-]
+WORDS = (
+    "cat dog bird horse king queen river city garden teacher doctor ship small large red "
+    "green old young quiet bright happy dark sees follows finds likes meets paints helps "
+    "watches near the a of"
+).split()
 
 
 def make_data(root: Path, documents: int) -> Path:

@@ -102,17 +102,7 @@ def one_thread():
 
 # -------------------------------------------------------- a tiny pretraining run and its export
 
-TINY = [
-    "--preset",
-    "tiny",
-    "--max-position-embeddings",
-    "64",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--quiet",
-]
+TINY = "--preset tiny --max-position-embeddings 64 --seq-len 32 --batch-size 8 --quiet".split()
 
 
 def tiny_pretrain_argv(data_dir: Path, run: Path, *extra: object) -> list[object]:

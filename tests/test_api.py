@@ -51,17 +51,9 @@ def test_the_exports_are_there():
     [
         (["pretrain", "--out", "{tmp}/r"], lambda t, d: bertforge.pretrain(f"{t}/r")),
         (
-            [
-                "pretrain",
-                "--data",
-                "{data}",
-                "--out",
-                "{tmp}/r",
-                "--tokenizer",
-                "{data}/tokenizer",
-                "--max-steps",
-                "1",
-            ],
+            (
+                "pretrain --data {data} --out {tmp}/r --tokenizer {data}/tokenizer --max-steps 1"
+            ).split(),
             lambda t, d: bertforge.pretrain(
                 f"{t}/r", data=d, tokenizer=f"{d}/tokenizer", max_steps=1
             ),
@@ -75,17 +67,9 @@ def test_the_exports_are_there():
             lambda t, d: bertforge.pretrain(f"{d}/r", data=d),
         ),
         (
-            [
-                "pretrain",
-                "--data",
-                "{data}",
-                "--out",
-                "{tmp}/r",
-                "--hidden-size",
-                "100",
-                "--num-attention-heads",
-                "3",
-            ],
+            (
+                "pretrain --data {data} --out {tmp}/r --hidden-size 100 --num-attention-heads 3"
+            ).split(),
             lambda t, d: bertforge.pretrain(
                 f"{t}/r", data=d, hidden_size=100, num_attention_heads=3
             ),

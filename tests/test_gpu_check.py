@@ -13,19 +13,11 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-GPU_ORDER = [
-    "env",
-    "tests",
-    "bench-mini-256x128",
-    "bench-base-256x128",
-    "bench-base-32x512",
-    "profile",
-    "pretrain",
-    "glue-pretrained",
-    "glue-from_scratch",
-    "bench-base-256x128-compiled",
-    "bench-base-256x128-hf-compiled",
-]
+GPU_ORDER = (
+    "env tests bench-mini-256x128 bench-base-256x128 bench-base-32x512 profile pretrain "
+    "glue-pretrained glue-from_scratch bench-base-256x128-compiled "
+    "bench-base-256x128-hf-compiled"
+).split()
 
 
 def _gpu_check():
@@ -163,15 +155,10 @@ def test_gpu_check_smoke_runs_every_stage(tmp_path):
     )
     results = json.loads((out / "results.json").read_text())
     steps = results["steps"]
-    assert list(steps) == [
-        "env",
-        "tests",
-        "bench-tiny-8x64",
-        "profile",
-        "pretrain",
-        "glue-pretrained",
-        "glue-from_scratch",
-    ]
+    assert (
+        list(steps)
+        == ("env tests bench-tiny-8x64 profile pretrain glue-pretrained glue-from_scratch").split()
+    )
     assert all(step["ok"] for step in steps.values()), steps
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert steps["bench-tiny-8x64"]["result"]["speedup"] > 0

@@ -221,25 +221,10 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     corpus = write_corpus(root / "c.txt", documents=60)
-    args = [
-        "--preset",
-        "tiny",
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "32",
-        "--hidden-size",
-        "32",
-        "--intermediate-size",
-        "64",
-        "--schedule",
-        "constant",
-        "--warmup-steps",
-        "1",
-        "--quiet",
-    ]  # a run that a resume may lengthen
+    args = (
+        "--preset tiny --max-steps 2 --batch-size 8 --seq-len 32 --hidden-size 32 "
+        "--intermediate-size 64 --schedule constant --warmup-steps 1 --quiet"
+    ).split()  # a run that a resume may lengthen
     assert (
         main(
             ["tokenizer", str(corpus), "--out", str(root / "tok"), "--vocab-size", "150", "--quiet"]

@@ -23,17 +23,9 @@ from bertforge.cli.options import parse_duration
             "unknown preset 'huge'",
         ),
         (
-            [
-                "pretrain",
-                "--corpus",
-                "{corpus}",
-                "--out",
-                "{tmp}/r",
-                "--hidden-size",
-                "100",
-                "--num-attention-heads",
-                "3",
-            ],
+            (
+                "pretrain --corpus {corpus} --out {tmp}/r --hidden-size 100 --num-attention-heads 3"
+            ).split(),
             "divisible by num_attention_heads",
         ),
         (["pretrain", "--corpus", "{corpus}", "--out", "{tmp}/r", "--lr", "-1"], "lr"),
@@ -320,37 +312,17 @@ def test_help_shows_an_example_and_finetune_help_reads(capsys):
             "no corpus files match",
         ),
         (
-            [
-                "pretrain",
-                "--corpus",
-                "{corpus}",
-                "--out",
-                "{out}",
-                "--preset",
-                "tiny",
-                "--vocab-size",
-                "200",
-                "--seq-len",
-                "32",
-                "--max-position-embeddings",
-                "64",
-            ],
+            (
+                "pretrain --corpus {corpus} --out {out} --preset tiny --vocab-size 200 "
+                "--seq-len 32 --max-position-embeddings 64"
+            ).split(),
             "give --max-steps or --time-budget",
         ),
         (
-            [
-                "pretrain",
-                "--data",
-                "{data}",
-                "--out",
-                "{out}",
-                "--preset",
-                "tiny",
-                "--seq-len",
-                "32",
-                "--max-position-embeddings",
-                "64",
-            ],
+            (
+                "pretrain --data {data} --out {out} --preset tiny --seq-len 32 "
+                "--max-position-embeddings 64"
+            ).split(),
             "give --max-steps or --time-budget",
         ),
         (["pretrain", "--corpus", "{empty}", "--out", "{out}", "--max-steps", "1"], "no documents"),
@@ -359,19 +331,7 @@ def test_help_shows_an_example_and_finetune_help_reads(capsys):
             "data directory not found",
         ),
         (
-            [
-                "pretrain",
-                "--data",
-                "{data}",
-                "--out",
-                "{out}",
-                "--preset",
-                "tiny",
-                "--seq-len",
-                "64",
-                "--max-steps",
-                "1",
-            ],
+            "pretrain --data {data} --out {out} --preset tiny --seq-len 64 --max-steps 1".split(),
             "seq_len",
         ),
         (["tokenizer", "{tmp}/missing.txt", "--out", "{out}"], "corpus path not found"),

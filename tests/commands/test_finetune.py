@@ -29,18 +29,9 @@ def write_stsb(folder: Path, n: int = 24) -> Path:
     rng = random.Random(1)
     header = (
         "\t".join(
-            [
-                "index",
-                "genre",
-                "filename",
-                "year",
-                "old_index",
-                "source1",
-                "source2",
-                "sentence1",
-                "sentence2",
-                "score",
-            ]
+            (
+                "index genre filename year old_index source1 source2 sentence1 sentence2 score"
+            ).split()
         )
         + "\n"
     )
@@ -672,31 +663,11 @@ def test_cli_glue_table(capsys, tmp_path, tiny_run):
             "train.tsv, line 3: 1 fields, expected 2",
         ),
         (
-            [
-                "finetune",
-                "{run}",
-                "--task",
-                "sst2",
-                "--data-dir",
-                "{tmp}/bad",
-                "--out",
-                "{tmp}/o",
-                "--lr",
-                "0",
-            ],
+            "finetune {run} --task sst2 --data-dir {tmp}/bad --out {tmp}/o --lr 0".split(),
             "argument --lr: '0': must be > 0",
         ),
         (
-            [
-                "finetune",
-                "{tmp}/nope",
-                "--task",
-                "sst2",
-                "--data-dir",
-                "{tmp}/good",
-                "--out",
-                "{tmp}/o",
-            ],
+            "finetune {tmp}/nope --task sst2 --data-dir {tmp}/good --out {tmp}/o".split(),
             "model not found",
         ),
         (["predict", "{tmp}/nope", "--input", "{tmp}/x.txt"], "no config.json"),

@@ -18,27 +18,10 @@ from bertforge.tasks.mlm import MLMTask
 
 transformers = pytest.importorskip("transformers")
 
-RUN = [
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--micro-batch-size",
-    "8",
-    "--precision",
-    "fp32",
-    "--dropout",
-    "0",
-    "--log-every",
-    "1",
-    "--eval-every",
-    "0",
-    "--eval-sequences",
-    "16",
-    "--lr",
-    "1e-3",
-    "--quiet",
-]
+RUN = (
+    "--seq-len 32 --batch-size 8 --micro-batch-size 8 --precision fp32 --dropout 0 "
+    "--log-every 1 --eval-every 0 --eval-sequences 16 --lr 1e-3 --quiet"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -363,21 +346,10 @@ def test_two_phases_128_then_512_in_miniature(tmp_path, corpus_file, data_dir, c
     from bertforge.data.prepare import prepare
 
     phase1, phase2 = tmp_path / "phase1", tmp_path / "phase2"
-    common = [
-        "--precision",
-        "fp32",
-        "--dropout",
-        "0",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        "--eval-sequences",
-        "8",
-        "--batch-size",
-        "8",
-        "--quiet",
-    ]
+    common = (
+        "--precision fp32 --dropout 0 --log-every 1 --eval-every 0 --eval-sequences 8 "
+        "--batch-size 8 --quiet"
+    ).split()
     assert (
         run_cli(
             capsys,

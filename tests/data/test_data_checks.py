@@ -310,27 +310,10 @@ def test_symlink_loops_visit_each_file_once(tmp_path, looped_corpus, capsys, spe
 def other_corpus(path: Path) -> Path:
     """Text with other words than conftest's, so that its tokenizer differs."""
     rng = random.Random(7)
-    words = [
-        "alpha",
-        "beta",
-        "gamma",
-        "delta",
-        "epsilon",
-        "zeta",
-        "theta",
-        "kappa",
-        "lambda",
-        "sigma",
-        "omega",
-        "quartz",
-        "violin",
-        "marble",
-        "lantern",
-        "harbor",
-        "meadow",
-        "canyon",
-        "glacier",
-    ]
+    words = (
+        "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega quartz violin "
+        "marble lantern harbor meadow canyon glacier"
+    ).split()
     docs = [" ".join(rng.choice(words) for _ in range(60)) + "." for _ in range(80)]
     path.write_text("\n\n".join(docs) + "\n")
     return path

@@ -13,58 +13,12 @@ from bertforge.data.tokenizer import load_tokenizer, tokenizer_hash, train_token
 from bertforge.errors import BertforgeError
 
 PAD, CLS, SEP = 0, 2, 3
-WORDS = [
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "that",
-    "this",
-    "it",
-    "river",
-    "mountain",
-    "village",
-    "city",
-    "castle",
-    "garden",
-    "history",
-    "music",
-    "science",
-    "language",
-    "winter",
-    "summer",
-    "railway",
-    "station",
-    "library",
-    "museum",
-    "bridge",
-    "forest",
-    "ancient",
-    "northern",
-    "famous",
-    "small",
-    "built",
-    "opened",
-    "founded",
-    "played",
-    "wrote",
-    "studied",
-    "visited",
-    "described",
-    "named",
-    "became",
-]
+WORDS = (
+    "the a of and to in is was for on with as by at from that this it river mountain village "
+    "city castle garden history music science language winter summer railway station library "
+    "museum bridge forest ancient northern famous small built opened founded played wrote "
+    "studied visited described named became"
+).split()
 
 
 def make_docs(n, seed=0, max_sentences=6):

@@ -13,69 +13,13 @@ from bertforge.data.tokenizer import (
 )
 from bertforge.errors import BertforgeError
 
-WORDS = [
-    "the",
-    "a",
-    "of",
-    "and",
-    "to",
-    "in",
-    "is",
-    "was",
-    "for",
-    "on",
-    "with",
-    "as",
-    "by",
-    "at",
-    "from",
-    "that",
-    "this",
-    "it",
-    "his",
-    "her",
-    "they",
-    "river",
-    "mountain",
-    "village",
-    "city",
-    "castle",
-    "garden",
-    "history",
-    "music",
-    "painting",
-    "science",
-    "language",
-    "winter",
-    "summer",
-    "railway",
-    "station",
-    "university",
-    "library",
-    "museum",
-    "bridge",
-    "harbour",
-    "forest",
-    "ancient",
-    "northern",
-    "southern",
-    "famous",
-    "small",
-    "large",
-    "early",
-    "later",
-    "built",
-    "opened",
-    "founded",
-    "played",
-    "wrote",
-    "studied",
-    "visited",
-    "described",
-    "named",
-    "became",
-    "remained",
-]
+WORDS = (
+    "the a of and to in is was for on with as by at from that this it his her they river "
+    "mountain village city castle garden history music painting science language winter "
+    "summer railway station university library museum bridge harbour forest ancient northern "
+    "southern famous small large early later built opened founded played wrote studied "
+    "visited described named became remained"
+).split()
 
 
 def english_like(n_docs=40, seed=0):

@@ -31,29 +31,10 @@ pytestmark = [
 STEPS = 20
 # Constant lr after a fixed warmup: a run stopped at step 10 and resumed to 20 follows
 # the same schedule as a run to 20 (a linear decay would depend on --max-steps).
-COMMON = [
-    "--preset",
-    "tiny",
-    "--seq-len",
-    "32",
-    "--batch-size",
-    "8",
-    "--lr",
-    "1e-3",
-    "--dropout",
-    "0",
-    "--precision",
-    "fp32",
-    "--seed",
-    "3",
-    "--log-every",
-    "1",
-    "--schedule",
-    "constant",
-    "--warmup-steps",
-    "2",
-    "--quiet",
-]
+COMMON = (
+    "--preset tiny --seq-len 32 --batch-size 8 --lr 1e-3 --dropout 0 --precision fp32 --seed "
+    "3 --log-every 1 --schedule constant --warmup-steps 2 --quiet"
+).split()
 
 
 def _env() -> dict[str, str]:
