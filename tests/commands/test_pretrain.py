@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import one_line_error, run_cli, tiny_run_config
+from conftest import TINY, one_line_error, run_cli, tiny_run_config
 
 from bertforge.commands.loading import load_run_model
 from bertforge.commands.pretrain import run_pretrain
@@ -204,24 +204,7 @@ def data_02(tmp_path_factory, corpus_file, tokenizer_dir) -> Path:
 
 def tiny_pretrain(capsys, data: Path, run: Path, *extra: str) -> tuple[int, str, str]:
     return run_cli(
-        capsys,
-        "pretrain",
-        "--data",
-        data,
-        "--out",
-        run,
-        "--preset",
-        "tiny",
-        "--max-position-embeddings",
-        "64",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "3",
-        "--quiet",
-        *extra,
+        capsys, "pretrain", "--data", data, "--out", run, *TINY, "--max-steps", "3", *extra
     )
 
 

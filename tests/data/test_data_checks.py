@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli, write_corpus
+from conftest import TINY, run_cli, write_corpus
 
 from bertforge.cli.main import main
 from bertforge.data.loader import verify_data
@@ -29,47 +29,11 @@ from bertforge.errors import BertforgeError
 
 
 def pretrain_argv(data: Path, run: Path, *extra: object) -> list[object]:
-    return [
-        "pretrain",
-        "--data",
-        data,
-        "--out",
-        run,
-        "--preset",
-        "tiny",
-        "--max-position-embeddings",
-        "64",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "2",
-        "--quiet",
-        *extra,
-    ]
+    return ["pretrain", "--data", data, "--out", run, *TINY, "--max-steps", "2", *extra]
 
 
 def corpus_argv(corpus: Path, run: Path, *extra: object) -> list[object]:
-    return [
-        "pretrain",
-        "--corpus",
-        corpus,
-        "--out",
-        run,
-        "--preset",
-        "tiny",
-        "--max-position-embeddings",
-        "64",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--max-steps",
-        "2",
-        "--quiet",
-        *extra,
-    ]
+    return ["pretrain", "--corpus", corpus, "--out", run, *TINY, "--max-steps", "2", *extra]
 
 
 def error_line(err: str) -> str:
